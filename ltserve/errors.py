@@ -1,0 +1,49 @@
+"""The errors ltserve raises on purpose.
+
+Every message says where (file, line or field), what is wrong, and how to fix it. The service maps
+`InvalidInput` subclasses to HTTP 4xx; the CLI prints any `LtserveError` without a traceback.
+"""
+
+
+class LtserveError(Exception):
+    """Base of every error ltserve raises for a user mistake or a bad artefact."""
+
+
+class ConfigError(LtserveError, ValueError):
+    """A config file, a `--set` override or a CLI argument is invalid."""
+
+
+class DataError(LtserveError, ValueError):
+    """A data set file is missing, unreadable or malformed (the message names the file and line)."""
+
+
+class RunError(LtserveError):
+    """A run directory (the decoupled checkpoint) is missing a file or is inconsistent."""
+
+
+class PackageError(LtserveError):
+    """A model package (model.onnx + model.json) is missing, invalid, or fails its sha256 check."""
+
+
+class InvalidInput(LtserveError, ValueError):
+    """A request or file given to the Predictor cannot be used; the service answers 4xx."""
+
+    status_code = 400
+
+
+class InvalidImage(InvalidInput):
+    """The bytes are not a decodable image of a supported format."""
+
+    status_code = 400
+
+
+class ImageTooLarge(InvalidInput):
+    """The image has more pixels than allowed (decompression-bomb guard)."""
+
+    status_code = 413
+
+
+class UnsupportedFormat(InvalidImage):
+    """The bytes are an image format ltserve does not accept."""
+
+    status_code = 415

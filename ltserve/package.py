@@ -1,0 +1,144 @@
+"""The model package: `model.onnx` (+ optional `model.pt2`) and `model.json`, what export writes and serving reads.
+
+`ModelJson` is the schema of `model.json`. `load_package` validates it and every listed file's sha256, so a
+corrupted, swapped or missing file is caught before a session is built. No torch, no onnxruntime here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ltserve.errors import PackageError
+from ltserve.metrics import ShotGroup
+from ltserve.preprocess import PreprocessSpec
+from ltserve.rundir import atomic_write_text, sha256_file
+
+PACKAGE_SCHEMA_VERSION = 1
+MODEL_JSON = "model.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ShotThresholds(_Strict):
+    many: int = 100
+    few: int = 20
+
+
+class HeadInfo(_Strict):
+    """Which head was folded, with the parameters that define it."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict, description="tau, tau_la, target_prior, scales summary, ...")
+    temperature: float = 1.0
+
+
+class Provenance(_Strict):
+    ltserve_version: str
+    git_commit: str | None = None
+    config_hash: str | None = None
+    created: str
+    command: str | None = None
+    run: str | None = None
+
+
+class FileEntry(_Strict):
+    sha256: str
+    bytes: int
+
+
+class GraphInfo(_Strict):
+    opset: int
+    nodes: int
+    op_counts: dict[str, int] = Field(default_factory=dict)
+    precision: Literal["fp32", "fp16"] = "fp32"
+
+
+class ModelJson(_Strict):
+    """Contents of `model.json`."""
+
+    schema_version: int = PACKAGE_SCHEMA_VERSION
+    name: str
+    labels: list[str]
+    class_counts: list[int]
+    shot_groups: list[ShotGroup]
+    shot_thresholds: ShotThresholds = Field(default_factory=ShotThresholds)
+    preprocess: PreprocessSpec
+    head: HeadInfo
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    verification: dict[str, Any] = Field(default_factory=dict)
+    graph: GraphInfo
+    provenance: Provenance
+    files: dict[str, FileEntry]
+    input_name: str = "input"
+    output_name: str = "logits"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelJson":
+        n = len(self.labels)
+        if n == 0:
+            raise ValueError("labels is empty")
+        if len(self.class_counts) != n or len(self.shot_groups) != n:
+            raise ValueError(f"labels ({n}), class_counts ({len(self.class_counts)}) and shot_groups "
+                             f"({len(self.shot_groups)}) must have the same length")
+        if "model.onnx" not in self.files:
+            raise ValueError("files must list model.onnx")
+        return self
+
+
+def read_model_json(model_dir: str | Path) -> ModelJson:
+    """Parse and validate `model.json` (no hash check).
+
+    Raises:
+        PackageError: missing or invalid (names the path and the problem).
+    """
+    path = Path(model_dir) / MODEL_JSON
+    if not Path(model_dir).is_dir():
+        raise PackageError(f"{model_dir}: model package not found (export one with "
+                           f"`ltserve export runs/NAME --head HEAD --out {model_dir}`)")
+    if not path.is_file():
+        raise PackageError(f"{path}: not found; {model_dir} is not a model package")
+    try:
+        return ModelJson.model_validate_json(path.read_text())
+    except (ValidationError, ValueError) as exc:
+        raise PackageError(f"{path}: invalid model.json: {exc}") from None
+
+
+def verify_files(model_dir: str | Path, meta: ModelJson) -> None:
+    """Check that every file listed in `meta.files` exists with the recorded size and sha256.
+
+    Raises:
+        PackageError: naming the first file that is missing or differs.
+    """
+    root = Path(model_dir)
+    for name, entry in meta.files.items():
+        path = root / name
+        if not path.is_file():
+            raise PackageError(f"{path}: listed in model.json but missing; re-export the package")
+        size = path.stat().st_size
+        if size != entry.bytes or sha256_file(path) != entry.sha256:
+            raise PackageError(f"{path}: sha256 does not match model.json (file corrupted or swapped); "
+                               "re-export the package")
+
+
+def load_package(model_dir: str | Path, verify: bool = True) -> ModelJson:
+    """Read `model.json` and (by default) verify every file's sha256."""
+    meta = read_model_json(model_dir)
+    if verify:
+        verify_files(model_dir, meta)
+    return meta
+
+
+def file_entries(model_dir: str | Path, names: list[str]) -> dict[str, FileEntry]:
+    """sha256 and size of each named file in the package folder."""
+    root = Path(model_dir)
+    return {n: FileEntry(sha256=sha256_file(root / n), bytes=(root / n).stat().st_size) for n in names}
+
+
+def write_model_json(model_dir: str | Path, meta: ModelJson) -> None:
+    """Write `model.json` atomically (after the files it lists)."""
+    atomic_write_text(Path(model_dir) / MODEL_JSON, meta.model_dump_json(indent=2))
