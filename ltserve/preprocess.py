@@ -140,3 +140,164 @@ def to_model_input(images: Sequence[np.ndarray], spec: PreprocessSpec) -> np.nda
     x -= np.asarray(spec.mean, dtype=np.float32)
     x /= np.asarray(spec.std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# decode: bytes -> uint8 (crop, crop, C), the serving entry point (service, batch CLI, Ray actors).
+# Module-level functions only, so they pickle by reference into worker processes.
+# ---------------------------------------------------------------------------------------------------------------------
+
+DEFAULT_MAX_PIXELS = 40_000_000
+"""Default pixel cap of `decode` (width * height, before decoding): 40 MP, more than any phone photo."""
+
+SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+"""Pillow format names `decode` accepts (sniffed from the bytes, never from a file name or content type)."""
+
+# Magic numbers of image formats we recognise but do not accept (answered 415 rather than "not an image").
+_OTHER_IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "PSD"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"), (b"qoif", "QOI"),
+    (b"DDS ", "DDS"), (b"\x76\x2f\x31\x01", "OpenEXR"), (b"#?RADIANCE", "HDR"), (b"\xff\x0a", "JPEG XL"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"), (b"%!PS-Adobe", "EPS"),
+)
+_HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF",
+                b"avif": "AVIF", b"avis": "AVIF"}
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The Pillow format name of `data` from its magic number, if it is one `decode` accepts.
+
+    Args:
+        data: the first bytes of a file (16 are enough).
+
+    Returns:
+        "JPEG", "PNG", "WEBP", "BMP" or "GIF", or None for anything else.
+    """
+    head = bytes(data[:16])
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head.startswith(b"BM") and len(data) >= 26:
+        return "BMP"
+    return None
+
+
+def _other_image_format(data: bytes) -> str | None:
+    """Name of a recognised image format that `decode` does not accept (for a 415 message), else None."""
+    head = bytes(data[:64])
+    for magic, name in _OTHER_IMAGE_MAGIC:
+        if head.startswith(magic):
+            return name
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        return _HEIF_BRANDS[head[8:12]]
+    if len(head) >= 3 and head[0:1] == b"P" and head[1:2] in b"123456" and head[2:3] in b" \t\r\n":
+        return "PNM"
+    text = head.lstrip().lower()
+    if text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in bytes(data[:1024]).lower()):
+        return "SVG"
+    return None
+
+
+def _draft_size(size: tuple[int, int], resize: int) -> tuple[int, int]:
+    """Smallest (w, h) with the same aspect ratio whose shorter side is still >= `resize` (for `Image.draft`)."""
+    w, h = size
+    short = min(w, h)
+    return max(1, -(-w * resize // short)), max(1, -(-h * resize // short))
+
+
+def open_image(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open, check and fully decode image bytes: the first frame, upright (EXIF orientation applied), any mode.
+
+    The pixel limit is checked on the header's size before any pixel is decoded. JPEG DCT-domain downscaling
+    (`Image.draft`) is used only when `spec.allow_draft`, and never below `spec.resize` on the shorter side.
+
+    Args:
+        data: the encoded file.
+        spec: the preprocessing spec (resize and allow_draft are used here).
+        max_pixels: cap on width * height.
+
+    Returns:
+        a loaded Pillow image, mode as decoded (convert with `convert_mode`).
+
+    Raises:
+        InvalidImage: empty, truncated, corrupt, or not an image (400).
+        UnsupportedFormat: a recognised image format other than JPEG, PNG, WebP, BMP, GIF (415).
+        ImageTooLarge: more than `max_pixels` pixels (413).
+    """
+    import io
+
+    from PIL import ImageOps, UnidentifiedImageError
+
+    from ltserve.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
+
+    if not data:
+        raise InvalidImage("empty file: expected the bytes of a JPEG, PNG, WebP, BMP or GIF image")
+    fmt = sniff_format(data)
+    if fmt is None:
+        other = _other_image_format(data)
+        if other is not None:
+            raise UnsupportedFormat(f"{other} images are not supported; send one of "
+                                    f"{', '.join(SUPPORTED_FORMATS)} (convert it first)")
+        raise InvalidImage("not an image: the bytes are not JPEG, PNG, WebP, BMP or GIF "
+                           f"(they start with {bytes(data[:8])!r})")
+    try:
+        # formats=[fmt]: only the sniffed format's plugin may parse these bytes
+        img = Image.open(io.BytesIO(data), formats=[fmt])
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"{fmt} image too large: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidImage(f"corrupt {fmt} header: {exc}") from None
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise InvalidImage(f"{fmt} image has an empty size {w}x{h}")
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"{fmt} image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}; "
+                            "send a smaller image")
+    try:
+        if fmt == "JPEG" and spec.allow_draft:
+            img.draft(None, _draft_size((w, h), spec.resize))
+        img.load()  # decodes the first frame (GIF, APNG, animated WebP)
+        img = ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"{fmt} image too large: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error()) as exc:
+        raise InvalidImage(f"truncated or corrupt {fmt} image: {exc}") from None
+    return img
+
+
+def struct_error() -> type[Exception]:
+    """`struct.error` (raised by some Pillow plugins on short input), as a class for `except`."""
+    import struct
+
+    return struct.error
+
+
+def decode(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes into model-ready pixels: the serving and batch entry point.
+
+    JPEG, PNG, WebP, BMP and GIF (first frame); EXIF orientation applied; grey, palette, RGBA, CMYK and 16-bit
+    images converted by `convert_mode`; then `transform_image` (resize shorter side, centre crop).
+
+    Args:
+        data: the encoded file.
+        spec: the model package's preprocessing spec.
+        max_pixels: cap on width * height, checked from the header before decoding (decompression bombs).
+
+    Returns:
+        uint8 array of shape (spec.crop, spec.crop, spec.channels).
+
+    Raises:
+        InvalidImage (400), UnsupportedFormat (415), ImageTooLarge (413): see `open_image`.
+    """
+    from ltserve.errors import InvalidImage
+
+    img = open_image(data, spec, max_pixels)
+    try:
+        return transform_image(img, spec)
+    except (OSError, ValueError) as exc:  # a mode Pillow cannot convert
+        raise InvalidImage(f"cannot convert a {img.format or ''} image of mode {img.mode}: {exc}") from None

@@ -1,0 +1,138 @@
+"""`make demo`: the whole path on the embedded default, timed.
+
+train (configs/fashion_lt.yaml) -> rebalance (every head) -> heads table -> export the best head by val accuracy
+-> `bentoml serve` on it, checked with one real request, and a `curl` example printed.
+`make default-model` runs the same with `--no-serve --fresh` into models/fashion-lt (the committed default model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "fashion_lt.yaml"
+log = logging.getLogger("ltserve.demo")
+
+
+def _stage(name: str, timings: dict[str, float], fn, *args, **kwargs):
+    print(f"\n=== {name} ===", flush=True)
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    timings[name] = time.perf_counter() - t0
+    print(f"--- {name}: {timings[name]:.1f} s", flush=True)
+    return out
+
+
+def build(config: Path, run_dir: Path, model_dir: Path, fresh: bool, overrides: list[str]) -> dict[str, float]:
+    """Train, rebalance, evaluate and export; returns the wall time of each stage in seconds."""
+    from ltserve.config import load_config
+    from ltserve.evaluate import evaluate_run
+    from ltserve.export import best_head, export_package
+    from ltserve.rebalance import rebalance
+    from ltserve.train import train
+
+    timings: dict[str, float] = {}
+    if fresh or run_dir.exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = load_config(config, overrides)
+    _stage("stage 1: joint training", timings, train, cfg, run_dir)
+    _stage("stage 2: rebalance", timings, rebalance, run_dir)
+    _stage("evaluate every head (test split)", timings, evaluate_run, run_dir, "test")
+    head = best_head(run_dir)
+    print(f"\nbest head by val accuracy: {head}")
+    shutil.rmtree(model_dir, ignore_errors=True)
+    _stage(f"export {head}", timings, export_package, run_dir, head, model_dir)
+    return timings
+
+
+def write_samples(model_dir: Path, out: Path, n: int = 3) -> list[Path]:
+    """A few Fashion-MNIST test images as PNG files, for the curl example."""
+    from ltserve.data import find_fashion_mnist, read_idx
+    from PIL import Image
+
+    root = find_fashion_mnist()
+    images = read_idx(root / "t10k-images-idx3-ubyte.gz")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = out / f"test_{i}.png"
+        Image.fromarray(images[i]).save(p)
+        paths.append(p)
+    return paths
+
+
+def serve(model_dir: Path, port: int, sample: Path) -> int:
+    """Start `bentoml serve` on the package, prove it answers, print a curl example, then wait (Ctrl-C stops)."""
+    import httpx
+
+    env = {**os.environ, "LTSERVE_MODEL": str(model_dir.resolve())}
+    bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or "bentoml"
+    cmd = [bentoml, "serve", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                print(f"bentoml serve exited with code {proc.returncode}", file=sys.stderr)
+                return 1
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            print("bentoml serve did not become ready within 120 s", file=sys.stderr)
+            return 1
+        with open(sample, "rb") as f:
+            reply = httpx.post(f"{url}/classify", files={"image": (sample.name, f, "image/png")}, timeout=30)
+        print(f"\nserving {model_dir} at {url} (Ctrl-C to stop)\n\n"
+              f"  curl -s -F image=@{sample} {url}/classify\n\nwhich answers:\n  {reply.text}\n", flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ltserve.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--run", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--model", type=Path, default=Path("runs/demo-model"))
+    parser.add_argument("--port", type=int, default=3000)
+    parser.add_argument("--no-serve", action="store_true", help="stop after export (for scripts)")
+    parser.add_argument("--fresh", action="store_true", help="delete the run directory first")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    t0 = time.perf_counter()
+    timings = build(args.config, args.run, args.model, args.fresh, args.overrides)
+    total = time.perf_counter() - t0
+    print("\nwall time per stage: " + ", ".join(f"{k}: {v:.0f} s" for k, v in timings.items()))
+    print(f"total wall time (after installation): {total:.0f} s\n\nmodel package: {args.model}\n"
+          f"inspect it:    ltserve inspect {args.model}")
+    if args.no_serve:
+        return 0
+    samples = write_samples(args.model, args.run / "samples")
+    return serve(args.model, args.port, samples[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
