@@ -131,7 +131,7 @@ class ImageSet:
         return len(self.labels)
 
     def describe(self, i: int) -> str:
-        """Where item `i` comes from, for messages: "path (list.txt:12)" or "item 7"."""
+        """Where item `i` comes from, for messages: "/abs/path (list.txt:12)" or "in-memory image 7"."""
         if self.paths is None:
             return f"in-memory image {i}"
         where = f" ({self.sources[i]})" if self.sources is not None else ""
@@ -262,10 +262,13 @@ def make_longtail(labels: np.ndarray, counts: list[int] | np.ndarray, order: Lit
     labels = np.asarray(labels, dtype=np.int64)
     num_classes = len(counts)
     rng = np.random.default_rng(seed)
-    rank_of_class = np.arange(num_classes) if order == "index" else rng.permutation(num_classes)
+    # "random": class perm[i] gets the i-th largest count, so which classes are rare is itself seeded.
+    perm = np.arange(num_classes) if order == "index" else rng.permutation(num_classes)
+    count_of_class = np.zeros(num_classes, dtype=np.int64)
+    count_of_class[perm] = np.asarray(counts, dtype=np.int64)
     keep: list[np.ndarray] = []
     for cls in range(num_classes):
-        want = int(counts[int(np.where(rank_of_class == cls)[0][0])]) if order == "random" else int(counts[cls])
+        want = int(count_of_class[cls])
         members = np.flatnonzero(labels == cls)
         if want > len(members):
             raise DataError(f"long tail: class {cls} needs {want} images but the pool has only {len(members)}; "
@@ -691,28 +694,16 @@ def _load_fashion_mnist(cfg: "DataConfig") -> Splits:
     names = list(FASHION_MNIST_CLASSES)
     pool = ImageSet(labels=fm["train_labels"], arrays=fm["train_images"])
     test = ImageSet(labels=fm["test_labels"], arrays=fm["test_images"])
-    ids = {"train": np.arange(len(pool)), "test": np.arange(len(test))}
     train_idx, val_idx = _train_val_indices(pool.labels, cfg, names, "Fashion-MNIST train")
-    test_idx = ids["test"]
+    test_idx = np.arange(len(test), dtype=np.int64)
     if cfg.max_test_images is not None:
         test_idx = stratified_subsample(test.labels, cfg.max_test_images, cfg.split_seed + 3)
     splits = Splits(train=pool.subset(train_idx), val=pool.subset(val_idx), test=test.subset(test_idx),
                     class_names=names, fingerprint="")
     _check_no_empty_class(splits, "Fashion-MNIST train")
-    splits.fingerprint = _fingerprint(cfg, names, {
-        "train": [f"train:{i}" for i in train_idx], "val": [f"train:{i}" for i in val_idx],
-        "test": [f"t10k:{i}" for i in test_idx]}, splits, content=_payload_ids(folder))
+    splits.fingerprint = _fingerprint(cfg, names, {"train": train_idx, "val": val_idx, "test": test_idx}, splits)
     _log_summary(splits, "fashion-mnist", folder)
     return splits
-
-
-def _payload_ids(folder: Path) -> str:
-    # The verified files are identical everywhere; name the official content, and size-stamp unknown files.
-    parts = []
-    for stem in FASHION_MNIST_FILES.values():
-        file = _fashion_file(folder, stem)
-        parts.append(f"{stem}:{file.stat().st_size if file else 0}:{file.suffix if file else ''}")
-    return "fashion-mnist-idx|" + "|".join(parts)
 
 
 def _train_val_indices(labels: np.ndarray, cfg: "DataConfig", names: list[str],
@@ -760,19 +751,26 @@ def _check_no_empty_class(splits: Splits, where: str) -> None:
                         "or renumber the labels")
 
 
-def _fingerprint(cfg: "DataConfig", names: list[str], ids: dict[str, list[str]], splits: Splits,
-                 content: str = "") -> str:
-    # The root is left out on purpose: the same data mounted elsewhere is the same data.
+def _fingerprint(cfg: "DataConfig", names: list[str], ids: dict[str, list[str] | np.ndarray],
+                 splits: Splits) -> str:
+    # The root is left out on purpose: the same data mounted elsewhere is the same data. In-memory images are
+    # hashed by content (cheap: at most ~55 MB), file-based ones by their paths relative to the data root.
     settings = cfg.model_dump(mode="json", exclude={"root", "many_threshold", "few_threshold"})
     h = hashlib.sha256()
-    h.update(json.dumps({"settings": settings, "classes": names, "content": content}, sort_keys=True).encode())
+    h.update(json.dumps({"settings": settings, "classes": names}, sort_keys=True).encode())
     for split in ("train", "val", "test"):
         imageset = getattr(splits, split)
         h.update(f"\n[{split}]\n".encode())
         if imageset is None:
             continue
-        h.update("\n".join(ids[split]).encode())
+        item_ids = ids[split]
+        if isinstance(item_ids, np.ndarray):
+            h.update(np.ascontiguousarray(item_ids, dtype="<i8").tobytes())
+        else:
+            h.update("\n".join(item_ids).encode())
         h.update(np.ascontiguousarray(imageset.labels, dtype="<i8").tobytes())
+        if imageset.arrays is not None:
+            h.update(np.ascontiguousarray(imageset.arrays).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -786,7 +784,7 @@ def _log_summary(splits: Splits, source: str, where: Path | str) -> None:
 # --- folders and lists -----------------------------------------------------------------------------------------
 
 
-def _resolve(root: str | None, rel: str, what: str) -> Path:
+def _resolve(root: str | None, rel: str) -> Path:
     """A config path: absolute as is; else under `root` when there; else relative to the working directory."""
     p = Path(rel)
     if p.is_absolute():
@@ -805,7 +803,7 @@ def _read_source(cfg: "DataConfig", split: str, names: list[str] | None) -> tupl
     if cfg.root is not None and not Path(cfg.root).is_dir():
         raise DataError(f"data.root {cfg.root!r}: folder not found; fix data.root")
     if cfg.source == "imagefolder":
-        folder = _resolve(cfg.root, rel, field) if rel is not None else Path(cfg.root or ".")
+        folder = _resolve(cfg.root, rel) if rel is not None else Path(cfg.root or ".")
         paths, labels, found = read_image_folder(folder)
         if names is not None:
             unknown = [n for n in found if n not in names]
@@ -819,10 +817,10 @@ def _read_source(cfg: "DataConfig", split: str, names: list[str] | None) -> tupl
         return ImageSet(labels=labels, paths=paths, sources=None), names, ids
     if rel is None:
         raise DataError(f"{field}: a split list file is needed for data.source 'list'")
-    list_file = _resolve(cfg.root, rel, field)
+    list_file = _resolve(cfg.root, rel)
     paths, labels, sources = read_split_list(list_file, cfg.root)
     if names is None:
-        names = read_names_file(_resolve(cfg.root, cfg.names, "data.names")) if cfg.names else \
+        names = read_names_file(_resolve(cfg.root, cfg.names)) if cfg.names else \
             [str(j) for j in range(int(labels.max()) + 1)]
     bad = np.flatnonzero(labels >= len(names))
     if bad.size:
