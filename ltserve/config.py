@@ -114,6 +114,8 @@ class CrtConfig(_Section):
     batch_size: int = 512
     weight_decay: float = 5e-4
     momentum: float = 0.9
+    sampler: SamplerName = Field("cb", description="stage-2 sampler (the paper: class-balanced)")
+    images_per_class: int = Field(4, ge=1, description="class-balanced sampler: consecutive images per class")
 
 
 class LwsConfig(_Section):
@@ -122,6 +124,8 @@ class LwsConfig(_Section):
     batch_size: int = 512
     weight_decay: float = 5e-4
     momentum: float = 0.9
+    sampler: SamplerName = Field("cb", description="stage-2 sampler (the paper: class-balanced)")
+    images_per_class: int = Field(4, ge=1, description="class-balanced sampler: consecutive images per class")
 
 
 class TauNormConfig(_Section):

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ltserve.metrics import SHOT_GROUPS, group_accuracy, per_class_accuracy, shot_groups
+from ltserve.metrics import group_accuracy, per_class_accuracy, shot_groups
 
 Val = tuple[np.ndarray, np.ndarray]
 
@@ -128,11 +128,4 @@ def sweep(name: str, values: Sequence[float], logits_for: Callable[[float], np.n
     return best, curve
 
 
-def curve_columns(curve: list[dict[str, Any]]) -> dict[str, list]:
-    """A list of curve points -> column lists (JSON friendly and easy to plot)."""
-    keys = list(curve[0]) if curve else []
-    return {k: [p[k] for p in curve] for k in keys}
-
-
-__all__ = ["SHOT_GROUPS", "Val", "ValScorer", "check_features", "class_counts", "curve_columns", "is_balanced",
-           "linear_logits", "log_prior", "sweep"]
+__all__ = ["Val", "ValScorer", "check_features", "class_counts", "is_balanced", "linear_logits", "log_prior", "sweep"]

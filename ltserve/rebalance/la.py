@@ -82,7 +82,8 @@ class LogitAdjustment:
         method = adjusted_method(base_head.method)
         log.info("%s: tau_la=%.2f (%s), val %s %.4f", method, tau_la, "fixed" if self.tau_la is not None else "swept",
                  scorer.metric, curve[grid.index(tau_la)]["score"])
-        base_meta = {k: v for k, v in base_head.meta.items() if k not in ("sweep", "val", "epochs")}
+        base_meta = {k: v for k, v in base_head.meta.items()
+                     if k not in ("sweep", "val", "epochs_curve", "calibration", "target_prior")}
         meta = {
             "tau_la": tau_la,
             "tau_la_source": "fixed" if self.tau_la is not None else "sweep",
