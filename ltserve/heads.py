@@ -106,9 +106,10 @@ def save_head(head: CalibratedHead, heads_dir: str | Path) -> Path:
 
     heads_dir = Path(heads_dir)
     heads_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {"weight": head.weight, "bias": head.bias}
+    # safetensors.numpy writes the raw buffer: a transposed (Fortran-order) array would be saved scrambled
+    tensors = {"weight": np.ascontiguousarray(head.weight), "bias": np.ascontiguousarray(head.bias)}
     if head.centre is not None:
-        tensors["centre"] = head.centre
+        tensors["centre"] = np.ascontiguousarray(head.centre)
     for name, arr in head.extras.items():
         tensors[f"extras.{name}"] = np.ascontiguousarray(arr)
     st_path = heads_dir / f"{head.method}.safetensors"
