@@ -1,0 +1,118 @@
+"""`ltserve evaluate RUN`: every head side by side, eval/ files, predictions, and the numbers themselves."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from ltserve.errors import RunError
+from ltserve.evaluate import cli, evaluate_run, format_table
+from ltserve.features import cached_features
+from ltserve.heads import CalibratedHead, load_head, save_head
+from ltserve.metrics import classification_report
+from ltserve.rundir import RunPaths, read_run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_writes_eval_files_and_matches_a_direct_computation(tiny_run, copy_run, tmp_path):
+    run = copy_run(tiny_run)
+    paths = RunPaths(run)
+    results = evaluate_run(run, "test", predictions=tmp_path / "pred.csv")
+    for name in ("test.json", "test.md", "test_per_class.png", "weight_norms.png"):
+        assert (paths.eval / name).is_file(), name
+    for png in ("test_per_class.png", "weight_norms.png"):
+        data = (paths.eval / png).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+
+    info = read_run(run)
+    feats, labels = cached_features(run, "test")
+    head = load_head(paths.heads, "joint")
+    direct = classification_report(head.logits(feats), labels, info.class_counts, info.many_threshold,
+                                   info.few_threshold)
+    got = results["heads"]["joint"]
+    for key in ("top1", "top5", "many", "medium", "few", "balanced_accuracy", "ece", "n"):
+        assert got[key] == pytest.approx(direct[key]), key
+    assert got["per_class"] == pytest.approx(direct["per_class"])
+    assert got["top1"] == pytest.approx(float(np.mean(head.logits(feats).argmax(1) == labels)))
+    on_disk = json.loads((paths.eval / "test.json").read_text())
+    assert on_disk["heads"]["joint"]["top1"] == pytest.approx(got["top1"])
+    assert on_disk["group_sizes"] == {"many": 2, "medium": 3, "few": 5}
+    md = (paths.eval / "test.md").read_text()
+    assert "| joint |" in md and f"{100 * got['top1']:.1f}" in md and "T-shirt/top" in md
+
+    with open(tmp_path / "pred.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == labels.size and set(rows[0]) == {"index", "label", "pred_joint", "prob_joint"}
+    preds = np.array([int(r["pred_joint"]) for r in rows])
+    np.testing.assert_array_equal(preds, head.logits(feats).argmax(1))
+    np.testing.assert_array_equal([int(r["label"]) for r in rows], labels)
+    assert all(0.0 < float(r["prob_joint"]) <= 1.0 for r in rows)
+
+
+def test_every_head_side_by_side_and_jsonl_predictions(tiny_run, copy_run, tmp_path):
+    run = copy_run(tiny_run)
+    paths = RunPaths(run)
+    joint = load_head(paths.heads, "joint")
+    norms = np.linalg.norm(joint.weight, axis=1, keepdims=True)
+    save_head(CalibratedHead(weight=joint.weight / norms, bias=np.zeros_like(joint.bias), method="tau_norm",
+                             meta={"tau": 1.0}), paths.heads)
+    results = evaluate_run(run, "val", predictions=tmp_path / "pred.jsonl")
+    assert list(results["heads"]) == ["joint", "tau_norm"]
+    feats, labels = cached_features(run, "val")
+    tau = load_head(paths.heads, "tau_norm")
+    assert results["heads"]["tau_norm"]["top1"] == pytest.approx(
+        float(np.mean(tau.logits(feats).argmax(1) == labels)))
+    lines = (tmp_path / "pred.jsonl").read_text().splitlines()
+    assert len(lines) == labels.size
+    first = json.loads(lines[0])
+    assert set(first) == {"index", "label", "pred_joint", "prob_joint", "pred_tau_norm", "prob_tau_norm"}
+    only = evaluate_run(run, "val", heads=["tau_norm"])
+    assert list(only["heads"]) == ["tau_norm"]
+
+
+def test_empty_shot_group_is_reported_as_empty(tiny_run, copy_run):
+    run = copy_run(tiny_run)
+    paths = RunPaths(run)
+    raw = json.loads(paths.run_json.read_text())
+    raw["many_threshold"] = 10_000  # no class has more than 10,000 images: many-shot is empty
+    paths.run_json.write_text(json.dumps(raw))
+    results = evaluate_run(run, "test")
+    assert results["heads"]["joint"]["many"] is None and results["group_sizes"]["many"] == 0
+    assert "| joint | empty |" in (paths.eval / "test.md").read_text()
+    assert "| joint | empty |" in format_table(results["heads"])
+
+
+def test_cli_prints_the_table(tiny_run, copy_run, capsys):
+    run = copy_run(tiny_run)
+    assert cli([str(run), "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "| head | Many | Medium | Few | All |" in out and "| joint |" in out
+    assert (RunPaths(run).eval / "val.json").is_file()
+
+
+def test_unknown_head_lists_the_available_ones(tiny_run, copy_run):
+    with pytest.raises(RunError, match="available: joint"):
+        evaluate_run(copy_run(tiny_run), "val", heads=["crt"])
+
+
+def test_stage2_extra_plots_hook_is_called(tiny_run, copy_run, monkeypatch, tmp_path):
+    """evaluate_run calls ltserve.rebalance.report.extra_plots(run_dir, results) when stage 2 provides it."""
+    calls = []
+
+    def extra_plots(run_dir, results):
+        calls.append((run_dir, sorted(results["heads"])))
+        path = tmp_path / "tau_sweep.png"
+        path.write_bytes(b"png")
+        return [path]
+
+    monkeypatch.setitem(sys.modules, "ltserve.rebalance.report", types.SimpleNamespace(extra_plots=extra_plots))
+    run = copy_run(tiny_run)
+    results = evaluate_run(run, "val")
+    assert calls == [(RunPaths(run).root, ["joint"])]
+    assert results["files"]["tau_sweep"] == str(tmp_path / "tau_sweep.png")

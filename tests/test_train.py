@@ -1,0 +1,244 @@
+"""Stage 1: a real (tiny) training run on Fashion-MNIST-LT, resume, DDP through torchrun, recipes, augmentation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ltserve.config import load_config
+from ltserve.errors import ConfigError, RunError
+from ltserve.heads import load_head
+from ltserve.rundir import RunPaths, read_run, sha256_file
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+# A 3-epoch recipe small enough to train three times in a test: ~250 images, batch 32.
+SMALL = ["train.epochs=3", "train.batch_size=32", "data.longtail.n_max=100", "data.longtail.val_per_class=5",
+         "data.max_test_images=100"]
+
+
+def test_tiny_run_lowers_the_loss_and_writes_a_loadable_run(tiny_run, tiny_config):
+    from ltserve.config import config_from_dict
+    from ltserve.models import load_run_backbone
+
+    info = read_run(tiny_run)
+    assert info.finished and info.epochs_done == tiny_config.train.epochs
+    losses = [e["loss"] for e in info.train_metrics["epochs"]]
+    assert len(losses) == tiny_config.train.epochs
+    assert losses[-1] < 0.8 * losses[0]
+    assert config_from_dict(info.config) == tiny_config  # the resolved recipe round-trips
+    assert info.class_counts == sorted(info.class_counts, reverse=True) and info.class_counts[0] == 200
+    assert info.split_sizes["train"] == sum(info.class_counts)
+    assert len(info.data_fingerprint) == 16 and info.ltserve_version
+
+    paths = RunPaths(tiny_run)
+    backbone, _ = load_run_backbone(tiny_run)
+    assert info.backbone.sha256 == sha256_file(paths.backbone)
+    assert info.backbone.num_features == backbone.num_features and info.backbone.in_chans == 1
+    head = load_head(paths.heads, "joint")
+    assert head.weight.shape == (10, backbone.num_features) and head.method == "joint"
+    assert head.meta["backbone_sha256"] == info.backbone.sha256
+    # evaluated at the end: above chance on the balanced test set, and the many-shot classes well above it
+    test = info.train_metrics["eval"]["test"]["joint"]
+    assert test["top1"] > 0.15 and test["many"] > 0.5
+    assert (paths.eval / "test.json").is_file() and (paths.eval / "val.json").is_file()
+    assert not [p for p in paths.root.rglob("*") if p.suffix in (".pt", ".pth", ".pkl", ".pickle")]
+
+
+def test_joint_head_on_backbone_features_reproduces_the_trained_classifier(tiny_run):
+    """backbone.safetensors + heads/joint give the logits of the model that was trained (decoupled checkpoint)."""
+    import torch
+
+    from ltserve.config import config_from_dict
+    from ltserve.data import load_splits
+    from ltserve.features import extract_features
+    from ltserve.models import Classifier, load_run_backbone
+    from ltserve.preprocess import to_model_input
+
+    backbone, info = load_run_backbone(tiny_run)
+    head = load_head(RunPaths(tiny_run).heads, "joint")
+    cfg = config_from_dict(info.config)
+    images = load_splits(cfg.data).val.subset(np.arange(16))
+    feats = extract_features(backbone, images, cfg.preprocess)
+    model = Classifier(backbone, 10).eval()
+    model.fc.weight.data = torch.from_numpy(head.weight)
+    model.fc.bias.data = torch.from_numpy(head.bias)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(to_model_input(list(images.arrays[..., None]), cfg.preprocess))).numpy()
+    np.testing.assert_allclose(head.logits(feats), logits, rtol=1e-5, atol=1e-5)
+
+
+def _small(tmp_path: Path, *extra: str):
+    return load_config(REPO / "configs" / "tiny.yaml", SMALL + list(extra))
+
+
+def test_resume_after_interruption_gives_bit_identical_weights(tmp_path):
+    from ltserve.train import train
+
+    cfg = _small(tmp_path)
+    straight = train(cfg, tmp_path / "straight", evaluate=False)
+    stopped = train(cfg, tmp_path / "resumed", stop_after_epochs=2, evaluate=False)
+    assert stopped.epochs_done == 2 and not stopped.finished
+    ckpt = sorted(p.name for p in (tmp_path / "resumed" / "checkpoint").iterdir())
+    assert ckpt == ["epoch-0002.json", "epoch-0002.safetensors"]  # older checkpoints are dropped
+    meta = json.loads((tmp_path / "resumed" / "checkpoint" / "epoch-0002.json").read_text())
+    assert set(meta["rng"]["0"]) >= {"torch", "numpy", "python"}
+    assert meta["epoch"] == 2 and meta["step"] == 2 * meta["history"][0]["images"] // 32
+
+    resumed = train(cfg, tmp_path / "resumed", resume=True, evaluate=False)
+    assert resumed.finished and resumed.epochs_done == 3
+    for rel in ("backbone.safetensors", "heads/joint.safetensors"):
+        a, b = (tmp_path / "straight" / rel).read_bytes(), (tmp_path / "resumed" / rel).read_bytes()
+        assert a == b, f"{rel} differs after resume"
+    losses = [e["loss"] for e in straight.train_metrics["epochs"]]
+    assert losses == [e["loss"] for e in resumed.train_metrics["epochs"]]
+
+
+def test_existing_run_needs_resume_and_resume_needs_the_same_recipe(tmp_path):
+    from ltserve.train import train
+
+    cfg = _small(tmp_path, "train.epochs=2")
+    train(cfg, tmp_path / "run", stop_after_epochs=1, evaluate=False)
+    with pytest.raises(RunError, match="--resume"):
+        train(cfg, tmp_path / "run", evaluate=False)
+    changed = _small(tmp_path, "train.epochs=2", "train.lr=0.05")
+    with pytest.raises(RunError, match=r"train\.lr"):
+        train(changed, tmp_path / "run", resume=True, evaluate=False)
+
+
+def test_cli_override_sampler_and_step_schedule(tmp_path, capsys):
+    """`ltserve train` through the dispatcher: --set switches the stage-1 sampler (the ablation) and the schedule."""
+    from ltserve.cli import main
+
+    out = tmp_path / "cb"
+    argv = ["train", str(REPO / "configs" / "tiny.yaml"), "--out", str(out), "--no-eval"]
+    for s in SMALL + ["train.epochs=2", "train.sampler=cb", "train.schedule=step", "train.milestones=[1]",
+                      "train.gamma=0.1", "train.warmup_epochs=1"]:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    info = read_run(out)
+    assert info.config["train"]["sampler"] == "cb" and info.finished
+    lrs = [e["lr"] for e in info.train_metrics["epochs"]]
+    assert lrs == pytest.approx([0.1, 0.01])  # warm-up ends at the base lr; x0.1 from milestone epoch 1
+    assert "2/2 epochs" in capsys.readouterr().out
+
+
+def test_torchrun_two_process_gloo_run(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "ddp"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "ltserve.cli", "train",
+           str(REPO / "configs" / "tiny.yaml"), "--out", str(out)]
+    for s in SMALL + ["train.epochs=1"]:
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = read_run(out)
+    assert info.finished and info.train_metrics["world_size"] == 2
+    # 2 processes x 16 images per step, floor(N / 32) steps: one global epoch, not two
+    assert info.train_metrics["epochs"][0]["images"] == (info.split_sizes["train"] // 32) * 32
+    assert info.config["train"]["epochs"] == 1 and info.config["train"]["batch_size"] == 32
+    assert (out / "eval" / "test.json").is_file()
+    assert "test (100 images)" in proc.stdout and proc.stdout.count("| joint |") == 2  # printed once (rank 0)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads_and_validates(path):
+    from ltserve.train import _check_train_config
+
+    cfg = load_config(path)
+    _check_train_config(cfg, str(path))
+    assert cfg.name == path.stem
+
+
+def test_unknown_config_key_is_rejected_with_the_valid_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"did you mean 'epochs'.*valid keys: .*batch_size"):
+        load_config(REPO / "configs" / "fashion_lt.yaml", ["train.epoch=3"])
+
+
+def test_paper_recipes_say_what_the_paper_says():
+    x50 = load_config(REPO / "configs" / "imagenet_lt_resnext50.yaml")
+    assert (x50.train.epochs, x50.train.batch_size, x50.train.lr, x50.train.weight_decay) == (90, 512, 0.2, 5e-4)
+    assert x50.augment.random_resized_crop and x50.augment.color_jitter == 0.4
+    assert (x50.preprocess.resize, x50.preprocess.crop) == (256, 224)
+    assert load_config(REPO / "configs" / "inat2018_resnet50.yaml").augment.color_jitter == 0.0
+    places = load_config(REPO / "configs" / "places_lt_resnet152.yaml")
+    assert places.model.trainable == "last_block" and places.model.pretrained
+
+
+def test_cifar_step_schedule_arithmetic():
+    """CIFAR-LT: 5-epoch warm-up, then x0.01 at epoch 160 and x0.0001 (of the base lr) at 180."""
+    from ltserve.train import lr_at
+
+    tc = load_config(REPO / "configs" / "cifar10_lt_resnet32.yaml").train
+    spe = 97
+    assert lr_at(0, tc, spe) == pytest.approx(0.1 / (5 * spe))
+    assert lr_at(5 * spe - 1, tc, spe) == pytest.approx(0.1)
+    assert lr_at(159 * spe + spe - 1, tc, spe) == pytest.approx(0.1)
+    assert lr_at(160 * spe, tc, spe) == pytest.approx(0.1 * 0.01)
+    assert lr_at(180 * spe, tc, spe) == pytest.approx(0.1 * 1e-4)
+    assert lr_at(200 * spe - 1, tc, spe) == pytest.approx(1e-5)
+
+
+def test_cosine_schedule_decays_to_near_zero():
+    from ltserve.train import lr_at
+
+    tc = load_config(REPO / "configs" / "fashion_lt.yaml").train
+    lrs = [lr_at(s, tc, 10) for s in range(tc.epochs * 10)]
+    assert lrs[0] == pytest.approx(tc.lr) and 0 < lrs[-1] < 1e-3 * tc.lr
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_bad_milestones_are_rejected():
+    from ltserve.train import _check_train_config
+
+    cfg = load_config(REPO / "configs" / "cifar10_lt_resnet32.yaml", ["train.milestones=[180, 160]"])
+    with pytest.raises(ConfigError, match="milestones"):
+        _check_train_config(cfg, "cifar10")
+
+
+def test_array_fast_path_is_the_same_arithmetic_as_pillow():
+    """Fashion-MNIST arrays skip Pillow: same pixels as transform_image + the same augmentation."""
+    from ltserve.config import AugmentConfig
+    from ltserve.preprocess import PreprocessSpec
+    from ltserve.train import TrainTransform
+
+    rng = np.random.default_rng(0)
+    spec = PreprocessSpec(resize=28, crop=28, mean=(0.3,), std=(0.35,), channels=1)
+    t = TrainTransform(AugmentConfig(pad_crop=2, hflip=True), spec)
+    for k in range(20):
+        arr = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+        fast = t.from_array(arr, np.random.default_rng(k))
+        slow = t(Image.fromarray(arr), np.random.default_rng(k))
+        np.testing.assert_array_equal(fast, slow)
+        assert fast.shape == (28, 28, 1) and fast.dtype == np.uint8
+    # pad_crop shifts the image by at most 2 px with zero fill; hflip mirrors it
+    arr = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28) | 1
+    shifted = [t.from_array(arr, np.random.default_rng(k))[..., 0] for k in range(30)]
+    assert any(not np.array_equal(s, arr) for s in shifted)
+    assert all((s == 0).sum() <= 4 * 28 + 4 * 28 for s in shifted)
+    rgb = TrainTransform(AugmentConfig(pad_crop=0, hflip=False), spec.model_copy(
+        update={"channels": 3, "mean": (0.5,) * 3, "std": (0.5,) * 3}))
+    np.testing.assert_array_equal(rgb.from_array(arr), np.asarray(Image.fromarray(arr).convert("RGB")))
+
+
+def test_imagenet_style_augmentation_shapes_and_determinism():
+    from ltserve.config import AugmentConfig
+    from ltserve.preprocess import PreprocessSpec
+    from ltserve.train import TrainTransform
+
+    spec = PreprocessSpec(resize=40, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3, channels=3)
+    t = TrainTransform(AugmentConfig(random_resized_crop=True, color_jitter=0.4, hflip=True), spec)
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    a, b = t(img, np.random.default_rng(5)), t(img, np.random.default_rng(5))
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, t(img, np.random.default_rng(6)))
