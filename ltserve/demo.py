@@ -49,7 +49,8 @@ def build(config: Path, run_dir: Path, model_dir: Path, fresh: bool, overrides: 
     head = best_head(run_dir)
     print(f"\nbest head by val accuracy: {head}")
     shutil.rmtree(model_dir, ignore_errors=True)
-    _stage(f"export {head}", timings, export_package, run_dir, head, model_dir)
+    _stage(f"export {head}", timings, export_package, run_dir, head, model_dir,
+           command="make demo")  # LTSERVE_COMMAND (make default-model) takes precedence
     return timings
 
 

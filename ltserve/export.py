@@ -473,6 +473,8 @@ def _verify_fp16(path: Path, fp32_path: Path, x: np.ndarray, labels: np.ndarray,
 def _write_pt2(program: torch.export.ExportedProgram, path: Path, x: np.ndarray,
                onnx_logits: np.ndarray) -> dict[str, Any]:
     """Save the folded model as a torch.export program and check its reload against the fp32 ONNX logits."""
+    # without example inputs torch.export.save writes no torch.save (pickle) member: weights and graph only
+    program.example_inputs = None
     torch.export.save(program, str(path))
     loaded = torch.export.load(str(path)).module()
     with torch.no_grad():

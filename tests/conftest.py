@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# a spinning OpenMP pool steals the other core from the servers and workers the tests start
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")
