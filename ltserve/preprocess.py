@@ -12,11 +12,15 @@ NumPy and Pillow only: no torch.
 
 from __future__ import annotations
 
+import io
+import struct
 from typing import Literal, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, model_validator
+
+from ltserve.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 
@@ -229,12 +233,6 @@ def open_image(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_
         UnsupportedFormat: a recognised image format other than JPEG, PNG, WebP, BMP, GIF (415).
         ImageTooLarge: more than `max_pixels` pixels (413).
     """
-    import io
-
-    from PIL import ImageOps, UnidentifiedImageError
-
-    from ltserve.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
-
     if not data:
         raise InvalidImage("empty file: expected the bytes of a JPEG, PNG, WebP, BMP or GIF image")
     fmt = sniff_format(data)
@@ -248,10 +246,12 @@ def open_image(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_
     try:
         # formats=[fmt]: only the sniffed format's plugin may parse these bytes
         img = Image.open(io.BytesIO(data), formats=[fmt])
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"{fmt} image too large: {exc}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InvalidImage(f"corrupt {fmt} header: {exc}") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own cap (2 * Image.MAX_IMAGE_PIXELS) came first
+        raise ImageTooLarge(f"{fmt} image too large ({exc}); the limit is {max_pixels} pixels") from None
+    except UnidentifiedImageError:
+        raise InvalidImage(f"corrupt or truncated {fmt} file: its header cannot be read") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise InvalidImage(f"corrupt or truncated {fmt} file: {exc}") from None
     w, h = img.size
     if w < 1 or h < 1:
         raise InvalidImage(f"{fmt} image has an empty size {w}x{h}")
@@ -264,17 +264,10 @@ def open_image(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_
         img.load()  # decodes the first frame (GIF, APNG, animated WebP)
         img = ImageOps.exif_transpose(img)
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"{fmt} image too large: {exc}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error()) as exc:
-        raise InvalidImage(f"truncated or corrupt {fmt} image: {exc}") from None
+        raise ImageTooLarge(f"{fmt} image too large ({exc}); the limit is {max_pixels} pixels") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
+        raise InvalidImage(f"corrupt or truncated {fmt} file: {exc}") from None
     return img
-
-
-def struct_error() -> type[Exception]:
-    """`struct.error` (raised by some Pillow plugins on short input), as a class for `except`."""
-    import struct
-
-    return struct.error
 
 
 def decode(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -294,8 +287,6 @@ def decode(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXE
     Raises:
         InvalidImage (400), UnsupportedFormat (415), ImageTooLarge (413): see `open_image`.
     """
-    from ltserve.errors import InvalidImage
-
     img = open_image(data, spec, max_pixels)
     try:
         return transform_image(img, spec)

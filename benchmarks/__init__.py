@@ -1,0 +1,1 @@
+"""ltserve benchmarks: scripts with argparse and main(), each writing results.json, a Markdown table and a PNG."""

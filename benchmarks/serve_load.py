@@ -1,0 +1,588 @@
+"""HTTP serving load test: `bentoml serve` against the in-process Predictor on the same images.
+
+    python -m benchmarks.serve_load                   # tiny (Fashion-MNIST Gemm) and ResNet-18 224 px (random weights)
+    python -m benchmarks.serve_load --models tiny --concurrency 1,4,16 --duration 5
+    python -m benchmarks.serve_load --smoke           # seconds: checks the script (make test)
+
+For each model it measures
+  - in process: p50/p99 of one image (decode + preprocess + predict + postprocess); images/s of decode (one
+    thread) and of inference at batch `max_batch_size`; and the batched ceiling: a decode thread pool overlapped
+    with inference at `max_batch_size`, back to back (the same work as the server, without HTTP);
+  - over HTTP (`POST /classify`, one image per request, keep-alive, closed loop): throughput and p50/p99 at each
+    concurrency, with adaptive batching (LTSERVE_MAX_BATCH_SIZE=32) and without (=1), and the mean batch size the
+    server ran (from /metrics);
+  - HTTP overhead = p50 (p99) over HTTP at concurrency 1 minus the in-process p50 (p99) measured right before it.
+With `--paths depends` it also serves the alternative request path (a batchable BentoML API behind a front API,
+`bentoml.depends`, defined at the end of this file) at the same points.
+
+The client is a minimal asyncio HTTP/1.1 client (pre-built request bytes) so that on small machines the load
+generator takes as little CPU from the server as possible. Output: results.json, results.md and results.png in
+benchmarks/results/<machine>/serve_load/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import add_common_args, markdown_table, output_dir, percentiles, write_results
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "serve_load"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model packages (written here so the benchmark needs no training run)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def write_package(out: Path, model_proto: Any, spec: Any, labels: list[str], counts: list[int], name: str) -> Path:
+    """Save an ONNX ModelProto and a valid model.json (hashes, shot groups) into `out`."""
+    import onnx
+
+    from ltserve import __version__
+    from ltserve.metrics import shot_groups
+    from ltserve.package import GraphInfo, HeadInfo, ModelJson, Provenance, file_entries, write_model_json
+    from ltserve.rundir import utc_now
+
+    out.mkdir(parents=True, exist_ok=True)
+    onnx.save(model_proto, str(out / "model.onnx"))
+    ops: dict[str, int] = {}
+    for node in model_proto.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    opset = next(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx"))
+    meta = ModelJson(name=name, labels=labels, class_counts=counts, shot_groups=shot_groups(counts), preprocess=spec,
+                     head=HeadInfo(name="benchmark"), graph=GraphInfo(opset=opset, nodes=len(model_proto.graph.node),
+                                                                      op_counts=ops),
+                     provenance=Provenance(ltserve_version=__version__, created=utc_now(),
+                                           command="benchmarks/serve_load.py"),
+                     files=file_entries(out, ["model.onnx"]))
+    write_model_json(out, meta)
+    return out
+
+
+def make_tiny(out: Path, seed: int) -> Path:
+    """Fashion-MNIST-sized Gemm (1x28x28 -> 10), seeded random weights: the cost is all serving overhead."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ltserve.preprocess import PreprocessSpec
+
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.05, (10, 784)).astype(np.float32)
+    b = np.zeros(10, np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+         helper.make_node("Gemm", ["flat", "W", "b"], ["logits"], transB=1)], "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    spec = PreprocessSpec(resize=28, crop=28, mean=(0.286,), std=(0.353,), channels=1)
+    labels = [f"class_{i}" for i in range(10)]
+    return write_package(out, model, spec, labels, [1000, 600, 360, 215, 130, 77, 46, 28, 17, 10], "tiny-gemm")
+
+
+def make_resnet18(out: Path, seed: int) -> Path:
+    """torchvision ResNet-18, random weights, 3x224x224 -> 1000, exported with a dynamic batch (needs torch)."""
+    import onnx
+    import torch
+    import torchvision
+
+    from ltserve.preprocess import PreprocessSpec
+
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(weights=None).eval()
+    tmp = out / "export.onnx"
+    out.mkdir(parents=True, exist_ok=True)
+    x = torch.randn(2, 3, 224, 224)
+    torch.onnx.export(model, (x,), str(tmp), input_names=["input"], output_names=["logits"], dynamo=False,
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+    proto = onnx.load(str(tmp))
+    tmp.unlink()
+    spec = PreprocessSpec(resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), channels=3)
+    counts = [int(max(1, 1000 * 100 ** (-i / 999))) for i in range(1000)]
+    return write_package(out, proto, spec, [f"class_{i}" for i in range(1000)], counts, "resnet18-random")
+
+
+def tiny_images(n: int, seed: int) -> list[bytes]:
+    """Fashion-MNIST test images as PNG bytes (synthetic 28x28 noise when the data set is absent)."""
+    from PIL import Image
+
+    try:
+        from ltserve.data import find_fashion_mnist, read_idx
+
+        arrays = read_idx(find_fashion_mnist() / "t10k-images-idx3-ubyte.gz")[:n]
+    except Exception:  # the benchmark still runs without the data set
+        arrays = np.random.default_rng(seed).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    out = []
+    for a in arrays:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def photo_images() -> list[bytes]:
+    """Real photos as JPEG bytes: scikit-learn's china.jpg and flower.jpg, scikit-image's astronaut, coffee, chelsea."""
+    from PIL import Image
+
+    import sklearn.datasets
+
+    folder = Path(sklearn.datasets.__file__).parent / "images"
+    out = [(folder / "china.jpg").read_bytes(), (folder / "flower.jpg").read_bytes()]
+    try:
+        import skimage.data
+
+        for name in ("astronaut", "coffee", "chelsea"):
+            buf = io.BytesIO()
+            Image.fromarray(getattr(skimage.data, name)()).save(buf, format="JPEG", quality=90)
+            out.append(buf.getvalue())
+    except Exception:
+        pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# In-process baseline
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def measure_in_process(package: Path, images: list[bytes], threads: int, max_batch_size: int,
+                       seconds: float) -> dict[str, Any]:
+    """The same work without HTTP: p50/p99 of one image end to end, decode and inference rates, and the ceiling.
+
+    The ceiling is the in-process batched pipeline a server could at best match: a decode thread pool (as in the
+    server) decoding the next batch while the Predictor runs the current one at `max_batch_size`, back to back.
+    """
+    from ltserve.inference import Predictor
+
+    pred = Predictor(package, threads=threads, max_batch_size=max_batch_size)
+    single = single_image_latency(pred, images, seconds / 2)
+    decode_ips = _rate(lambda k: pred.decode(images[k % len(images)]) is not None, seconds / 4)
+    batch = pred.preprocess([pred.decode(images[k % len(images)]) for k in range(max_batch_size)])
+    infer_ips = max_batch_size * _rate(lambda k: pred.postprocess(pred.predict(batch), 5) is not None, seconds / 4)
+    return {"single": single, "decode_img_s": decode_ips, "infer_img_s": infer_ips,
+            "ceiling_img_s": _pipelined_rate(pred, images, max_batch_size, seconds),
+            "bucket_ms": pred.bucket_ms, "max_batch_size": max_batch_size, "threads": threads}
+
+
+def single_image_latency(pred: Any, images: list[bytes], seconds: float) -> dict[str, float]:
+    """p50/p90/p99/mean (ms) of one image end to end: decode, preprocess, predict, postprocess."""
+    lat: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(lat) < 20:
+        t0 = time.perf_counter()
+        pred.classify_bytes([images[len(lat) % len(images)]], top_k=5)
+        lat.append((time.perf_counter() - t0) * 1000)
+    return percentiles(lat)
+
+
+def _rate(step, seconds: float, minimum: int = 3) -> float:
+    """Calls per second of step(k), k = 0, 1, ..., over about `seconds`."""
+    t0 = time.perf_counter()
+    k = 0
+    while time.perf_counter() - t0 < seconds or k < minimum:
+        step(k)
+        k += 1
+    return k / (time.perf_counter() - t0)
+
+
+def _pipelined_rate(pred: Any, images: list[bytes], batch_size: int, seconds: float) -> float:
+    """Images/s of decode (thread pool) overlapped with batched predict + postprocess, in one process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        def submit(first: int) -> list:
+            return [pool.submit(pred.decode, images[(first + i) % len(images)]) for i in range(batch_size)]
+
+        pending, n = submit(0), 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds or n < 3 * batch_size:
+            arrays = [f.result() for f in pending]
+            pending = submit(n + batch_size)
+            pred.postprocess(pred.predict(pred.preprocess(arrays)), 5)
+            n += batch_size
+        elapsed = time.perf_counter() - t0
+        for f in pending:
+            f.result()
+    return n / elapsed
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Server and client
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`bentoml serve TARGET` in its own process group on 127.0.0.1, stopped by its pid."""
+
+    def __init__(self, target: str, env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.log = log
+        bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or "bentoml"
+        self._log_file = open(log, "wb")
+        self.proc = subprocess.Popen([bentoml, "serve", target, "--host", "127.0.0.1", "--port", str(self.port)],
+                                     cwd=REPO, env={**os.environ, **env}, stdout=self._log_file,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"bentoml serve not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def metrics(self) -> str:
+        import httpx
+
+        return httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=10).text
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log_file.close()
+
+
+def multipart_request(port: int, image: bytes, field: str = "image", route: str = "/classify") -> bytes:
+    """The bytes of one keep-alive HTTP/1.1 multipart POST (built once, sent many times)."""
+    boundary = "ltservebench7f3a"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"img\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST {route} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; "
+            f"boundary={boundary}\r\nContent-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n").encode()
+    return head + body
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    length = 0
+    for line in lines[1:]:
+        if line.lower().startswith("content-length:"):
+            length = int(line.split(":", 1)[1])
+    return status, await reader.readexactly(length)
+
+
+async def closed_loop(port: int, requests: list[bytes], expected: list[int], concurrency: int,
+                      seconds: float) -> dict[str, Any]:
+    """`concurrency` clients, each sending the next request as soon as its previous answer arrived."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    stop_at = time.perf_counter() + seconds
+
+    async def client(k: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        i = k
+        try:
+            while time.perf_counter() < stop_at:
+                j = i % len(requests)
+                t0 = time.perf_counter()
+                writer.write(requests[j])
+                status, body = await _read_response(reader)
+                latencies.append((time.perf_counter() - t0) * 1000)
+                if status != 200:
+                    errors.append(f"{status} {body[:200]!r}")
+                elif json.loads(body)["class_index"] != expected[j]:
+                    errors.append(f"image {j}: class {json.loads(body)['class_index']} != {expected[j]}")
+                i += concurrency
+        finally:
+            writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(k) for k in range(concurrency)))
+    wall = time.perf_counter() - t0
+    return {"concurrency": concurrency, "requests": len(latencies), "req_s": len(latencies) / wall,
+            "errors": len(errors), "first_errors": errors[:3], **percentiles(latencies)}
+
+
+def batch_stats(metrics_text: str) -> tuple[float, float]:
+    """(batches run, images run) from ltserve_batch_size (or BentoML's adaptive_batch_size) in /metrics."""
+    count = total = 0.0
+    for line in metrics_text.splitlines():
+        for prefix in ("ltserve_batch_size", "bentoml_service_adaptive_batch_size"):
+            if line.startswith(prefix + "_count"):
+                count += float(line.rsplit(" ", 1)[1])
+            elif line.startswith(prefix + "_sum"):
+                total += float(line.rsplit(" ", 1)[1])
+    return count, total
+
+
+def measure_server(target: str, env: dict[str, str], images: list[bytes], expected: list[int],
+                   concurrencies: list[int], seconds: float, log: Path,
+                   baseline: Any = None) -> list[dict[str, Any]]:
+    """A closed-loop sweep over `concurrencies` against a fresh server; `baseline()` (in-process latency) runs
+    right before the first point, so that the HTTP overhead compares measurements taken minutes apart at most."""
+    server = Server(target, env, log)
+    rows = []
+    try:
+        server.wait_ready()
+        requests = [multipart_request(server.port, im) for im in images]
+        asyncio.run(closed_loop(server.port, requests, expected, 2, min(2.0, seconds)))  # warm connections/caches
+        in_process = baseline() if baseline is not None else None
+        for c in concurrencies:
+            before = batch_stats(server.metrics())
+            row = asyncio.run(closed_loop(server.port, requests, expected, c, seconds))
+            after = batch_stats(server.metrics())
+            batches, imgs = after[0] - before[0], after[1] - before[1]
+            row["mean_batch"] = imgs / batches if batches else None
+            if in_process is not None and not rows:
+                row["in_process_single"] = in_process
+            rows.append(row)
+            print(f"    c={c:<3} {row['req_s']:8.1f} req/s  p50 {row['p50']:7.2f} ms  p99 {row['p99']:7.2f} ms  "
+                  f"mean batch {row['mean_batch'] or float('nan'):.2f}  errors {row['errors']}", flush=True)
+    finally:
+        server.stop()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(parser, NAME)
+    parser.add_argument("--models", default="tiny,resnet18", help="tiny, resnet18, or paths of model packages")
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per measured point")
+    parser.add_argument("--repeat", type=int, default=1, help="sweeps per server configuration, interleaved; the "
+                        "median of each point is reported (shared machines are noisy)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime threads (server and "
+                        "in-process)")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-latency-ms", type=float, default=5.0)
+    parser.add_argument("--paths", default="inprocess", help="request paths to serve: inprocess, depends")
+    parser.add_argument("--access-log", action="store_true", help="keep BentoML's access log on (off by default)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.models, args.concurrency, args.duration, args.repeat, args.paths = "tiny", "1,4", 1.0, 1, "inprocess"
+    return args
+
+
+def server_configs(args: argparse.Namespace) -> list[tuple[str, str, dict[str, str]]]:
+    """(key, bentoml target, extra env) of every server measured: in-process batcher with and without batching,
+    and optionally the bentoml.depends path."""
+    batched = {"LTSERVE_MAX_BATCH_SIZE": str(args.max_batch_size)}
+    configs = [("inprocess/batched", "ltserve.service:Classifier", batched)]
+    if not args.smoke:
+        configs.append(("inprocess/unbatched", "ltserve.service:Classifier", {"LTSERVE_MAX_BATCH_SIZE": "1"}))
+    if "depends" in args.paths.split(","):
+        configs.append(("depends/batched", "benchmarks.serve_load:DependsFront", batched))
+    return configs
+
+
+def median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Point-wise median over repeated sweeps (errors summed); each point keeps its raw runs."""
+    out = []
+    for points in zip(*runs):
+        row = {"concurrency": points[0]["concurrency"], "errors": sum(p["errors"] for p in points),
+               "requests": sum(p["requests"] for p in points), "runs": list(points)}
+        for k in ("req_s", "p50", "p90", "p99", "mean"):
+            row[k] = float(np.median([p[k] for p in points]))
+        batches = [p["mean_batch"] for p in points if p["mean_batch"] is not None]
+        row["mean_batch"] = float(np.median(batches)) if batches else None
+        out.append(row)
+    return out
+
+
+def benchmark_model(model: str, args: argparse.Namespace, work: Path, out: Path) -> dict[str, Any]:
+    """In-process numbers, then every server configuration, `repeat` times interleaved."""
+    from ltserve.inference import Predictor
+
+    package, images = _model(model, work, args.seed)
+    print(f"== {model}: {package}", flush=True)
+    expected = [p.class_index for p in Predictor(package, threads=1).classify_bytes(images, top_k=1)]
+    inproc = measure_in_process(package, images, args.threads, args.max_batch_size, min(args.duration, 4.0))
+    print(f"  in process: p50 {inproc['single']['p50']:.2f} ms, p99 {inproc['single']['p99']:.2f} ms, ceiling "
+          f"{inproc['ceiling_img_s']:.1f} img/s (decode {inproc['decode_img_s']:.0f}, "
+          f"infer {inproc['infer_img_s']:.0f})", flush=True)
+    base_env = {"LTSERVE_MODEL": str(package), "LTSERVE_THREADS": str(args.threads),
+                "LTSERVE_MAX_LATENCY_MS": str(args.max_latency_ms), "LTSERVE_TOP_K": "5",
+                "LTSERVE_MAX_BATCH_IMAGES": "64"}
+    if not args.access_log:
+        base_env["BENTOML_CONFIG_OPTIONS"] = "api_server.logging.access.enabled=false"
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    configs = server_configs(args)
+    single = Predictor(package, threads=args.threads, max_batch_size=args.max_batch_size)
+
+    def baseline() -> dict[str, float]:
+        return single_image_latency(single, images, min(args.duration, 4.0))
+
+    runs: dict[str, list[list[dict[str, Any]]]] = {key: [] for key, _, _ in configs}
+    for r in range(args.repeat):
+        for key, target, env in (configs if r % 2 == 0 else configs[::-1]):
+            print(f"  {key} (sweep {r + 1}/{args.repeat}):", flush=True)
+            log = work / f"server_{Path(model).name}_{key.replace('/', '_')}.log"
+            runs[key].append(measure_server(target, {**base_env, **env}, images, expected, concurrencies,
+                                            args.duration, log, baseline if key == "inprocess/batched" else None))
+    res: dict[str, Any] = {"package": str(package), "in_process": inproc,
+                           "http": {key: median_rows(sweeps) for key, sweeps in runs.items()}}
+    c1 = next(r for r in res["http"]["inprocess/batched"] if r["concurrency"] == concurrencies[0])
+    pairs = [(run["p50"] - run["in_process_single"]["p50"], run["p99"] - run["in_process_single"]["p99"])
+             for run in c1["runs"]]
+    res["http_overhead_ms"] = {"p50": float(np.median([a for a, _ in pairs])),
+                               "p99": float(np.median([b for _, b in pairs])), "concurrency": c1["concurrency"],
+                               "in_process_p50": float(np.median([r["in_process_single"]["p50"] for r in c1["runs"]])),
+                               "http_p50": c1["p50"]}
+    print(f"  HTTP overhead at concurrency {c1['concurrency']}: p50 {res['http_overhead_ms']['p50']:.2f} ms, "
+          f"p99 {res['http_overhead_ms']['p99']:.2f} ms", flush=True)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = output_dir(args, NAME)
+    work = Path(tempfile.mkdtemp(prefix="serve_load_"))  # generated packages and server logs
+    try:
+        results = {Path(m).name: benchmark_model(m, args, work, out) for m in args.models.split(",")}
+    except BaseException:
+        print(f"server logs kept in {work}", file=sys.stderr)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    rows_md = [{"model": m, "path": key, **r, "of_ceiling_%": 100.0 * r["req_s"] / res["in_process"]["ceiling_img_s"]}
+               for m, res in results.items() for key, rows in res["http"].items() for r in rows]
+    table = markdown_table(rows_md, ["model", "path", "concurrency", "req_s", "p50", "p99", "mean_batch",
+                                     "of_ceiling_%", "errors"])
+    inproc_rows = [{"model": m, "p50_ms": r["in_process"]["single"]["p50"], "p99_ms": r["in_process"]["single"]["p99"],
+                    "decode_img_s": r["in_process"]["decode_img_s"], "infer_img_s": r["in_process"]["infer_img_s"],
+                    "ceiling_img_s": r["in_process"]["ceiling_img_s"],
+                    "http_overhead_p50_ms": r["http_overhead_ms"]["p50"],
+                    "http_overhead_p99_ms": r["http_overhead_ms"]["p99"]} for m, r in results.items()]
+    notes = ("HTTP: POST /classify, one image per request, closed loop, keep-alive; req_s, p50, p99 (ms) are medians "
+             f"over {args.repeat} interleaved sweep(s) of {args.duration:g} s per point. In process: one image end "
+             "to end (decode, preprocess, predict, postprocess); decode (one thread) and batched inference rates; "
+             "ceiling = decode thread pool overlapped with inference at max_batch_size, back to back. "
+             "HTTP overhead = HTTP at the lowest concurrency minus in process measured just before it on the same "
+             "warm machine (median over sweeps).\n\n"
+             + markdown_table(inproc_rows, list(inproc_rows[0])))
+    config = {k: v for k, v in vars(args).items() if k != "out"}
+    write_results(out, NAME, config, results, table, plot=lambda p: _plot(results, p), notes=notes)
+    print(table)
+    print(notes)
+    print(f"results in {out}")
+    return 0
+
+
+def _model(name: str, work: Path, seed: int) -> tuple[Path, list[bytes]]:
+    if name == "tiny":
+        return make_tiny(work / "tiny", seed), tiny_images(64, seed)
+    if name == "resnet18":
+        return make_resnet18(work / "resnet18", seed), photo_images()
+    path = Path(name)
+    from ltserve.package import load_package
+
+    spec = load_package(path).preprocess
+    return path, tiny_images(64, seed) if spec.crop <= 64 and spec.channels == 1 else photo_images()
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    for ax, (model, res) in zip(axes[0], results.items()):
+        for key, rows in res["http"].items():
+            ax.plot([r["concurrency"] for r in rows], [r["req_s"] for r in rows], marker="o", label=key)
+        ax.axhline(res["in_process"]["ceiling_img_s"], color="grey", linestyle="--", label="in-process ceiling")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("requests / s")
+        ax.set_title(model)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The alternative request path, measured against the in-process batcher (`--paths depends`):
+# a front service decodes and postprocesses; a batchable BentoML API (adaptive batching by BentoML's dispatcher)
+# runs the model in a second process, reached through bentoml.depends.
+# ---------------------------------------------------------------------------------------------------------------------
+
+try:
+    import bentoml
+except ImportError:  # the benchmark's other parts run without it
+    bentoml = None
+
+if bentoml is not None:
+    from ltserve.inference import Prediction
+
+    def _bench_predictor(max_batch_size: int):
+        from ltserve.inference import Predictor
+
+        return Predictor(os.environ["LTSERVE_MODEL"], threads=int(os.environ.get("LTSERVE_THREADS", "0")) or None,
+                         max_batch_size=max_batch_size)
+
+    @bentoml.service(name="ltserve_batched_model", workers=1)
+    class BatchedModel:
+        """uint8 images (N, crop, crop, C) -> logits (N, classes), batched by BentoML's adaptive dispatcher."""
+
+        def __init__(self) -> None:
+            self.predictor = _bench_predictor(int(os.environ.get("LTSERVE_MAX_BATCH_SIZE", "32")))
+
+        # BentoML's max_latency_ms is a latency budget (503 beyond it), not a wait: give it room
+        @bentoml.api(batchable=True, max_batch_size=int(os.environ.get("LTSERVE_MAX_BATCH_SIZE", "32")),
+                     max_latency_ms=10_000)
+        def predict(self, images: np.ndarray) -> np.ndarray:
+            return self.predictor.predict(self.predictor.preprocess(list(images)))
+
+    @bentoml.service(name="ltserve_depends_front", workers=1)
+    class DependsFront:
+        """POST /classify: decode here, predict in BatchedModel, postprocess here."""
+
+        model = bentoml.depends(BatchedModel)
+
+        def __init__(self) -> None:
+            from ltserve.package import load_package
+
+            self.meta = load_package(os.environ["LTSERVE_MODEL"])
+
+        @bentoml.api(route="/classify")
+        async def classify(self, image: Path) -> Prediction:
+            from ltserve.inference import postprocess
+            from ltserve.preprocess import decode
+
+            arr = await asyncio.to_thread(lambda: decode(image.read_bytes(), self.meta.preprocess))
+            logits = await self.model.to_async.predict(arr[None])
+            return postprocess(np.asarray(logits), self.meta.labels, self.meta.shot_groups, 5)[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,486 @@
+"""The BentoML service through a real `bentoml serve` on 127.0.0.1, with real clients (curl, httpx, SyncHTTPClient).
+
+One server per module, on the least-squares Fashion-MNIST package, configured through LTSERVE_CONFIG (YAML) plus
+environment variables: an API key, CORS for one origin, small upload / pixel / batch caps so the limits are cheap
+to hit.
+"""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from ltserve.errors import ConfigError
+from ltserve.inference import Predictor
+from package_helpers import build_lsq_package, read_fashion
+
+REPO = Path(__file__).resolve().parents[1]
+BENTOML = str(Path(sys.executable).parent / "bentoml")
+API_KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+MAX_UPLOAD = 1_500_000
+MAX_PIXELS = 1_000_000
+MAX_BATCH_IMAGES = 4
+ORIGIN = "http://app.example.org"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`bentoml serve` in its own process group, stopped by its pid."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self._log_file = open(log, "wb")
+        self.proc = subprocess.Popen([BENTOML, "serve", "--host", "127.0.0.1", "--port", str(self.port)], cwd=REPO,
+                                     env={**os.environ, **env}, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"bentoml serve not ready in {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log_file.close()
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> Path:
+    return build_lsq_package(tmp_path_factory.mktemp("models") / "fashion-lsq")
+
+
+@pytest.fixture(scope="module")
+def server(package, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    config = tmp / "ltserve.yaml"
+    config.write_text(f"top_k: 3\nmax_batch_images: {MAX_BATCH_IMAGES}\nmax_latency_ms: 10\nmax_batch_size: 16\n")
+    env = {"LTSERVE_MODEL": str(package), "LTSERVE_CONFIG": str(config), "LTSERVE_API_KEY": API_KEY,
+           "LTSERVE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "LTSERVE_MAX_PIXELS": str(MAX_PIXELS),
+           "LTSERVE_CORS_ORIGINS": ORIGIN, "LTSERVE_THREADS": "2", "OMP_NUM_THREADS": "2"}
+    srv = Server(env, tmp / "serve.log")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def predictor(package) -> Predictor:
+    return Predictor(package, threads=1, max_batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    """Real images as files: Fashion-MNIST test PNGs, scikit-learn's china.jpg, scikit-image's astronaut."""
+    import sklearn.datasets
+    import skimage.data
+
+    tmp = tmp_path_factory.mktemp("images")
+    fm, _ = read_fashion("t10k")
+    out = {}
+    for i in range(6):
+        out[f"fashion_{i}"] = tmp / f"fashion_{i}.png"
+        Image.fromarray(fm[i]).save(out[f"fashion_{i}"])
+    out["china"] = Path(sklearn.datasets.__file__).parent / "images" / "china.jpg"
+    assert out["china"].is_file()
+    out["astronaut"] = tmp / "astronaut.png"
+    Image.fromarray(skimage.data.astronaut()).save(out["astronaut"])
+    return out
+
+
+def assert_same(pred: dict, expected, tol: float = 1e-5) -> None:
+    assert pred["label"] == expected.label and pred["class_index"] == expected.class_index
+    assert pred["shot_group"] == expected.shot_group
+    assert abs(pred["probability"] - expected.probability) <= tol
+    assert [e["label"] for e in pred["top_k"]] == [e.label for e in expected.top_k]
+    for got, want in zip(pred["top_k"], expected.top_k):
+        assert abs(got["probability"] - want.probability) <= tol
+
+
+def assert_error(resp: httpx.Response, status: int, error: str | None = None) -> dict:
+    assert resp.status_code == status, (resp.status_code, resp.text)
+    body = resp.json()
+    assert set(body) == {"error", "detail"} and body["detail"], body
+    if error is not None:
+        assert body["error"] == error, body
+    return body
+
+
+# -- settings (no server) --------------------------------------------------------------------------------------------
+
+
+def test_settings_from_env_and_yaml(tmp_path):
+    from ltserve.service import ServiceSettings
+
+    s = ServiceSettings.from_env({})
+    assert s.model == Path("models/fashion-lt") and s.api_key is None and s.cors_origins == []
+    assert s.model_path() == (Path.cwd() / "models/fashion-lt").resolve()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("top_k: 2\nproviders: [cuda, cpu]\nmax_latency_ms: 3\n")
+    s = ServiceSettings.from_env({"LTSERVE_CONFIG": str(cfg), "LTSERVE_TOP_K": "7", "LTSERVE_CORS_ORIGINS": "a, b",
+                                  "LTSERVE_API_KEY": "s3cr3t-value"})
+    assert s.top_k == 7 and s.providers == ["cuda", "cpu"] and s.max_latency_ms == 3
+    assert s.cors_origins == ["a", "b"] and s.api_key.get_secret_value() == "s3cr3t-value"
+    assert "s3cr3t" not in repr(s)
+    with pytest.raises(ConfigError, match="LTSERVE_MAX_BATCH_SIZE"):
+        ServiceSettings.from_env({"LTSERVE_MAX_BATCH_SIZE": "0"})
+    cfg.write_text("top_kk: 2\n")
+    with pytest.raises(ConfigError, match="top_kk"):
+        ServiceSettings.from_env({"LTSERVE_CONFIG": str(cfg)})
+    with pytest.raises(ConfigError, match="not found"):
+        ServiceSettings.from_env({"LTSERVE_CONFIG": str(tmp_path / "nope.yaml")})
+
+
+def test_missing_or_broken_package_stops_startup(package, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(package, broken)
+    (broken / "model.onnx").write_bytes(b"not onnx")
+    for model, problem in ((tmp_path / "missing", "not found"), (broken, "sha256")):
+        out = subprocess.run([BENTOML, "serve", "--host", "127.0.0.1", "--port", str(free_port())], cwd=REPO,
+                             env={**os.environ, "LTSERVE_MODEL": str(model)}, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode != 0
+        assert str(model) in out.stderr and problem in out.stderr
+
+
+# -- real requests ---------------------------------------------------------------------------------------------------
+
+
+def test_classify_with_httpx_curl_and_bentoml_client(server, predictor, images):
+    import bentoml
+
+    for name, path in images.items():
+        expected = predictor.classify_bytes([path.read_bytes()], top_k=3)[0]
+        r = httpx.post(server.url + "/classify", files={"image": (path.name, path.read_bytes())}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        assert_same(r.json(), expected)
+
+    curl = shutil.which("curl")
+    assert curl, "curl is needed for this test"
+    for name in ("fashion_0", "china", "astronaut"):
+        path = images[name]
+        out = subprocess.run([curl, "-sS", "-H", f"Authorization: Bearer {API_KEY}", "-F", f"image=@{path}",
+                              server.url + "/classify"], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert_same(json.loads(out.stdout), predictor.classify_bytes([path.read_bytes()], top_k=3)[0])
+
+    with bentoml.SyncHTTPClient(server.url, token=API_KEY) as client:
+        for name in ("fashion_1", "china", "astronaut"):
+            path = images[name]
+            got = client.classify(image=path)
+            got = got if isinstance(got, dict) else got.model_dump()
+            assert_same(got, predictor.classify_bytes([path.read_bytes()], top_k=3)[0])
+        batch = client.classify_batch(images=[images["fashion_2"], images["china"]])
+        batch = batch if isinstance(batch, dict) else batch.model_dump()
+        expected = predictor.classify_bytes([images["fashion_2"].read_bytes(), images["china"].read_bytes()], 3)
+        for got, want in zip(batch["predictions"], expected):
+            assert_same(got, want)
+
+
+def test_classify_batch_and_its_cap(server, predictor, images):
+    paths = [images[f"fashion_{i}"] for i in range(MAX_BATCH_IMAGES)]
+    files = [("images", (p.name, p.read_bytes(), "image/png")) for p in paths]
+    r = httpx.post(server.url + "/classify_batch", files=files, headers=AUTH)
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    for got, want in zip(preds, predictor.classify_bytes([p.read_bytes() for p in paths], top_k=3)):
+        assert_same(got, want)
+    over = files + [("images", ("x.png", paths[0].read_bytes(), "image/png"))]
+    assert_error(httpx.post(server.url + "/classify_batch", files=over, headers=AUTH), 413, "too_many_images")
+    two = [("image", (p.name, p.read_bytes(), "image/png")) for p in paths[:2]]
+    assert_error(httpx.post(server.url + "/classify", files=two, headers=AUTH), 400)
+    bad = files[:2] + [("images", ("bad.png", b"\x89PNG\r\n\x1a\n garbage", "image/png"))]
+    body = assert_error(httpx.post(server.url + "/classify_batch", files=bad, headers=AUTH), 400, "invalid_image")
+    assert "images[2]" in body["detail"]
+
+
+def test_model_route(server, package):
+    r = httpx.get(server.url + "/model", headers=AUTH)
+    assert r.status_code == 200
+    info = r.json()
+    meta = json.loads((package / "model.json").read_text())
+    assert info["labels"] == meta["labels"] and info["shot_groups"] == meta["shot_groups"]
+    assert info["head"]["name"] == "lstsq" and info["metrics"] == meta["metrics"]
+    assert info["provenance"]["ltserve_version"] == meta["provenance"]["ltserve_version"]
+    assert info["service"]["top_k"] == 3 and info["service"]["max_batch_images"] == MAX_BATCH_IMAGES
+    assert info["runtime"]["providers"] == ["CPUExecutionProvider"]
+    assert_error(httpx.get(server.url + "/model"), 401, "unauthorized")
+
+
+def test_api_key_and_open_health_routes(server, images):
+    data = {"image": ("a.png", images["fashion_0"].read_bytes(), "image/png")}
+    assert_error(httpx.post(server.url + "/classify", files=data), 401, "unauthorized")
+    r = httpx.post(server.url + "/classify", files=data, headers={"Authorization": "Bearer wrong"})
+    assert_error(r, 401)
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    assert_error(httpx.post(server.url + "/classify", files=data, headers={"Authorization": API_KEY}), 401)
+    assert httpx.post(server.url + "/classify", files=data, headers=AUTH).status_code == 200
+    for route in ("/livez", "/readyz", "/metrics"):
+        assert httpx.get(server.url + route).status_code == 200, route
+
+
+def test_cors_only_for_the_configured_origin(server):
+    pre = httpx.options(server.url + "/classify", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                                                           "Access-Control-Request-Headers": "authorization"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == ORIGIN
+    other = httpx.options(server.url + "/classify", headers={"Origin": "http://evil.example",
+                                                             "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in other.headers
+    r = httpx.get(server.url + "/model", headers={**AUTH, "Origin": ORIGIN})
+    assert r.headers["access-control-allow-origin"] == ORIGIN
+
+
+class _RecordingHandler(http.server.BaseHTTPRequestHandler):
+    hits: list[str] = []
+
+    def do_GET(self):  # noqa: N802
+        self.hits.append(self.path)
+        body = (Path(__file__).parent / "conftest.py").read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def url_target():
+    """A local HTTP server that records every request: a URL pointing here must never be fetched."""
+    _RecordingHandler.hits = []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RecordingHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/cat.png", _RecordingHandler.hits
+    httpd.shutdown()
+    httpd.server_close()
+
+
+TEXT_PART_TYPE = {"Content-Type": "multipart/form-data; boundary=ltserve-test"}
+
+
+def text_part(field: str, value: str) -> bytes:
+    """A multipart body whose `field` is a text part (what `curl -F field=value` sends), not a file."""
+    return (f'--ltserve-test\r\nContent-Disposition: form-data; name="{field}"\r\n\r\n{value}\r\n'
+            "--ltserve-test--\r\n").encode()
+
+
+def _bomb_png() -> bytes:
+    """A real PNG of 2000 x 2000 black pixels (4 MP > the 1 MP limit) that compresses to a few kB."""
+    buf = io.BytesIO()
+    Image.new("L", (2000, 2000)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def test_bad_inputs_answer_4xx_json_and_the_service_keeps_serving(server, images, url_target, tmp_path):
+    url, hits = url_target
+    u = server.url + "/classify"
+    jpeg = images["china"].read_bytes()
+    tiff = io.BytesIO()
+    Image.open(images["fashion_0"]).save(tiff, format="TIFF")
+    bomb = _bomb_png()
+    assert len(bomb) < MAX_UPLOAD
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("this is not an image\n" * 10)
+
+    def post(**kw) -> httpx.Response:
+        headers = {**AUTH, **kw.pop("headers", {})}
+        return httpx.post(kw.pop("url", u), headers=headers, timeout=30, **kw)
+
+    cases = [
+        ("empty body", post(), 400, "empty_body"),
+        ("empty multipart body", post(headers={"Content-Type": "multipart/form-data; boundary=xyz"}), 400,
+         "empty_body"),
+        ("missing field", post(files={"file": ("a.png", images["fashion_0"].read_bytes(), "image/png")}), 400,
+         "missing_field"),
+        ("text file", post(files={"image": ("notes.txt", text_file.read_bytes(), "text/plain")}), 400,
+         "invalid_image"),
+        ("truncated jpeg", post(files={"image": ("t.jpg", jpeg[: len(jpeg) // 2], "image/jpeg")}), 400,
+         "invalid_image"),
+        ("random bytes, image type", post(files={"image": ("r.png", os.urandom(3000), "image/png")}), 400,
+         "invalid_image"),
+        ("empty file", post(files={"image": ("e.png", b"", "image/png")}), 400, "invalid_image"),
+        ("unknown content type", post(content=jpeg, headers={"Content-Type": "application/x-foo"}), 415,
+         "unsupported_media_type"),
+        ("missing content type", post(content=jpeg), 415, "unsupported_media_type"),
+        ("raw image body", post(content=jpeg, headers={"Content-Type": "image/jpeg"}), 415,
+         "unsupported_media_type"),
+        ("bad multipart", post(content=b"--xyz\r\nnonsense", headers={"Content-Type": "multipart/form-data"}), 400,
+         None),
+        ("decompression bomb", post(files={"image": ("bomb.png", bomb, "image/png")}), 413, "image_too_large"),
+        ("upload over the byte limit", post(files={"image": ("big.bin", os.urandom(MAX_UPLOAD + 10),
+                                                             "image/png")}), 413, "payload_too_large"),
+        ("streamed upload over the byte limit",
+         post(content=(b"x" * 100_000 for _ in range(20)),
+              headers={"Content-Type": "multipart/form-data; boundary=xyz"}), 413, "payload_too_large"),
+        ("unsupported format", post(files={"image": ("a.tiff", tiff.getvalue(), "image/tiff")}), 415,
+         "unsupported_format"),
+        ("URL string in the file field", post(content=text_part("image", url), headers=TEXT_PART_TYPE), 400,
+         "not_a_file"),
+        ("URL string, url-encoded form", post(data={"image": url}), 415, "unsupported_media_type"),
+        ("URL in a JSON body", post(json={"image": url}), 415, "unsupported_media_type"),
+        ("URL as raw text body", post(content=url.encode(), headers={"Content-Type": "text/plain"}), 415, None),
+        ("batch: URL strings", post(url=server.url + "/classify_batch", content=text_part("images", url),
+                                    headers=TEXT_PART_TYPE), 400, "not_a_file"),
+    ]
+    for name, resp, status, error in cases:
+        assert resp.status_code < 500, name
+        try:
+            assert_error(resp, status, error)
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}") from None
+        assert httpx.get(server.url + "/readyz").status_code == 200, name
+    out = subprocess.run(["curl", "-sS", "-H", f"Authorization: Bearer {API_KEY}", "-F", f"image={url}", u],
+                         capture_output=True, text=True, timeout=30)
+    assert json.loads(out.stdout)["error"] == "not_a_file"
+    assert hits == []  # nothing was ever fetched
+    ok = post(files={"image": ("a.png", images["fashion_0"].read_bytes(), "image/png")})
+    assert ok.status_code == 200
+
+
+def test_concurrent_clients_all_correct_and_batched(server, predictor):
+    fm, _ = read_fashion("t10k")
+    pngs = []
+    for a in fm[100:150]:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    expected = predictor.classify_bytes(pngs, top_k=3)
+
+    def client(worker: int) -> list[str]:
+        errors = []
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as c:
+            for k in range(50):
+                i = (worker * 7 + k) % len(pngs)
+                r = c.post("/classify", files={"image": (f"{i}.png", pngs[i], "image/png")})
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code} {r.text}")
+                    continue
+                try:
+                    assert_same(r.json(), expected[i])
+                except AssertionError as exc:
+                    errors.append(f"image {i}: {exc}")
+        return errors
+
+    with ThreadPoolExecutor(8) as pool:
+        errors = [e for errs in pool.map(client, range(8)) for e in errs]
+    assert errors == []
+
+    metrics = httpx.get(server.url + "/metrics").text
+    count = metric(metrics, "ltserve_batch_size_count")
+    ones = metric(metrics, "ltserve_batch_size_bucket", le="1.0")
+    assert count > ones, "no batch larger than 1 was run"
+    assert metric(metrics, "ltserve_batch_size_sum") >= 400
+    per_group = {g: metric(metrics, "ltserve_predictions_total", shot_group=g) for g in ("many", "medium", "few")}
+    assert sum(per_group.values()) >= 400 and all(v > 0 for v in per_group.values())
+    assert metric(metrics, "bentoml_service_request_total", endpoint="/classify") >= 400
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels`, from Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+              if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+    assert values, f"metric {name}{labels or ''} not in /metrics"
+    return float(sum(values))
+
+
+def test_bentoml_build_holds_only_serving_dependencies(tmp_path):
+    home = tmp_path / "bentoml_home"
+    out = subprocess.run([BENTOML, "build", "--output", "tag"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True",
+                                           "LTSERVE_MODEL": "/nonexistent"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    bentos = list((home / "bentos" / "ltserve").iterdir())
+    bento = next(b for b in bentos if b.is_dir() and not b.is_symlink())
+    req = (bento / "env" / "python" / "requirements.txt").read_text()
+    names = {re.split(r"[<>=!~\[; ]", line.strip())[0].lower() for line in req.splitlines()
+             if line.strip() and not line.startswith("#")}
+    assert names == {"bentoml", "onnxruntime", "pillow", "numpy", "pydantic", "pyyaml", "tqdm"}, req
+    src = bento / "src"
+    assert (src / "ltserve" / "service.py").is_file() and (src / "ltserve" / "inference.py").is_file()
+    assert not list(src.rglob("*.pyc")) and not (src / "tests").exists()
+    assert (src / "models" / "fashion-lt" / "model.json").is_file() == (REPO / "models/fashion-lt/model.json").is_file()
+
+
+def test_api_methods_called_directly(package, images):
+    """The @bentoml.api methods (the Python entry point; HTTP is answered by the guard) run the same `answer`."""
+    code = f"""
+import asyncio, json
+from pathlib import Path
+from ltserve.service import Classifier
+
+async def main():
+    svc = Classifier()
+    one = await svc.classify(image=Path({str(images['china'])!r}))
+    many = await svc.classify_batch(images=[Path({str(images['fashion_0'])!r})] * 3)
+    bad = await svc.classify(image=Path({__file__!r}))
+    print(json.dumps([one.status_code, json.loads(one.body), many.status_code, json.loads(many.body),
+                      bad.status_code, json.loads(bad.body)]))
+
+asyncio.run(main())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                         env={**os.environ, "LTSERVE_MODEL": str(package), "LTSERVE_TOP_K": "3"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    s1, one, s2, many, s3, bad = json.loads(out.stdout.strip().splitlines()[-1])
+    predictor = Predictor(package, threads=1)
+    assert s1 == 200 and s2 == 200 and s3 == 400
+    assert_same(one, predictor.classify_bytes([images["china"].read_bytes()], top_k=3)[0])
+    assert len(many["predictions"]) == 3 and many["predictions"][0] == many["predictions"][2]
+    assert bad["error"] == "invalid_image"
+
+
+def test_serve_load_benchmark_smoke(tmp_path):
+    """benchmarks/serve_load.py --smoke: a real server, the closed-loop client, and the three output files."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.serve_load", "--smoke", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = result["results"]["tiny"]["http"]["inprocess/batched"]
+    assert [r["concurrency"] for r in rows] == [1, 4]
+    assert all(r["errors"] == 0 and r["requests"] > 0 for r in rows)
+    assert result["results"]["tiny"]["in_process"]["ceiling_img_s"] > 0
+    assert result["environment"]["versions"]["bentoml"]
+    assert (tmp_path / "results.md").read_text().count("inprocess/batched") == 2 and (tmp_path / "results.png").is_file()
