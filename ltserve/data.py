@@ -866,20 +866,69 @@ def _load_files(cfg: "DataConfig") -> Splits:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# CLI: `python -m ltserve.data fetch [--dest DIR]` (what `make data` runs)
+# CLI: `python -m ltserve.data fetch [--dest DIR]` (what `make data` runs), `samples OUT_DIR --count N`
 # --------------------------------------------------------------------------------------------------------------
 
 
+def write_samples(out_dir: str | Path, count: int, split: Literal["train", "test"] = "test",
+                  root: str | Path | None = None) -> Path:
+    """Write the first `count` Fashion-MNIST images of a split as PNG files, plus their labels.
+
+    Files are named `<split>_<index>.png` (index in the official split); `out_dir/labels.txt` lists them in the
+    paper's split-list format (`test_0.png 9` per line), which `ltserve predict` and `ltserve evaluate --data` read.
+
+    Args:
+        out_dir: folder to write (created; existing files of the same names are replaced).
+        count: number of images, 1..size of the split.
+        split: "test" (10,000 images) or "train" (60,000).
+        root: Fashion-MNIST folder (default: searched as by `find_fashion_mnist`).
+
+    Returns:
+        The path of labels.txt.
+
+    Raises:
+        DataError: Fashion-MNIST is not found, or `count` is out of range.
+    """
+    folder = find_fashion_mnist(root)
+    fm = read_fashion_mnist(folder)
+    images, labels = fm[f"{split}_images"], fm[f"{split}_labels"]
+    if not 1 <= count <= len(images):
+        raise DataError(f"--count {count}: the Fashion-MNIST {split} split has {len(images)} images; "
+                        f"choose 1..{len(images)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(count):
+        name = f"{split}_{i}.png"
+        Image.fromarray(images[i]).save(out / name)
+        lines.append(f"{name} {int(labels[i])}\n")
+    listing = out / "labels.txt"
+    listing.write_text("".join(lines), encoding="utf-8")
+    return listing
+
+
 def cli(argv: list[str] | None = None) -> int:
-    """`fetch`: make sure Fashion-MNIST is present (find it, else download it) and print its folder."""
+    """`fetch`: make sure Fashion-MNIST is present (find it, else download it) and print its folder.
+    `samples OUT_DIR --count N`: write N Fashion-MNIST images as PNG files plus OUT_DIR/labels.txt."""
     parser = argparse.ArgumentParser(prog="python -m ltserve.data", description=cli.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch", help="find Fashion-MNIST, else download it; print its folder")
     fetch.add_argument("--dest", help="folder to use (default: search, then download to the user cache "
                                       f"{user_cache_dir()})")
     fetch.add_argument("--base-url", default=OFFICIAL_URL, help="download location (default: the official one)")
+    samples = sub.add_parser("samples", help="write N Fashion-MNIST images as <split>_<index>.png plus "
+                                             "OUT_DIR/labels.txt ('name label' lines)")
+    samples.add_argument("out_dir", help="folder to write, e.g. samples")
+    samples.add_argument("--count", type=int, default=8, help="number of images (the first N of the split; "
+                                                               "default 8)")
+    samples.add_argument("--split", choices=("test", "train"), default="test", help="official split (default test)")
+    samples.add_argument("--root", help="Fashion-MNIST folder (default: searched)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "samples":
+        listing = write_samples(args.out_dir, args.count, args.split, args.root)
+        print(f"{args.count} images and {listing} written")
+        return 0
     try:
         folder = find_fashion_mnist(args.dest)
     except DataError:
