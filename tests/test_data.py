@@ -34,9 +34,9 @@ from ltserve.data import (
 )
 from ltserve.errors import DataError
 
-SYSTEM_FM = Path("/usr/share/datasets/fashion-mnist")
-needs_fm = pytest.mark.skipif(not (SYSTEM_FM / "train-images-idx3-ubyte.gz").is_file(),
-                              reason="Debian package dataset-fashion-mnist not installed")
+# `make test` runs `make data` first: the files are present (Debian's package, or the download in the user cache).
+# A missing data set fails here loudly rather than skipping the tests that read it.
+SYSTEM_FM = find_fashion_mnist()
 
 
 # --- long tail and splits ---------------------------------------------------------------------------------------
@@ -103,7 +103,6 @@ def test_stratified_split_keeps_one_per_class_and_warns(caplog):
 # --- Fashion-MNIST: the real files ------------------------------------------------------------------------------
 
 
-@needs_fm
 def test_read_real_idx_files():
     train = read_idx(SYSTEM_FM / "train-images-idx3-ubyte.gz")
     labels = read_idx(SYSTEM_FM / "train-labels-idx1-ubyte.gz")
@@ -115,7 +114,6 @@ def test_read_real_idx_files():
     assert 0 < train.mean() < 255
 
 
-@needs_fm
 def test_read_idx_raw_and_bad_files(tmp_path):
     raw = tmp_path / "t10k-labels-idx1-ubyte"
     raw.write_bytes(gzip.decompress((SYSTEM_FM / "t10k-labels-idx1-ubyte.gz").read_bytes()))
@@ -141,7 +139,6 @@ def _fm_copy(folder: Path) -> Path:
     return folder
 
 
-@needs_fm
 def test_find_order_explicit_root_env_and_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("LTSERVE_DATA", raising=False)
     assert find_fashion_mnist() == SYSTEM_FM
@@ -164,7 +161,6 @@ def test_find_order_explicit_root_env_and_cache(tmp_path, monkeypatch):
     assert find_fashion_mnist() == cached
 
 
-@needs_fm
 def test_load_splits_fashion_mnist_longtail():
     cfg = DataConfig(source="fashion-mnist", longtail={"rho": 100, "n_max": 300, "val_per_class": 15},
                      max_test_images=500)
@@ -188,7 +184,6 @@ def test_load_splits_fashion_mnist_longtail():
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(splits.train.read_bytes(0)))), splits.train.arrays[0])
 
 
-@needs_fm
 def test_load_splits_seeded_and_fingerprint():
     base = dict(source="fashion-mnist", longtail={"rho": 10, "n_max": 100, "val_per_class": 5, "order": "random"},
                 max_test_images=200)
@@ -202,7 +197,6 @@ def test_load_splits_seeded_and_fingerprint():
     assert sorted(a.class_counts().tolist()) == sorted(longtail_counts(100, 10, 10))
 
 
-@needs_fm
 def test_load_splits_fashion_mnist_plain_caps():
     splits = load_splits(DataConfig(source="fashion-mnist", val_fraction=0.1, max_train_images=1000,
                                     max_test_images=100))
@@ -234,7 +228,6 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@needs_fm
 def test_download_verifies_and_loads(http_folder, tmp_path, capsys):
     served, url = http_folder
     for stem in FASHION_MNIST_FILES.values():
@@ -251,7 +244,6 @@ def test_download_verifies_and_loads(http_folder, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(dest)
 
 
-@needs_fm
 def test_download_corrupt_file_leaves_nothing(http_folder, tmp_path):
     served, url = http_folder
     for stem in FASHION_MNIST_FILES.values():
@@ -469,7 +461,6 @@ def test_load_splits_list_label_out_of_range_and_empty_class(tmp_path):
         load_splits(DataConfig(source="list", root=str(tmp_path), train="train.txt", test="test.txt"))
 
 
-@needs_fm
 def test_fetch_module_cli_finds_ltserve_data_without_torch(tmp_path):
     import subprocess
     import sys
