@@ -141,3 +141,40 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+class SgdHeadSettings:
+    """Settings shared by the stage-2 heads trained with SGD on features (crt, lws); no logic, as in scikit-learn.
+
+    Args:
+        epochs: training epochs; each has floor(N / batch_size) steps.
+        lr: initial lr, cosine-annealed per step to 0.
+        batch_size: images per step.
+        weight_decay, momentum: SGD settings.
+        sampler: stage-2 sampler ("cb", class-balanced, in the paper).
+        images_per_class: consecutive images per drawn class for "cb".
+        seed: initialisation and sampling seed.
+        device: "auto" (cuda when available), "cpu" or "cuda".
+        many_threshold, few_threshold: shot groups of the recorded val curve.
+        progress: show a tqdm bar.
+    """
+    def __init__(self, epochs: int = 10, lr: float = 0.2, batch_size: int = 512, weight_decay: float = 5e-4,
+                 momentum: float = 0.9, sampler: str = "cb", images_per_class: int = 4, seed: int = 0,
+                 device: str = "auto", many_threshold: int = 100, few_threshold: int = 20, progress: bool = True):
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.weight_decay = weight_decay
+        self.momentum = momentum
+        self.sampler = sampler
+        self.images_per_class = images_per_class
+        self.seed = seed
+        self.device = device
+        self.many_threshold = many_threshold
+        self.few_threshold = few_threshold
+        self.progress = progress
+
+    def settings(self) -> dict[str, Any]:
+        """The recipe, for meta."""
+        return {k: getattr(self, k) for k in ("epochs", "lr", "batch_size", "weight_decay", "momentum", "sampler",
+                                              "images_per_class", "seed")}
