@@ -169,7 +169,9 @@ class Predictor:
         threads: CPU threads of the session (intra-op); None uses os.cpu_count(). With several worker processes,
             give each cores / workers.
         max_batch_size: the largest batch one session call runs; larger inputs to `predict` are split.
-        backend: "onnxruntime" ("torch" is reserved for a later release).
+        backend: "onnxruntime", or "torch": the package's `model.pt2` through PyTorch (CUDA, fp16, CUDA graphs per
+            bucket; `ltserve.torch_backend`, settings from LTSERVE_TORCH_DEVICE / _PRECISION / _CUDA_GRAPHS), for GPU
+            machines with PyTorch and no onnxruntime-gpu. Needs `ltserve export ... --format onnx,pt2`.
 
     Raises:
         PackageError: the package is missing, invalid, fails its sha256 check, or its graph does not match
@@ -182,14 +184,12 @@ class Predictor:
                  threads: int | None = None, max_batch_size: int = 32, backend: str = "onnxruntime") -> None:
         if backend not in BACKENDS:
             raise ConfigError(unknown_choice("backend", backend, BACKENDS))
-        if backend == "torch":
-            raise ConfigError("backend 'torch' is reserved for a later release and not available yet; "
-                              "use backend='onnxruntime'")
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if threads is not None and threads < 1:
             raise ConfigError(f"threads must be >= 1 (or None for os.cpu_count()), got {threads}")
-        _require_ort()
+        if backend == "onnxruntime":
+            _require_ort()
         self.model_dir = Path(model_dir)
         self.meta: ModelJson = load_package(self.model_dir)
         self.spec: PreprocessSpec = self.meta.preprocess
@@ -199,13 +199,24 @@ class Predictor:
         self.max_batch_size = int(max_batch_size)
         self.threads = int(threads or os.cpu_count() or 1)
         self.backend = backend
-        self.requested_providers = resolve_providers(providers)
-        self.session = self._build_session()
-        self.providers: list[str] = list(self.session.get_providers())
-        if self.providers[0] != self.requested_providers[0]:
-            logger.warning("%s: asked for %s but ONNX Runtime runs on %s (fell back)", self.model_dir,
-                           self.requested_providers[0], self.providers[0])
-        self._input_dtype = self._check_graph()
+        self.runner: Any = None  # the torch backend's TorchRunner
+        if backend == "torch":
+            # imported here: the serving install (onnxruntime) never needs torch
+            from ltserve.torch_backend import TorchRunner, env_runner_options
+
+            self.runner = TorchRunner(self.model_dir, self.meta, max_batch_size=self.max_batch_size,
+                                      threads=threads, **env_runner_options())
+            self.session = None
+            self.requested_providers = self.providers = [f"torch:{self.runner.device}:{self.runner.precision}"]
+            self._input_dtype = np.dtype(np.float32)
+        else:
+            self.requested_providers = resolve_providers(providers)
+            self.session = self._build_session()
+            self.providers = list(self.session.get_providers())
+            if self.providers[0] != self.requested_providers[0]:
+                logger.warning("%s: asked for %s but ONNX Runtime runs on %s (fell back)", self.model_dir,
+                               self.requested_providers[0], self.providers[0])
+            self._input_dtype = self._check_graph()
         self.buckets = batch_buckets(self.max_batch_size)
         self.warmup_s = self._warm_up()
         logger.info("loaded %s (%s, %d classes) on %s, %d threads, batch buckets %s, warm-up %.2f s",
@@ -307,6 +318,8 @@ class Predictor:
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
     def _run(self, chunk: np.ndarray) -> np.ndarray:
+        if self.runner is not None:  # pads to its own buckets (one CUDA graph each)
+            return self.runner.run(chunk)
         n = len(chunk)
         bucket = self.bucket_for(n)
         if bucket != n:  # pad to the warmed-up shape; the padding rows are sliced off below
@@ -350,6 +363,7 @@ class Predictor:
             "graph": m.graph.model_dump(mode="json"),
             "provenance": m.provenance.model_dump(mode="json"),
             "runtime": {"backend": self.backend, "providers": self.providers, "threads": self.threads,
+                        **({"torch": self.runner.info()} if self.runner is not None else {}),
                         "batch_buckets": self.buckets, "warmup_s": round(self.warmup_s, 4),
                         "bucket_ms": {str(b): round(t, 4) for b, t in self.bucket_ms.items()}},
         }

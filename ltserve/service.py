@@ -28,7 +28,7 @@ import hmac
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import bentoml
 import yaml
@@ -38,8 +38,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ltserve.errors import ConfigError, InvalidInput, LtserveError
+from ltserve.errors import ConfigError, InvalidInput, LtserveError, PackageError
 from ltserve.inference import AsyncPredictor, Prediction, Predictor
+from ltserve.package import load_package
 from ltserve.preprocess import DEFAULT_MAX_PIXELS
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class ServiceSettings(BaseModel):
         timeout_s: a request taking longer answers 504 (LTSERVE_TIMEOUT_S).
         providers: ONNX Runtime providers, comma separated, best first, e.g. "cuda,cpu" (LTSERVE_PROVIDERS;
             default: the best available).
+        backend: "onnxruntime" (default) or "torch": the package's model.pt2 through PyTorch, for GPU machines
+            without onnxruntime-gpu (LTSERVE_BACKEND; bentofile.torch.yaml sets it).
         threads: ONNX Runtime CPU threads (LTSERVE_THREADS; default: all cores).
         max_batch_size: most images per model call across concurrent requests; 1 turns adaptive batching off
             (LTSERVE_MAX_BATCH_SIZE).
@@ -87,6 +90,7 @@ class ServiceSettings(BaseModel):
     max_batch_images: int = Field(64, ge=1)
     timeout_s: float = Field(30.0, gt=0)
     providers: list[str] | None = None
+    backend: Literal["onnxruntime", "torch"] = "onnxruntime"
     threads: int | None = Field(None, ge=1)
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_latency_ms: float = Field(5.0, ge=0, le=10_000)
@@ -363,7 +367,7 @@ class Classifier:
         path = self.settings.model_path()
         try:
             predictor = Predictor(path, providers=self.settings.providers, threads=self.settings.threads,
-                                  max_batch_size=self.settings.max_batch_size)
+                                  max_batch_size=self.settings.max_batch_size, backend=self.settings.backend)
         except LtserveError as exc:
             logger.error("cannot start: model package %s: %s (set LTSERVE_MODEL to a package folder)", path, exc)
             raise
@@ -385,7 +389,13 @@ class Classifier:
         try:
             # the whole Predictor (schema, sha256, graph vs model.json, warm-up) on CPU with one thread: cheap, and
             # no GPU context is left in this supervising process
-            Predictor(path, providers=["cpu"], threads=1, max_batch_size=1)
+            if SETTINGS.backend == "torch":  # no torch model in the supervisor: the package and its model.pt2
+                meta = load_package(path)
+                if "model.pt2" not in meta.files:
+                    raise PackageError(f"{path}: LTSERVE_BACKEND=torch needs model.pt2; re-export with "
+                                       "`ltserve export ... --format onnx,pt2`")
+            else:
+                Predictor(path, providers=["cpu"], threads=1, max_batch_size=1)
         except LtserveError as exc:
             raise SystemExit(f"ltserve: cannot serve model package {path}: {exc}\n(set LTSERVE_MODEL to a model "
                              "package folder, e.g. one made by `ltserve export`)") from None

@@ -1,0 +1,232 @@
+"""Generate the README's "Performance" section from the committed benchmark results (never copied by hand).
+
+    python -m benchmarks.perf_readme                 # rewrite README.md between the perf markers
+    python -m benchmarks.perf_readme --check         # exit 1 when README.md is out of date (CI)
+    python -m benchmarks.perf_readme --summary DIR   # print the goals of one machine's results folder
+
+Reads `benchmarks/results/<machine>/<benchmark>/results.json` (machine folders ending in `-smoke` are skipped unless
+`--include-smoke`) and writes, between `<!-- perf:start -->` and `<!-- perf:end -->` (the README's own
+"## Performance" heading and introduction stay outside the markers; without markers, both are appended):
+  - one table of every goal a benchmark reported (`results["goals"]`: goal, target, measured, met), plus the GPU
+    service goal derived from serve_load on GPU machines (HTTP throughput >= half the in-process CPU ceiling);
+  - per benchmark and machine: the machine (CPU model and cores, GPU), date and versions, then a compact table
+    (model_latency, accuracy) or the benchmark's own results.md table.
+The section is deterministic for given results files, so `--check` can guard it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS_ROOT, markdown_table
+
+START, END = "<!-- perf:start -->", "<!-- perf:end -->"
+REPO = Path(__file__).resolve().parents[1]
+ORDER = ("model_latency", "serve_load", "batch_predict", "stage2", "accuracy")
+
+
+def load_results(root: Path, include_smoke: bool = False) -> list[dict[str, Any]]:
+    """Every results.json under root/<machine>/<benchmark>/, sorted by benchmark order then machine.
+
+    Each item gets "_machine_dir", "_dir" (Path) added. Unreadable files are skipped with a note on stderr.
+    """
+    items = []
+    for path in sorted(root.glob("*/*/results.json")):
+        machine_dir = path.parent.parent.name
+        if machine_dir.endswith("-smoke") and not include_smoke:
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"perf_readme: skipping {path}: {exc}", file=sys.stderr)
+            continue
+        data["_machine_dir"], data["_dir"] = machine_dir, path.parent
+        data.setdefault("benchmark", path.parent.name)
+        items.append(data)
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return sorted(items, key=lambda d: (rank.get(d["benchmark"], len(ORDER)), d["benchmark"], d["_machine_dir"]))
+
+
+def machine_label(item: dict[str, Any]) -> str:
+    """'NVIDIA H100 80GB HBM3 (host: AMD EPYC ..., 16 cores)' or 'AMD EPYC ... , 2 cores' + the folder name."""
+    env = item.get("environment", {})
+    res = item.get("results")
+    gpu = env.get("gpu") or (res.get("card") if isinstance(res, dict) else None)
+    cpu = f"{env.get('cpu', '?')}, {env.get('cores', '?')} cores"
+    return (f"{gpu} (host: {cpu})" if gpu else cpu) + f" [`{item['_machine_dir']}`]"
+
+
+def versions_line(item: dict[str, Any]) -> str:
+    env = item.get("environment", {})
+    v = env.get("versions", {})
+    keys = ("torch", "onnxruntime", "onnxruntime-gpu", "bentoml", "numpy", "pillow")
+    parts = [f"{k} {v[k]}" for k in keys if k in v]
+    load = env.get("load_average")
+    busy = f"; load average {load[0]:.1f} when written" if load else ""
+    return f"{env.get('date', '?')}; Python {env.get('python', '?')}; " + ", ".join(parts) + busy
+
+
+def goals_of(item: dict[str, Any]) -> list[dict[str, Any]]:
+    """The goals a results file reports, plus derived ones (GPU service vs the CPU decode ceiling)."""
+    res = item.get("results")
+    out = [dict(g) for g in res.get("goals", [])] if isinstance(res, dict) else []
+    if item["benchmark"] == "serve_load" and isinstance(res, dict) and item.get("environment", {}).get("gpu"):
+        goal = gpu_service_goal(res)
+        if goal:
+            out.append(goal)
+    return out
+
+
+def gpu_service_goal(res: dict[str, Any]) -> dict[str, Any] | None:
+    """Best HTTP throughput of serve_load vs half of its in-process CPU ceiling (decode-bound on a GPU machine)."""
+    best: tuple[float, str, float] | None = None
+    for model, r in res.items():
+        if not isinstance(r, dict) or "in_process" not in r:
+            continue
+        inproc = r["in_process"]
+        ceiling = inproc.get("ceiling_img_s") or inproc.get("decode_img_s")
+        rows = [row for rows in (r.get("http") or {}).values() for row in rows if isinstance(row, dict)]
+        top = max((row.get("req_s") or 0.0 for row in rows), default=0.0)
+        if ceiling and (best is None or top / ceiling > best[0] / best[2]):
+            best = (top, model, ceiling)
+    if best is None:
+        return None
+    top, model, ceiling = best
+    return {"goal": f"GPU service end to end ({model}) vs the CPU decode ceiling of the same run",
+            "target": ">= 50 % of the ceiling", "measured": f"{top:,.0f} req/s = {100 * top / ceiling:.0f} % of "
+            f"{ceiling:,.0f} img/s", "met": top >= 0.5 * ceiling}
+
+
+def model_latency_table(res: dict[str, Any]) -> str:
+    """p50 at batch 1 and throughput at the largest batch, per (model, head, backend)."""
+    rows = res.get("rows", [])
+    keys = list(dict.fromkeys((r["model"], r["head"], r["backend"]) for r in rows))
+    out = []
+    for model, head, backend in keys:
+        sub = [r for r in rows if (r["model"], r["head"], r["backend"]) == (model, head, backend)]
+        b1 = next((r for r in sub if r["batch"] == 1), None)
+        big = max(sub, key=lambda r: r["batch"])
+        out.append({"model": model, "head": head, "runtime": backend,
+                    "p50 b1 (ms)": b1["p50_ms"] if b1 else None, "p99 b1 (ms)": b1["p99_ms"] if b1 else None,
+                    "largest batch": big["batch"], "img/s": big["img_per_s"]})
+    return markdown_table(out, ["model", "head", "runtime", "p50 b1 (ms)", "p99 b1 (ms)", "largest batch", "img/s"],
+                          floatfmt="{:,.2f}")
+
+
+def accuracy_table(res: dict[str, Any]) -> str:
+    return markdown_table(res.get("rows", []), ["setting", "head", "Many", "Medium", "Few", "All", "seeds"])
+
+
+def own_table(item: dict[str, Any]) -> str:
+    """The benchmark's own results.md, without its title and machine lines."""
+    path = item["_dir"] / "results.md"
+    if not path.is_file():
+        return "_(no results.md)_"
+    lines = path.read_text().splitlines()
+    body = [ln for ln in lines if not ln.startswith("# ") and not ln.startswith("Machine: ")]
+    text = "\n".join(body).strip()
+    return text.replace("\n## ", "\n##### ").replace("\n# ", "\n##### ")
+
+
+def render(items: list[dict[str, Any]], root: Path) -> str:
+    """The whole section, markers included."""
+    try:
+        shown_root = root.resolve().relative_to(REPO)
+    except ValueError:
+        shown_root = root
+    lines = [START, f"<!-- generated by `python -m benchmarks.perf_readme` from {shown_root}/*/*/results.json: "
+             "do not edit by hand; every figure names the machine it was measured on -->", ""]
+    if not items:
+        lines += ["No benchmark results committed yet: run `make bench`.", "", END]
+        return "\n".join(lines)
+    goal_rows = [{**g, "met": "yes" if g.get("met") else "**no**", "machine": machine_label(it),
+                  "benchmark": it["benchmark"]} for it in items for g in goals_of(it)]
+    if goal_rows:
+        lines += ["### Goals", "", markdown_table(goal_rows, ["goal", "target", "measured", "met", "machine"]), ""]
+    for it in items:
+        res = it.get("results")
+        lines += [f"### {it['benchmark']} on {machine_label(it)}", "", f"_{versions_line(it)}_", ""]
+        if it["benchmark"] == "model_latency" and isinstance(res, dict) and res.get("rows"):
+            lines += [model_latency_table(res), "",
+                      f"Full table, fold ratios and graphs: `{_rel(it['_dir'] / 'results.md')}`.", ""]
+        elif it["benchmark"] == "accuracy" and isinstance(res, dict) and res.get("rows"):
+            lines += [accuracy_table(res), ""]
+            note = _notes_of(it)
+            if note:
+                lines += [note, ""]
+        else:
+            lines += [own_table(it), ""]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def _notes_of(item: dict[str, Any]) -> str:
+    path = item["_dir"] / "results.md"
+    if not path.is_file():
+        return ""
+    paras = [p.strip() for p in path.read_text().split("\n\n")]
+    return next((p for p in reversed(paras) if p and not p.startswith("|") and not p.startswith("#")), "")
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def splice(readme: str, section: str) -> str:
+    """Replace the text between the markers (inclusive) with `section`; without markers, append a
+    "## Performance" heading and the section at the end."""
+    if START in readme and END in readme and readme.index(START) < readme.index(END):
+        head, rest = readme.split(START, 1)
+        tail = rest.split(END, 1)[1]
+        return head + section + tail
+    return readme.rstrip("\n") + ("\n\n" if readme.strip() else "") + "## Performance\n\n" + section + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.perf_readme", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS_ROOT, help="results root (<machine>/<benchmark>/)")
+    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
+    parser.add_argument("--include-smoke", action="store_true", help="also use <machine>-smoke folders")
+    parser.add_argument("--machine", action="append", default=None,
+                        help="only these machine folders (repeatable; default all)")
+    parser.add_argument("--check", action="store_true", help="only check that the README section is up to date")
+    parser.add_argument("--summary", type=Path, default=None,
+                        help="print the goals found in one machine folder (<DIR>/<benchmark>/results.json) and exit")
+    args = parser.parse_args(argv)
+    if args.summary is not None:
+        items = load_results(args.summary.parent, include_smoke=True)
+        items = [it for it in items if it["_machine_dir"] == args.summary.name]
+        for it in items:
+            for g in goals_of(it):
+                print(f"[{'met' if g.get('met') else 'NOT met'}] {g['goal']}: {g['measured']} (target {g['target']})")
+        print(f"{len(items)} results files in {args.summary}")
+        return 0
+    items = [it for it in load_results(args.results, args.include_smoke)
+             if args.machine is None or it["_machine_dir"] in args.machine]
+    section = render(items, args.results)
+    old = args.readme.read_text() if args.readme.is_file() else ""
+    new = splice(old, section)
+    if args.check:
+        if new != old:
+            print(f"{args.readme}: the Performance section is out of date; run `python -m benchmarks.perf_readme`",
+                  file=sys.stderr)
+            return 1
+        print(f"{args.readme}: Performance section up to date")
+        return 0
+    if new != old:
+        args.readme.write_text(new)
+    print(f"{args.readme}: Performance section {'updated' if new != old else 'unchanged'} "
+          f"({section.count(chr(10)) + 1} lines)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,234 @@
+"""Smoke runs of the benchmark scripts: each writes well-formed results (json + md + png) into a tmp --out.
+
+No timing assertions: the numbers of a smoke run mean nothing; the files, their fields and the README generator do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `benchmarks` is a folder of scripts at the repo root, not an installed package
+    sys.path.insert(0, str(REPO))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_trio(out: Path, name: str) -> dict:
+    """results.json (benchmark, config, environment, results), results.md (title, machine, a table), results.png."""
+    data = json.loads((out / "results.json").read_text())
+    assert data["benchmark"] == name
+    env = data["environment"]
+    assert env["machine"] and env["cores"] >= 1 and env["python"]
+    assert "numpy" in env["versions"] and "torch" in env["versions"]
+    assert isinstance(data["config"], dict) and data["results"]
+    md = (out / "results.md").read_text()
+    assert md.startswith(f"# {name}\n") and "Machine: " in md and "\n|---" in md
+    assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
+    return data
+
+
+@pytest.fixture(scope="module")
+def results_root(tmp_path_factory) -> Path:
+    """<root>/<machine>/<benchmark>/: the layout benchmarks/results has; smoke runs write into it."""
+    return tmp_path_factory.mktemp("bench-results")
+
+
+@pytest.fixture(scope="module")
+def latency_out(results_root) -> Path:
+    from benchmarks import model_latency
+
+    out = results_root / "cpu-test-machine" / "model_latency"
+    work = results_root.parent / "latency-work"
+    assert model_latency.main(["--smoke", "--legacy-onnx", "--out", str(out), "--work", str(work)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def accuracy_out(results_root) -> Path:
+    from benchmarks import accuracy
+
+    out = results_root / "cpu-test-machine" / "accuracy"
+    assert accuracy.main(["--smoke", "--out", str(out)]) == 0
+    return out
+
+
+def test_model_latency_smoke(latency_out):
+    data = _check_trio(latency_out, "model_latency")
+    res = data["results"]
+    rows = res["rows"]
+    models = {r["model"] for r in rows}
+    assert len(models) == 2  # the demo model and the big model (ResNet-10 at 32 px in smoke mode)
+    for r in rows:
+        assert r["p50_ms"] > 0 and r["p90_ms"] >= r["p50_ms"] and r["p99_ms"] >= r["p90_ms"]
+        assert r["img_per_s"] > 0 and r["iters"] >= 2 and r["batch"] in (1, 4)
+    big = next(m for m in models if not m.startswith("demo"))
+    assert {(r["head"], r["backend"]) for r in rows if r["model"] == big} == {
+        (h, b) for h in ("joint", "tau_norm") for b in ("pytorch-eager-cpu", "onnxruntime-cpu")}
+    # folding costs no node: the folded head's graph is the joint head's, op for op
+    joint, folded = res["nodes"][f"{big}/joint"], res["nodes"][f"{big}/tau_norm"]
+    assert joint["nodes"] == folded["nodes"] and joint["op_counts"] == folded["op_counts"]
+    assert joint["op_counts"].get("Gemm") == 1
+    goals = {g["goal"]: g for g in res["goals"]}
+    assert any("identical ONNX node count" in g and v["met"] is True for g, v in goals.items())
+    assert any("folded (tau_norm) / joint" in g for g in goals)
+    assert all(set(g) == {"goal", "target", "measured", "met"} for g in res["goals"])
+    assert {q["batch"] for q in res["fold_ratios"]} == {1, 4}
+    assert "## Goals" in (latency_out / "results.md").read_text()
+
+
+def test_model_latency_packages_are_valid_and_reused(results_root, latency_out):
+    from ltserve.package import load_package
+
+    packages = sorted((results_root.parent / "latency-work" / "models").iterdir())
+    assert len(packages) == 3
+    for pkg in packages:
+        meta = load_package(pkg)  # sha256 of model.onnx and model.pt2 verified
+        assert set(meta.files) == {"model.onnx", "model.pt2"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.model_latency", "--smoke", "--legacy-onnx", "--no-demo",
+                          "--build-only", "--work", str(results_root.parent / "latency-work")], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("reused") == 2
+
+
+def test_accuracy_smoke(accuracy_out):
+    from ltserve.config import HEAD_NAMES
+
+    data = _check_trio(accuracy_out, "accuracy")
+    rows, runs = data["results"]["rows"], data["results"]["runs"]
+    assert len(runs) == 1 and runs[0]["seed"] == 0 and runs[0]["train_images"] > 0
+    assert [r["head"] for r in rows] == [h for h in HEAD_NAMES if h in {r["head"] for r in rows}]
+    assert {"joint", "crt", "tau_norm", "lws", "ncm"} <= {r["head"] for r in rows}
+    for r in rows:
+        assert r["seeds"] == 1 and 0.0 <= r["top1_mean"] <= 100.0 and r["top1_std"] == 0.0
+        for key in ("many", "medium", "few"):
+            assert r[f"{key}_mean"] is None or 0.0 <= r[f"{key}_mean"] <= 100.0
+
+
+def test_accuracy_plan_defaults():
+    from benchmarks.accuracy import build_parser, plan
+
+    config, settings, seeds = plan(build_parser().parse_args([]))
+    assert config.name == "fashion_lt.yaml" and seeds == [0, 1, 2]
+    assert [s[1][:2] for s in settings] == [["data.longtail.rho=100", "data.longtail.n_max=1000"],
+                                            ["data.longtail.rho=50", "data.longtail.n_max=500"]]
+    assert all("train.epochs=30" in s[1] for s in settings)
+    config, settings, _ = plan(build_parser().parse_args(["--config", "configs/x.yaml", "--data", "/d"]))
+    assert settings == [("x on /d", ["data.root=/d"])]
+
+
+def test_perf_readme_section_from_smoke_results(results_root, latency_out, accuracy_out, tmp_path):
+    from benchmarks import perf_readme
+
+    readme = tmp_path / "README.md"
+    original = (REPO / "README.md").read_text() if (REPO / "README.md").is_file() else \
+        "# ltserve\n\nIntro.\n\n<!-- perf:start -->\nstale\n<!-- perf:end -->\n\n## Licence\n"
+    if perf_readme.START not in original:
+        original += f"\n{perf_readme.START}\nstale\n{perf_readme.END}\n"
+    readme.write_text(original)
+    args = ["--results", str(results_root), "--readme", str(readme)]
+    assert perf_readme.main(args) == 0
+    text = readme.read_text()
+    head, rest = text.split(perf_readme.START, 1)
+    section, tail = rest.split(perf_readme.END, 1)
+    assert head == original.split(perf_readme.START, 1)[0] and tail == original.split(perf_readme.END, 1)[1]
+    assert "generated by `python -m benchmarks.perf_readme`" in section and "stale" not in section
+    assert "### Goals" in section and "identical ONNX node count" in section
+    assert "### model_latency on " in section and "### accuracy on " in section
+    assert section.count("[`cpu-test-machine`]") >= 3  # every figure names its machine
+    assert "onnxruntime-cpu" in section and "tau_norm" in section
+    assert perf_readme.main(args + ["--check"]) == 0
+    readme.write_text(text.replace("onnxruntime-cpu", "edited by hand", 1))
+    assert perf_readme.main(args + ["--check"]) == 1
+    # smoke folders are left out unless asked for
+    shutil.copytree(results_root / "cpu-test-machine", results_root / "other-smoke")
+    assert perf_readme.main(args) == 0
+    assert "other-smoke" not in readme.read_text()
+
+
+def test_perf_readme_appends_markers_when_missing(tmp_path):
+    from benchmarks.perf_readme import END, START, splice
+
+    assert splice("# Title\n", f"{START}\nx\n{END}") == f"# Title\n\n## Performance\n\n{START}\nx\n{END}\n"
+    assert splice(f"a\n{START}\nold\n{END}\nb\n", f"{START}\nnew\n{END}") == f"a\n{START}\nnew\n{END}\nb\n"
+
+
+def test_run_all_dry_run_passes_only_known_options(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--dry-run", "--smoke", "--out",
+                          str(tmp_path / "m"), "--demo-run", str(tmp_path / "run"), "--work", str(tmp_path / "w")],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = {ln.split(":")[0][4:]: ln for ln in out.stdout.splitlines() if ln.startswith("=== ")}
+    assert {"accuracy", "model_latency"} <= set(lines)
+    assert f"--out {tmp_path / 'm' / 'model_latency'}" in lines["model_latency"]
+    assert f"--model {tmp_path / 'run'}" in lines["model_latency"] and "--smoke" in lines["model_latency"]
+    assert "--work" in lines["accuracy"] and "--model" not in lines["accuracy"]
+    if "serve_load" in lines:  # its --models must not be mistaken for --model
+        assert "--model " not in lines["serve_load"]
+
+
+def test_run_all_rejects_unknown_scripts():
+    out = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--dry-run", "--only", "nope"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "unknown script(s) nope" in out.stderr
+
+
+def test_gpu_run_script_parses():
+    for script in ("benchmarks/gpu_run.sh", "benchmarks/gpu/fetch_wheels.sh"):
+        subprocess.run(["bash", "-n", script], cwd=REPO, check=True, timeout=30)
+
+
+def test_gpu_run_cpu_fallback_smoke(tmp_path, results_root, latency_out):
+    """The GPU script end to end on CPU with tiny sizes (no wheels install, no server): phases log, results land."""
+    (tmp_path / "work").mkdir()
+    # the packages the model_latency smoke run built are the ones this run builds: reuse them (seconds saved)
+    (tmp_path / "work" / "build").symlink_to(results_root.parent / "latency-work")
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
+           "LTSERVE_GPU_WORK": str(tmp_path / "work"), "LTSERVE_CORPUS": str(tmp_path / "corpus")}
+    proc = subprocess.run(["bash", "benchmarks/gpu_run.sh", "--cpu", "--smoke", "--skip", "wheels,serve"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (tmp_path / "out" / "gpu_run.log").read_text()
+    for phase in ("env", "imports", "corpus", "build", "latency", "summary"):
+        assert f"-- {phase}: ok" in log, log[-4000:]
+    assert "== serve: skipped (--skip)" in log
+    data = _check_trio(tmp_path / "out" / "model_latency", "model_latency")
+    assert data["config"]["batches"] == [1, 4]
+    assert (tmp_path / "corpus" / "manifest.json").is_file()  # made on the spot when none was brought
+    assert "identical ONNX node count" in log  # the summary phase printed the goals
+
+
+def test_prepare_corpus(tmp_path):
+    from PIL import Image
+
+    from benchmarks.gpu.prepare_corpus import MAX_BYTES, write_corpus
+
+    manifest = write_corpus(tmp_path, n=3, seed=1)
+    files = manifest["files"]
+    assert manifest["bytes"] < MAX_BYTES and manifest["bytes"] == sum(f["bytes"] for f in files)
+    for f in files:
+        with Image.open(tmp_path / f["file"]) as img:
+            assert img.size == (f["width"], f["height"])
+            assert img.format == ("PNG" if f["file"].startswith("fashion_png/") else "JPEG")
+    assert {f["file"].split("/")[0] for f in files} >= {"photo_500x375", "photo_224"}
+    again = write_corpus(tmp_path, n=3, seed=1)
+    assert [f["bytes"] for f in again["files"]] == [f["bytes"] for f in files]  # seeded
+
+
+def test_bentofiles():
+    import yaml
+
+    torch_bento = yaml.safe_load((REPO / "bentofile.torch.yaml").read_text())
+    envs = {e["name"]: e["value"] for e in torch_bento["envs"]}
+    assert envs["LTSERVE_BACKEND"] == "torch"
+    assert any(p.startswith("torch") for p in torch_bento["python"]["packages"])
+    assert torch_bento["service"] == "ltserve.service:Classifier"
+    default = yaml.safe_load((REPO / "bentofile.yaml").read_text())
+    assert not any(p.startswith("torch") for p in default["python"]["packages"])  # the default stays torch-free

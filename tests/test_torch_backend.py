@@ -1,0 +1,160 @@
+"""The torch backend (`ltserve.torch_backend.TorchRunner`) against ONNX Runtime on the same exported package.
+
+The package is the tiny re-balanced run's tau_norm head exported with `--format onnx,pt2` (the real exporter), and
+the inputs are real Fashion-MNIST test images through the serving preprocessing. CUDA tests carry the `gpu` marker.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ltserve.errors import ConfigError, PackageError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pt2_package(tmp_path_factory, tiny_rebalanced_run) -> Path:
+    """The tiny run's tau_norm head as a package holding model.onnx and model.pt2 (read-only)."""
+    from ltserve.export import export_package
+
+    out = tmp_path_factory.mktemp("models") / "tiny-tau_norm-pt2"
+    export_package(tiny_rebalanced_run, "tau_norm", out, formats=("onnx", "pt2"), verify_images=64, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def test_batch(pt2_package) -> np.ndarray:
+    """64 real Fashion-MNIST test images, preprocessed as the package says: float32 (64, 1, 28, 28)."""
+    from ltserve.data import find_fashion_mnist, read_idx
+    from ltserve.package import load_package
+    from ltserve.preprocess import to_model_input
+
+    spec = load_package(pt2_package, verify=False).preprocess
+    images = read_idx(find_fashion_mnist() / "t10k-images-idx3-ubyte.gz")[:64]
+    return to_model_input([img[..., None] for img in images], spec)
+
+
+def _without_pt2(src: Path, dst: Path) -> Path:
+    """A copy of the package with model.pt2 deleted and unlisted (a valid ONNX-only package)."""
+    shutil.copytree(src, dst)
+    (dst / "model.pt2").unlink()
+    meta = json.loads((dst / "model.json").read_text())
+    meta["files"].pop("model.pt2")
+    (dst / "model.json").write_text(json.dumps(meta, indent=2))
+    return dst
+
+
+def test_torch_cpu_matches_onnxruntime(pt2_package, test_batch):
+    from ltserve.inference import Predictor
+    from ltserve.torch_backend import TorchRunner
+
+    ort_logits = Predictor(pt2_package, providers=["cpu"], threads=2, max_batch_size=64).predict(test_batch)
+    runner = TorchRunner(pt2_package, device="cpu", max_batch_size=64)
+    torch_logits = runner.run(test_batch)
+    assert torch_logits.dtype == np.float32 and torch_logits.shape == ort_logits.shape == (64, 10)
+    np.testing.assert_allclose(torch_logits, ort_logits, atol=1e-4, rtol=0)
+    assert np.array_equal(torch_logits.argmax(1), ort_logits.argmax(1))
+    assert runner.info()["device"] == "cpu" and runner.info()["cuda_graphs"] is False
+
+
+def test_predictor_torch_backend_matches_onnxruntime(pt2_package, test_batch, monkeypatch):
+    """The service and `ltserve predict` select the torch backend through the Predictor: same top-1, logits 1e-4."""
+    from ltserve.inference import Predictor
+
+    monkeypatch.setenv("LTSERVE_TORCH_DEVICE", "cpu")
+    monkeypatch.setenv("LTSERVE_TORCH_PRECISION", "fp32")
+    ort_pred = Predictor(pt2_package, providers=["cpu"], threads=2, max_batch_size=16)
+    torch_pred = Predictor(pt2_package, threads=2, max_batch_size=16, backend="torch")
+    assert torch_pred.info()["runtime"]["torch"]["device"] == "cpu"
+    want, got = ort_pred.predict(test_batch[:37]), torch_pred.predict(test_batch[:37])
+    assert np.array_equal(want.argmax(1), got.argmax(1))
+    assert np.abs(want - got).max() < 1e-4
+    rows = torch_pred.postprocess(got, top_k=3)
+    assert [r.class_index for r in rows] == [int(i) for i in want.argmax(1)]
+
+
+def test_predictor_torch_backend_needs_pt2(pt2_package, tmp_path):
+    from ltserve.inference import Predictor
+
+    onnx_only = _without_pt2(pt2_package, tmp_path / "onnx-only")
+    with pytest.raises(PackageError, match="--format onnx,pt2"):
+        Predictor(onnx_only, backend="torch")
+
+
+def test_chunks_and_odd_batches_give_the_same_rows(pt2_package, test_batch):
+    from ltserve.torch_backend import TorchRunner
+
+    runner = TorchRunner(pt2_package, device="cpu", max_batch_size=8)
+    whole = runner.run(test_batch[:21])  # 8 + 8 + 5
+    rows = np.concatenate([runner.run(test_batch[i:i + 1]) for i in range(21)])
+    np.testing.assert_allclose(whole, rows, atol=1e-5, rtol=0)
+    assert runner.warmup([1, 3, 8]) >= 0.0
+    with pytest.raises(ValueError, match=r"\(N, 1, 28, 28\)"):
+        runner.run(np.zeros((2, 3, 28, 28), np.float32))
+
+
+def test_missing_pt2_says_how_to_export_it(pt2_package, tmp_path):
+    from ltserve.torch_backend import TorchRunner
+
+    pkg = _without_pt2(pt2_package, tmp_path / "onnx-only")
+    with pytest.raises(PackageError, match=r"--format onnx,pt2"):
+        TorchRunner(pkg, device="cpu")
+
+
+def test_corrupted_pt2_fails_its_sha256_check(pt2_package, tmp_path):
+    from ltserve.torch_backend import TorchRunner
+
+    pkg = tmp_path / "corrupted"
+    shutil.copytree(pt2_package, pkg)
+    data = bytearray((pkg / "model.pt2").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (pkg / "model.pt2").write_bytes(bytes(data))
+    with pytest.raises(PackageError, match=r"model\.pt2: sha256 does not match"):
+        TorchRunner(pkg, device="cpu")
+
+
+def test_bad_device_and_precision_are_config_errors(pt2_package):
+    import torch
+
+    from ltserve.torch_backend import TorchRunner
+
+    with pytest.raises(ConfigError, match="fp16"):
+        TorchRunner(pt2_package, device="cpu", precision="fp16")
+    with pytest.raises(ConfigError, match="not one of auto, cpu, cuda"):
+        TorchRunner(pt2_package, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            TorchRunner(pt2_package, device="cuda")
+        # auto on a CPU machine: fp16 falls back to fp32 rather than failing a deployment
+        assert TorchRunner(pt2_package, device="auto", precision="fp16").precision == "fp32"
+
+
+def test_importing_the_backend_does_not_import_torch():
+    code = "import sys, ltserve.torch_backend; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_graphs_agree_with_cpu(pt2_package, test_batch):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from ltserve.torch_backend import TorchRunner
+
+    ref = TorchRunner(pt2_package, device="cpu").run(test_batch)
+    for precision, graphs, atol in (("fp32", False, 1e-3), ("fp32", True, 1e-3), ("fp16", True, 5e-2)):
+        runner = TorchRunner(pt2_package, device="cuda", precision=precision, cuda_graphs=graphs, max_batch_size=32)
+        runner.warmup([1, 5, 32])
+        got = np.concatenate([runner.run(test_batch[:5]), runner.run(test_batch[5:])])  # buckets 8, then 32 + 32
+        assert got.shape == ref.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, ref, atol=atol * max(1.0, float(np.abs(ref).max())), rtol=0)
+        assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.98
+        assert len(runner.device_latency_ms(8, iters=3)) == 3
