@@ -28,9 +28,6 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ltserve.server_process import ServerProcess
 
 from benchmarks.common import add_common_args, markdown_table, output_dir, percentiles, write_results
 
@@ -228,53 +227,13 @@ def _pipelined_rate(pred: Any, images: list[bytes], batch_size: int, seconds: fl
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`bentoml serve TARGET` in its own process group on 127.0.0.1, stopped by its pid."""
-
-    def __init__(self, target: str, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
-        self.log = log
-        bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or "bentoml"
-        self._log_file = open(log, "wb")
-        self.proc = subprocess.Popen([bentoml, "serve", target, "--host", "127.0.0.1", "--port", str(self.port)],
-                                     cwd=REPO, env={**os.environ, **env}, stdout=self._log_file,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"bentoml serve not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
+class Server(ServerProcess):
+    """`bentoml serve TARGET` from the repository root, with the Prometheus metrics the sweep reads."""
 
     def metrics(self) -> str:
         import httpx
 
         return httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=10).text
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._log_file.close()
 
 
 def multipart_request(port: int, image: bytes, field: str = "image", route: str = "/classify") -> bytes:
@@ -347,7 +306,7 @@ def measure_server(target: str, env: dict[str, str], images: list[bytes], expect
                    baseline: Any = None) -> list[dict[str, Any]]:
     """A closed-loop sweep over `concurrencies` against a fresh server; `baseline()` (in-process latency) runs
     right before the first point, so that the HTTP overhead compares measurements taken minutes apart at most."""
-    server = Server(target, env, log)
+    server = Server(env, log, target=target, cwd=REPO)
     rows = []
     try:
         server.wait_ready()

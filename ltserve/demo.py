@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -74,40 +71,23 @@ def serve(model_dir: Path, port: int, sample: Path) -> int:
     """Start `bentoml serve` on the package, prove it answers, print a curl example, then wait (Ctrl-C stops)."""
     import httpx
 
-    env = {**os.environ, "LTSERVE_MODEL": str(model_dir.resolve())}
-    bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or "bentoml"
-    cmd = [bentoml, "serve", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    from ltserve.server_process import ServerProcess
+
+    server = ServerProcess({"LTSERVE_MODEL": str(model_dir.resolve())}, port=port, target=None, cwd=REPO)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                print(f"bentoml serve exited with code {proc.returncode}", file=sys.stderr)
-                return 1
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            print("bentoml serve did not become ready within 120 s", file=sys.stderr)
-            return 1
+        server.wait_ready()
         with open(sample, "rb") as f:
-            reply = httpx.post(f"{url}/classify", files={"image": (sample.name, f, "image/png")}, timeout=30)
-        print(f"\nserving {model_dir} at {url} (Ctrl-C to stop)\n\n"
-              f"  curl -s -F image=@{sample} {url}/classify\n\nwhich answers:\n  {reply.text}\n", flush=True)
-        return proc.wait()
+            reply = httpx.post(f"{server.url}/classify", files={"image": (sample.name, f, "image/png")}, timeout=30)
+        print(f"\nserving {model_dir} at {server.url} (Ctrl-C to stop)\n\n"
+              f"  curl -s -F image=@{sample} {server.url}/classify\n\nwhich answers:\n  {reply.text}\n", flush=True)
+        return server.proc.wait()
     except KeyboardInterrupt:
         return 0
+    except RuntimeError as exc:  # exited or not ready: its output is already on the terminal
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,15 +13,14 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from ltserve.server_process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -29,12 +28,6 @@ TINY = REPO / "configs" / "tiny.yaml"
 N_IMAGES = 24
 NUM_CLASSES = 10  # Fashion-MNIST; top-k = all classes so every probability is compared
 TOL = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,43 +44,6 @@ def sh(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) ->
     assert out.returncode == 0, (f"`{' '.join(args)}` exited {out.returncode}\n--- stdout\n{out.stdout[-3000:]}\n"
                                  f"--- stderr\n{out.stderr[-3000:]}")
     return out.stdout
-
-
-class Server:
-    """`bentoml serve ltserve.service:Classifier` on a free 127.0.0.1 port, in its own process group."""
-
-    def __init__(self, cwd: Path, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        with open(log, "wb") as fh:
-            self.proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "ltserve.service:Classifier", "--host",
-                                          "127.0.0.1", "--port", str(self.port)], cwd=cwd, env=env, stdout=fh,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"bentoml serve exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"bentoml serve not ready in {timeout} s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        """SIGTERM the server's process group (by its pid), SIGKILL if it does not stop in 20 s."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        except ProcessLookupError:
-            pass
 
 
 def probabilities(prediction: dict) -> dict[int, float]:
@@ -114,8 +70,8 @@ def test_train_rebalance_export_serve_predict_evaluate_agree(tmp_path, env):
     assert len(names) == N_IMAGES
 
     # --- HTTP: one /classify per image, and one /classify_batch of all of them
-    server = Server(work, {**env, "LTSERVE_MODEL": "models/e2e", "LTSERVE_TOP_K": str(NUM_CLASSES)},
-                    tmp_path / "serve.log")
+    server = ServerProcess({**env, "LTSERVE_MODEL": "models/e2e", "LTSERVE_TOP_K": str(NUM_CLASSES)},
+                           tmp_path / "serve.log", cwd=work, inherit_env=False)
     try:
         server.wait_ready()
         with httpx.Client(base_url=server.url, timeout=30) as client:

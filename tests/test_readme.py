@@ -21,7 +21,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
+
+from ltserve.server_process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -235,12 +236,6 @@ def check_command(tokens: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 # Running the blocks
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # `curl` for blocks that start a server: wait for /readyz (failing fast when the background job died), then run the

@@ -13,12 +13,9 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from PIL import Image
 
 from ltserve.errors import ConfigError
 from ltserve.inference import Predictor
+from ltserve.server_process import ServerProcess, free_port
 from package_helpers import build_lsq_package, read_fashion
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,48 +36,6 @@ MAX_UPLOAD = 1_500_000
 MAX_PIXELS = 1_000_000
 MAX_BATCH_IMAGES = 4
 ORIGIN = "http://app.example.org"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`bentoml serve` in its own process group, stopped by its pid."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self._log_file = open(log, "wb")
-        self.proc = subprocess.Popen([BENTOML, "serve", "--host", "127.0.0.1", "--port", str(self.port)], cwd=REPO,
-                                     env={**os.environ, **env}, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"bentoml serve not ready in {timeout} s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._log_file.close()
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +51,7 @@ def server(package, tmp_path_factory):
     env = {"LTSERVE_MODEL": str(package), "LTSERVE_CONFIG": str(config), "LTSERVE_API_KEY": API_KEY,
            "LTSERVE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "LTSERVE_MAX_PIXELS": str(MAX_PIXELS),
            "LTSERVE_CORS_ORIGINS": ORIGIN, "LTSERVE_THREADS": "2", "OMP_NUM_THREADS": "2"}
-    srv = Server(env, tmp / "serve.log")
+    srv = ServerProcess(env, tmp / "serve.log", target=None, cwd=REPO)  # plain `bentoml serve` (bentofile.yaml)
     try:
         srv.wait_ready()
         yield srv
