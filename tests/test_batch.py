@@ -233,7 +233,8 @@ def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(tmp_path, packag
 
 def test_ctrl_c_on_parquet_then_resume(tmp_path, package, big_dir):
     pytest.importorskip("pyarrow")
-    common = ["--model", package, "--batch-size", 8, "--workers", 1, "--part-rows", 64]
+    # small batches and parts: the run lasts seconds, so the stop lands midway even on a fast, idle machine
+    common = ["--model", package, "--batch-size", 2, "--workers", 1, "--part-rows", 16]
     out = tmp_path / "preds.parquet"
     proc = start_cli(big_dir, *common, "--out", out)
     deadline = time.monotonic() + 120
