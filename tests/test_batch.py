@@ -99,8 +99,11 @@ def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 def start_cli(*args: str) -> subprocess.Popen:
     # its own session, so that a signal reaches the CLI and its decode workers together (like Ctrl-C in a shell)
+    # SIGINT back to its default: a test runner started in the background (CI, nohup ... &) has it ignored, and a
+    # Python started with SIGINT ignored never turns Ctrl-C into KeyboardInterrupt
     return subprocess.Popen([sys.executable, "-m", "ltserve.cli", "predict", *map(str, args), "--no-progress"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _children(pid: int) -> list[int]:
