@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ def _stage(name: str, timings: dict[str, float], fn, *args, **kwargs):
 def build(config: Path, run_dir: Path, model_dir: Path, fresh: bool, overrides: list[str]) -> dict[str, float]:
     """Train, rebalance, evaluate and export; returns the wall time of each stage in seconds."""
     from ltserve.config import load_config
-    from ltserve.evaluate import evaluate_run
+    from ltserve.evaluate import evaluate_run, format_table
     from ltserve.export import best_head, export_package
     from ltserve.rebalance import rebalance
     from ltserve.train import train
@@ -42,7 +43,9 @@ def build(config: Path, run_dir: Path, model_dir: Path, fresh: bool, overrides: 
     cfg = load_config(config, overrides)
     _stage("stage 1: joint training", timings, train, cfg, run_dir)
     _stage("stage 2: rebalance", timings, rebalance, run_dir)
-    _stage("evaluate every head (test split)", timings, evaluate_run, run_dir, "test")
+    results = _stage("evaluate every head (test split)", timings, evaluate_run, run_dir, "test")
+    print(f"\n{run_dir}: every head on the {results['split']} split ({results['n']} images), top-1 %\n"
+          f"{format_table(results['heads'])}")
     head = best_head(run_dir)
     print(f"\nbest head by val accuracy: {head}")
     shutil.rmtree(model_dir, ignore_errors=True)
@@ -67,6 +70,10 @@ def write_samples(model_dir: Path, out: Path, n: int = 3) -> list[Path]:
     return paths
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(model_dir: Path, port: int, sample: Path) -> int:
     """Start `bentoml serve` on the package, prove it answers, print a curl example, then wait (Ctrl-C stops)."""
     import httpx
@@ -74,6 +81,7 @@ def serve(model_dir: Path, port: int, sample: Path) -> int:
     from ltserve.server_process import ServerProcess
 
     server = ServerProcess({"LTSERVE_MODEL": str(model_dir.resolve())}, port=port, target=None, cwd=REPO)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server too, like Ctrl-C
     try:
         server.wait_ready()
         with open(sample, "rb") as f:

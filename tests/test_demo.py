@@ -1,0 +1,68 @@
+"""`make demo`'s driver (ltserve.demo) on the tiny recipe: the heads table, the exported best head, a real
+`bentoml serve` answering the printed curl command, and SIGTERM stopping the server with the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from ltserve.package import load_package
+from ltserve.server_process import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_trains_rebalances_exports_and_serves(tmp_path):
+    port = free_port()
+    run, model = tmp_path / "demo", tmp_path / "demo-model"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LTSERVE_")}
+    env["BENTOML_HOME"] = str(tmp_path / "bentoml")
+    cmd = [sys.executable, "-m", "ltserve.demo", "--config", "configs/tiny.yaml", "--set", "train.epochs=3",
+           "--run", str(run), "--model", str(model), "--port", str(port)]
+    # SIGINT/SIGTERM at their defaults, as in a terminal (a runner started in the background has SIGINT ignored)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline().decode(errors="replace")
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line)
+            if line.startswith("which answers:"):
+                lines.append(proc.stdout.readline().decode())
+                break
+        out = "".join(lines)
+        assert "which answers:" in out, out[-3000:]
+
+        # the heads table, every head of the run
+        for head in ("joint", "crt", "tau_norm", "lws", "ncm", "la", "tau_norm+la", "lws+la"):
+            assert re.search(rf"^\| {re.escape(head)} \|", out, re.M), f"{head} missing from the table:\n{out}"
+        best = re.search(r"best head by val accuracy: (\S+)", out).group(1)
+        assert load_package(model).head.name == best
+
+        # the printed curl command works, and answers what the demo printed
+        curl = re.search(r"curl -s -F image=@(\S+) (http://\S+)", out)
+        answer = subprocess.run(["curl", "-s", "-F", f"image=@{curl.group(1)}", curl.group(2)], capture_output=True,
+                                text=True, timeout=30)
+        assert json.loads(answer.stdout) == json.loads(lines[-1])
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)  # the demo stops its server on the way out
+        proc.wait(60)
+    time.sleep(1)
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/livez", timeout=2)
+        still_up = True
+    except httpx.HTTPError:
+        still_up = False
+    assert not still_up, "the demo's server outlived the demo"
