@@ -12,16 +12,17 @@ from typing import Sequence
 
 import numpy as np
 
+from ltserve.data import find_fashion_mnist
+
 FASHION_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                   "Ankle boot"]
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 # Long-tailed training counts (n_max 1000, rho 100) so that the package has many, medium and few-shot classes.
 LT_COUNTS = [1000, 599, 359, 215, 129, 77, 46, 27, 16, 10]
 
 
 def read_fashion(split: str) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST images (N, 28, 28) uint8 and labels (N,) int64 of 'train' or 't10k'."""
-    from ltserve.data import find_fashion_mnist, read_idx
+    from ltserve.data import read_idx
 
     folder = find_fashion_mnist()
     images = read_idx(folder / f"{split}-images-idx3-ubyte.gz")

@@ -22,11 +22,9 @@ from PIL import Image
 from ltserve.batch import (CsvSink, DecodePool, JsonlSink, PredictOptions, _truncate_torn_tail, decode_files,
                            expand_inputs, read_list_file, resolve_format, run_predict)
 from ltserve.errors import ConfigError, DataError, LtserveError, PackageError
-from package_helpers import FASHION_DIR, build_lsq_package, read_fashion
+from package_helpers import build_lsq_package, read_fashion
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not (FASHION_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
-                                reason="Debian package dataset-fashion-mnist not installed")
 N_GOOD = 300
 MAX_PIXELS = 100_000  # so that a 400x400 PNG is "over the pixel limit" without writing a huge file
 
@@ -126,7 +124,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def read_parquet_dir(path: Path) -> list[dict]:
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow.parquet as pq  # the dev extra installs pyarrow
     return pq.read_table(path).to_pylist()
 
 
@@ -235,7 +233,6 @@ def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(tmp_path, packag
 
 
 def test_ctrl_c_on_parquet_then_resume(tmp_path, package, big_dir):
-    pytest.importorskip("pyarrow")
     # small batches and parts: the run lasts seconds, so the stop lands midway even on a fast, idle machine
     common = ["--model", package, "--batch-size", 2, "--workers", 1, "--part-rows", 16]
     out = tmp_path / "preds.parquet"
@@ -297,7 +294,6 @@ def test_list_mode_accuracy_matches_ltserve_evaluate(tmp_path, package, image_di
 
 
 def test_ray_engine_gives_the_same_predictions_as_local(tmp_path, package, image_dir, folder_run):
-    pytest.importorskip("ray.data")
     out = tmp_path / "ray.parquet"
     proc = run_cli(image_dir["root"], "--model", package, "--out", out, "--engine", "ray", "--ray-num-cpus", 2,
                    "--workers", 2, "--concurrency", 1, "--batch-size", 16, "--max-pixels", MAX_PIXELS, "--top-k", 3,
@@ -458,7 +454,6 @@ def test_ray_missing_is_a_clear_error(monkeypatch):
 
 def test_benchmark_smoke(tmp_path):
     """benchmarks/batch_predict.py --smoke: the whole script (corpus, package export, four measurements, report)."""
-    pytest.importorskip("torch")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.batch_predict", "--smoke", "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
