@@ -357,7 +357,22 @@ class DecodePool:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class JsonlSink:
+class _AppendedFile:
+    """A text output appended per batch (JSONL, CSV): `flush` after every chunk, `close` at the end."""
+
+    _f: io.TextIOWrapper | None = None
+
+    def flush(self) -> None:
+        if self._f is not None:
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+class JsonlSink(_AppendedFile):
     """One JSON object per line, appended and flushed per batch; resumable after SIGKILL.
 
     Args:
@@ -392,17 +407,8 @@ class JsonlSink:
         # one write call per batch: a kill can only tear the last line, which recover() cuts off
         self._f.write("".join(json.dumps(r, ensure_ascii=True, allow_nan=False) + "\n" for r in rows))
 
-    def flush(self) -> None:
-        if self._f is not None:
-            self._f.flush()
 
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-
-
-class CsvSink:
+class CsvSink(_AppendedFile):
     """CSV with a header; top_k is one JSON column. Appended and flushed per batch; resumable after SIGKILL.
 
     Args:
@@ -455,15 +461,6 @@ class CsvSink:
             w.writerow(["" if values.get(c) is None else values[c] for c in self.columns])
         assert self._f is not None, "start() first"
         self._f.write(buf.getvalue())
-
-    def flush(self) -> None:
-        if self._f is not None:
-            self._f.flush()
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
 
 
 class ParquetSink:
