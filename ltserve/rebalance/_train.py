@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from typing import Any, Iterator, Protocol
 
 import numpy as np
@@ -20,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from ltserve.rebalance._common import ValScorer
+from ltserve.rebalance._common import ValScorer, check_features, class_counts
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,9 @@ class SgdHeadSettings:
         many_threshold, few_threshold: shot groups of the recorded val curve.
         progress: show a tqdm bar.
     """
+
+    name = "sgd"
+
     def __init__(self, epochs: int = 10, lr: float = 0.2, batch_size: int = 512, weight_decay: float = 5e-4,
                  momentum: float = 0.9, sampler: str = "cb", images_per_class: int = 4, seed: int = 0,
                  device: str = "auto", many_threshold: int = 100, few_threshold: int = 20, progress: bool = True):
@@ -178,3 +182,37 @@ class SgdHeadSettings:
         """The recipe, for meta."""
         return {k: getattr(self, k) for k in ("epochs", "lr", "batch_size", "weight_decay", "momentum", "sampler",
                                               "images_per_class", "seed")}
+
+    def _fit_module(self, model: nn.Module, train_features: Any, train_labels: np.ndarray, base_head: Any,
+                    val: tuple[np.ndarray, np.ndarray]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Check the inputs, train `model` (features (N, D) -> logits (N, C)) with this recipe, keep its best epoch.
+
+        Args:
+            model: the trainable head; C and D come from `base_head.weight` (C, D).
+            train_features: (N, D) cached features, or a FeatureSource (`--no-cache`).
+            train_labels: (N,) labels.
+            val: (features (M, D), labels (M,)); picks the best epoch.
+
+        Returns:
+            (the best epoch's state dict, meta: recipe, best_epoch, selection_metric, epochs_curve, features,
+            fit_seconds).
+        """
+        start = time.perf_counter()
+        c, d = base_head.weight.shape
+        device = resolve_device(self.device)
+        if isinstance(train_features, np.ndarray):
+            train_features, train_labels = check_features(train_features, train_labels, c, d, "train")
+        counts = class_counts(train_labels, c)
+        vx, vy = check_features(*val, num_classes=c, num_features=d, where="val")
+        scorer = ValScorer(vy, counts, self.many_threshold, self.few_threshold)
+        source = as_source(train_features, device)
+        state, curve, best = train_on_features(
+            model.to(device), source, train_labels, torch.as_tensor(vx, device=device), scorer, epochs=self.epochs,
+            lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay, momentum=self.momentum,
+            sampler=self.sampler, images_per_class=self.images_per_class, seed=self.seed, desc=self.name,
+            progress=self.progress)
+        log.info("%s: best epoch %d/%d, val %s %.4f (%s features)", self.name, best, self.epochs, scorer.metric,
+                 curve[best - 1]["score"], source.kind)
+        meta = {**self.settings(), "best_epoch": best, "selection_metric": scorer.metric, "epochs_curve": curve,
+                "features": source.kind, "fit_seconds": time.perf_counter() - start}
+        return state, meta

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from typing import Any
 
 import numpy as np
@@ -14,8 +13,8 @@ import torch
 from torch import nn
 
 from ltserve.heads import CalibratedHead
-from ltserve.rebalance._common import Val, ValScorer, check_features, class_counts
-from ltserve.rebalance._train import SgdHeadSettings, as_source, resolve_device, train_on_features
+from ltserve.rebalance._common import Val
+from ltserve.rebalance._train import SgdHeadSettings
 
 log = logging.getLogger(__name__)
 
@@ -60,24 +59,7 @@ class CRT(SgdHeadSettings):
             a head named "crt" with meta {recipe..., best_epoch, selection_metric, epochs (per-epoch val curve),
             features ("cached" or "augmented")}.
         """
-        start = time.perf_counter()
-        c, d = base_head.weight.shape
-        device = resolve_device(self.device)
-        if isinstance(train_features, np.ndarray):
-            train_features, train_labels = check_features(train_features, train_labels, c, d, "train")
-        counts = class_counts(train_labels, c)
-        vx, vy = check_features(*val, num_classes=c, num_features=d, where="val")
-        scorer = ValScorer(vy, counts, self.many_threshold, self.few_threshold)
-        source = as_source(train_features, device)
-        model = init_linear(d, c, self.seed).to(device)
-        val_t = torch.as_tensor(vx, device=device)
-        state, curve, best = train_on_features(
-            model, source, train_labels, val_t, scorer, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-            weight_decay=self.weight_decay, momentum=self.momentum, sampler=self.sampler,
-            images_per_class=self.images_per_class, seed=self.seed, desc="crt", progress=self.progress)
-        log.info("crt: best epoch %d/%d, val %s %.4f (%s features)", best, self.epochs, scorer.metric,
-                 curve[best - 1]["score"], source.kind)
-        meta = {**self.settings(), "best_epoch": best, "selection_metric": scorer.metric, "epochs_curve": curve,
-                "features": source.kind, "fit_seconds": time.perf_counter() - start}
+        state, meta = self._fit_module(init_linear(base_head.num_features, base_head.num_classes, self.seed),
+                                       train_features, train_labels, base_head, val)
         return CalibratedHead(weight=state["weight"].cpu().numpy(), bias=state["bias"].cpu().numpy(),
                               method=self.name, meta=meta)

@@ -6,7 +6,6 @@ Folded: W'_j = f_j W_j, b'_j = f_j b_j.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import numpy as np
@@ -14,8 +13,8 @@ import torch
 from torch import nn
 
 from ltserve.heads import CalibratedHead
-from ltserve.rebalance._common import Val, ValScorer, check_features, class_counts
-from ltserve.rebalance._train import SgdHeadSettings, as_source, resolve_device, train_on_features
+from ltserve.rebalance._common import Val
+from ltserve.rebalance._train import SgdHeadSettings
 
 log = logging.getLogger(__name__)
 
@@ -59,28 +58,12 @@ class LWS(SgdHeadSettings):
             a head named "lws" with W'_j = f_j W_j, b'_j = f_j b_j, extras {"scales": f (C,)}, meta {recipe...,
             best_epoch, selection_metric, epochs_curve, features}.
         """
-        start = time.perf_counter()
         if base_head.feature_transform != "none":
             raise ValueError(f"lws scales a plain linear head; base head {base_head.method!r} has feature transform "
                              f"{base_head.feature_transform!r} (use the joint head)")
-        c, d = base_head.weight.shape
-        device = resolve_device(self.device)
-        if isinstance(train_features, np.ndarray):
-            train_features, train_labels = check_features(train_features, train_labels, c, d, "train")
-        counts = class_counts(train_labels, c)
-        vx, vy = check_features(*val, num_classes=c, num_features=d, where="val")
-        scorer = ValScorer(vy, counts, self.many_threshold, self.few_threshold)
-        source = as_source(train_features, device)
-        model = ScaledLinear(base_head.weight, base_head.bias).to(device)
-        val_t = torch.as_tensor(vx, device=device)
-        state, curve, best = train_on_features(
-            model, source, train_labels, val_t, scorer, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-            weight_decay=self.weight_decay, momentum=self.momentum, sampler=self.sampler,
-            images_per_class=self.images_per_class, seed=self.seed, desc="lws", progress=self.progress)
+        state, meta = self._fit_module(ScaledLinear(base_head.weight, base_head.bias), train_features, train_labels,
+                                       base_head, val)
         f = state["scales"].cpu().numpy().astype(np.float64)
-        log.info("lws: best epoch %d/%d, val %s %.4f, scales in [%.3f, %.3f]", best, self.epochs, scorer.metric,
-                 curve[best - 1]["score"], f.min(), f.max())
-        meta = {**self.settings(), "best_epoch": best, "selection_metric": scorer.metric, "epochs_curve": curve,
-                "features": source.kind, "fit_seconds": time.perf_counter() - start}
+        log.info("lws: scales in [%.3f, %.3f]", f.min(), f.max())
         return CalibratedHead(weight=f[:, None] * base_head.weight, bias=f * base_head.bias, method=self.name,
                               meta=meta, extras={"scales": f.astype(np.float32)})
