@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gc
 import json
 import logging
 import math
@@ -668,6 +669,10 @@ def train(cfg: Config, out: str | Path, resume: bool = False, *, stop_after_epoc
         return _train(cfg, paths, resume, stop_after_epochs, evaluate, dist, device)
     finally:
         if dist.enabled and torch_dist.is_initialized():
+            # The DDP wrapper keeps the process group alive through reference cycles; a group that outlives
+            # destroy_process_group is torn down at interpreter exit with gloo's threads still running, which
+            # aborts the process ("terminate called without an active exception"). Collect it first.
+            gc.collect()
             torch_dist.destroy_process_group()
 
 
@@ -720,8 +725,19 @@ def _train(cfg: Config, paths: RunPaths, resume: bool, stop_after_epochs: int | 
             info = export_run(paths, model, cfg, splits, epoch + 1, _train_metrics(history, dist, device),
                               finished=False)
         dist.barrier()
-    if not dist.is_main:
-        return read_run(paths.root)
+    del net  # only rank 0 goes on, with the bare model
+    if dist.is_main:
+        info = _finish_on_main(cfg, paths, model, splits, history, info, evaluate, dist, device)
+    # Every rank stays in the group until rank 0 has evaluated and written run.json: a rank that tears its end
+    # of the group down while a peer still holds it can abort either process.
+    dist.barrier()
+    return info if info is not None else read_run(paths.root)
+
+
+def _finish_on_main(cfg: Config, paths: RunPaths, model: Classifier, splits: Any, history: list[dict],
+                    info: RunInfo | None, evaluate: bool, dist: _Dist, device: torch.device) -> RunInfo:
+    """Rank 0 after the last epoch: evaluate (when the run is complete) and write the final run.json."""
+    tc = cfg.train
     if info is None:  # nothing left to train (resumed a finished run, or stop_after_epochs already reached)
         info = export_run(paths, model, cfg, splits, len(history), _train_metrics(history, dist, device),
                           finished=False)
