@@ -223,6 +223,13 @@ class Predictor:
                     self.model_dir, self.meta.name, self.num_classes, self.providers[0], self.threads, self.buckets,
                     self.warmup_s)
 
+    @property
+    def on_accelerator(self) -> bool:
+        """Whether the model runs on a GPU (torch on CUDA, or an ONNX Runtime CUDA/TensorRT provider): then the CPU
+        cores are free for decoding uploads."""
+        first = self.providers[0]
+        return first.startswith("torch:cuda") or first in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
     # -- set-up ------------------------------------------------------------------------------------------------------
 
     def _build_session(self) -> Any:
@@ -397,7 +404,8 @@ class AsyncPredictor:
         predictor: the loaded Predictor.
         max_batch_size: most images in one call (default: the Predictor's); 1 turns batching off.
         max_latency_ms: longest a queued request waits for companions.
-        decode_threads: threads decoding uploads (default: min(4, os.cpu_count())).
+        decode_threads: threads decoding uploads (default: every core when the model runs on a GPU, else
+            min(4, os.cpu_count()), leaving the rest to inference).
         on_batch: called with the number of images of every batch run (metrics).
     """
 
@@ -409,8 +417,9 @@ class AsyncPredictor:
             raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.max_wait_s = max(0.0, float(max_latency_ms)) / 1000.0
         self.on_batch = on_batch
-        self._decode_pool = ThreadPoolExecutor(decode_threads or min(4, os.cpu_count() or 1),
-                                               thread_name_prefix="ltserve-decode")
+        cores = os.cpu_count() or 1
+        self.decode_threads = int(decode_threads or (cores if predictor.on_accelerator else min(4, cores)))
+        self._decode_pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="ltserve-decode")
         self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="ltserve-predict")  # one batch at a time
         self._queue: deque[_Job] = deque()
         self._incoming = 0  # requests decoding now: the worker may wait for them

@@ -76,6 +76,8 @@ class ServiceSettings(BaseModel):
         max_batch_size: most images per model call across concurrent requests; 1 turns adaptive batching off
             (LTSERVE_MAX_BATCH_SIZE).
         max_latency_ms: longest a request waits in the queue for companions (LTSERVE_MAX_LATENCY_MS).
+        decode_threads: threads decoding uploads (LTSERVE_DECODE_THREADS; default: every core when the model runs
+            on a GPU, whose cores have nothing else to run; else min(4, cores), leaving the rest to inference).
         api_key: when set, /classify, /classify_batch and /model need `Authorization: Bearer <key>`
             (LTSERVE_API_KEY). Health and metrics routes stay open for probes and scrapers.
         cors_origins: origins allowed by CORS, comma separated; empty = CORS off (LTSERVE_CORS_ORIGINS).
@@ -94,6 +96,7 @@ class ServiceSettings(BaseModel):
     threads: int | None = Field(None, ge=1)
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_latency_ms: float = Field(5.0, ge=0, le=10_000)
+    decode_threads: int | None = Field(None, ge=1, le=1024)
     api_key: SecretStr | None = None
     cors_origins: list[str] = Field(default_factory=list)
 
@@ -373,11 +376,12 @@ class Classifier:
             raise
         self.engine = AsyncPredictor(predictor, max_batch_size=self.settings.max_batch_size,
                                      max_latency_ms=self.settings.max_latency_ms,
-                                     on_batch=self.metrics["batch_size"].observe)
+                                     decode_threads=self.settings.decode_threads, on_batch=self.metrics["batch_size"].observe)
         self.info = {**predictor.info(), "service": {
             "top_k": self.settings.top_k, "max_upload_bytes": self.settings.max_upload_bytes,
             "max_pixels": self.settings.max_pixels, "max_batch_images": self.settings.max_batch_images,
-            "max_batch_size": self.settings.max_batch_size, "max_latency_ms": self.settings.max_latency_ms}}
+            "max_batch_size": self.settings.max_batch_size, "max_latency_ms": self.settings.max_latency_ms,
+            "decode_threads": self.engine.decode_threads}}
         _current["service"] = self
         logger.info("serving %s from %s", predictor.meta.name, path)
 

@@ -237,6 +237,17 @@ def test_async_predictor_batches_concurrent_requests(predictor, fashion_test):
     assert sum(sizes[:-1]) == 48 and max(sizes) > 1 and max(sizes) <= 8
 
 
+def test_decode_pool_size_follows_where_the_model_runs(predictor):
+    """On CPU, decoding leaves cores to inference (at most 4 threads); an explicit count wins."""
+    assert not predictor.on_accelerator and predictor.providers[0] == "CPUExecutionProvider"
+    for threads, expected in ((None, min(4, os.cpu_count() or 1)), (7, 7)):
+        engine = AsyncPredictor(predictor, decode_threads=threads)
+        try:
+            assert engine.decode_threads == expected
+        finally:
+            engine.close()
+
+
 def test_async_predictor_without_batching(predictor, fashion_test):
     images, _ = fashion_test
     files = [png(a) for a in images[:12]]

@@ -47,7 +47,7 @@ def package(tmp_path_factory) -> Path:
 def server(package, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     config = tmp / "ltserve.yaml"
-    config.write_text(f"top_k: 3\nmax_batch_images: {MAX_BATCH_IMAGES}\nmax_latency_ms: 10\nmax_batch_size: 16\n")
+    config.write_text(f"top_k: 3\nmax_batch_images: {MAX_BATCH_IMAGES}\nmax_latency_ms: 10\nmax_batch_size: 16\ndecode_threads: 3\n")
     env = {"LTSERVE_MODEL": str(package), "LTSERVE_CONFIG": str(config), "LTSERVE_API_KEY": API_KEY,
            "LTSERVE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "LTSERVE_MAX_PIXELS": str(MAX_PIXELS),
            "LTSERVE_CORS_ORIGINS": ORIGIN, "LTSERVE_THREADS": "2", "OMP_NUM_THREADS": "2"}
@@ -198,6 +198,7 @@ def test_model_route(server, package):
     assert info["head"]["name"] == "lstsq" and info["metrics"] == meta["metrics"]
     assert info["provenance"]["ltserve_version"] == meta["provenance"]["ltserve_version"]
     assert info["service"]["top_k"] == 3 and info["service"]["max_batch_images"] == MAX_BATCH_IMAGES
+    assert info["service"]["decode_threads"] == 3  # LTSERVE_CONFIG reached the decode pool
     assert info["runtime"]["providers"] == ["CPUExecutionProvider"]
     assert_error(httpx.get(server.url + "/model"), 401, "unauthorized")
 
@@ -437,6 +438,10 @@ def test_serve_load_benchmark_smoke(tmp_path):
     rows = result["results"]["tiny"]["http"]["inprocess/batched"]
     assert [r["concurrency"] for r in rows] == [1, 4]
     assert all(r["errors"] == 0 and r["requests"] > 0 for r in rows)
-    assert result["results"]["tiny"]["in_process"]["ceiling_img_s"] > 0
+    inproc = result["results"]["tiny"]["in_process"]
+    assert inproc["ceiling_img_s"] > 0 and inproc["cpu_decode_img_s"] > 0 and inproc["backend"] == "onnxruntime"
+    # the server's own account of what it ran, so that a run can show both sides used the same backend
+    runtime = result["results"]["tiny"]["server_runtime"]["inprocess/batched"]
+    assert runtime["backend"] == "onnxruntime" and runtime["providers"] == ["CPUExecutionProvider"]
     assert result["environment"]["versions"]["bentoml"]
     assert (tmp_path / "results.md").read_text().count("inprocess/batched") == 2 and (tmp_path / "results.png").is_file()
