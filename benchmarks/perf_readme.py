@@ -8,7 +8,7 @@ Reads `benchmarks/results/<machine>/<benchmark>/results.json` (machine folders e
 `--include-smoke`) and writes, between `<!-- perf:start -->` and `<!-- perf:end -->` (the README's own
 "## Performance" heading and introduction stay outside the markers; without markers, both are appended):
   - one table of every goal a benchmark reported (`results["goals"]`: goal, target, measured, met), plus the GPU
-    service goal derived from serve_load on GPU machines (HTTP throughput >= half the in-process CPU ceiling);
+    service goal derived from serve_load on GPU machines (HTTP throughput >= half the CPU decode ceiling);
   - per benchmark and machine: the machine (CPU model and cores, GPU), date and versions, then a compact table
     (model_latency, accuracy) or the benchmark's own results.md table.
 The section is deterministic for given results files, so `--check` can guard it.
@@ -26,7 +26,8 @@ from benchmarks.common import RESULTS_ROOT, markdown_table
 
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ("model_latency", "serve_load", "batch_predict", "stage2", "accuracy")
+ORDER = ("model_latency", "serve_load", "batch_predict", "stage2", "accuracy", "sampler_ablation")
+MET_WORDS = {True: "yes", False: "**no**", None: "not measured"}
 
 
 def load_results(root: Path, include_smoke: bool = False) -> list[dict[str, Any]]:
@@ -82,23 +83,33 @@ def goals_of(item: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def gpu_service_goal(res: dict[str, Any]) -> dict[str, Any] | None:
-    """Best HTTP throughput of serve_load vs half of its in-process CPU ceiling (decode-bound on a GPU machine)."""
+    """Best HTTP throughput of serve_load vs half of its CPU decode ceiling (every core decoding) in the same run.
+
+    Runs from before serve_load measured that ceiling give a row that says so (met: None), not a comparison
+    against some other in-process figure.
+    """
     best: tuple[float, str, float] | None = None
+    unmeasured: tuple[float, str] | None = None
     for model, r in res.items():
         if not isinstance(r, dict) or "in_process" not in r:
             continue
-        inproc = r["in_process"]
-        ceiling = inproc.get("ceiling_img_s") or inproc.get("decode_img_s")
         rows = [row for rows in (r.get("http") or {}).values() for row in rows if isinstance(row, dict)]
         top = max((row.get("req_s") or 0.0 for row in rows), default=0.0)
-        if ceiling and (best is None or top / ceiling > best[0] / best[2]):
+        ceiling = r["in_process"].get("cpu_decode_img_s")
+        if not ceiling:
+            unmeasured = max(unmeasured or (0.0, model), (top, model))
+        elif best is None or top / ceiling > best[0] / best[2]:
             best = (top, model, ceiling)
+    goal = "GPU service end to end ({}) vs the CPU decode ceiling of the same run"
     if best is None:
-        return None
+        if unmeasured is None:
+            return None
+        top, model = unmeasured
+        return {"goal": goal.format(model), "target": ">= 50 % of the ceiling",
+                "measured": f"{top:,.0f} req/s; the decode ceiling was not measured in this run", "met": None}
     top, model, ceiling = best
-    return {"goal": f"GPU service end to end ({model}) vs the CPU decode ceiling of the same run",
-            "target": ">= 50 % of the ceiling", "measured": f"{top:,.0f} req/s = {100 * top / ceiling:.0f} % of "
-            f"{ceiling:,.0f} img/s", "met": top >= 0.5 * ceiling}
+    return {"goal": goal.format(model), "target": ">= 50 % of the ceiling", "measured": f"{top:,.0f} req/s = "
+            f"{100 * top / ceiling:.0f} % of {ceiling:,.0f} img/s", "met": top >= 0.5 * ceiling}
 
 
 def model_latency_table(res: dict[str, Any]) -> str:
@@ -143,7 +154,7 @@ def render(items: list[dict[str, Any]], root: Path) -> str:
     if not items:
         lines += ["No benchmark results committed yet: run `make bench`.", "", END]
         return "\n".join(lines)
-    goal_rows = [{**g, "met": "yes" if g.get("met") else "**no**", "machine": machine_label(it),
+    goal_rows = [{**g, "met": MET_WORDS[g.get("met")], "machine": machine_label(it),
                   "benchmark": it["benchmark"]} for it in items for g in goals_of(it)]
     if goal_rows:
         lines += ["### Goals", "", markdown_table(goal_rows, ["goal", "target", "measured", "met", "machine"]), ""]
@@ -206,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         items = [it for it in items if it["_machine_dir"] == args.summary.name]
         for it in items:
             for g in goals_of(it):
-                print(f"[{'met' if g.get('met') else 'NOT met'}] {g['goal']}: {g['measured']} (target {g['target']})")
+                print(f"[met: {MET_WORDS[g.get('met')].strip('*')}] {g['goal']}: {g['measured']} "
+                      f"(target {g['target']})")
         print(f"{len(items)} results files in {args.summary}")
         return 0
     items = [it for it in load_results(args.results, args.include_smoke)

@@ -12,6 +12,9 @@ For each model it measures
     concurrency, with adaptive batching (LTSERVE_MAX_BATCH_SIZE=32) and without (=1), and the mean batch size the
     server ran (from /metrics);
   - HTTP overhead = p50 (p99) over HTTP at concurrency 1 minus the in-process p50 (p99) measured right before it.
+`--backend torch` (default: $LTSERVE_BACKEND, else onnxruntime) runs the in-process Predictor and the servers on the
+package's model.pt2 through PyTorch (CUDA on a GPU machine), so that both sides of every comparison run the same
+backend; each server's own report of what it runs (GET /model, "runtime") is kept in results.json.
 With `--paths depends` it also serves the alternative request path (a batchable BentoML API behind a front API,
 `bentoml.depends`, defined at the end of this file) at the same points.
 
@@ -162,7 +165,7 @@ def photo_images() -> list[bytes]:
 
 
 def measure_in_process(package: Path, images: list[bytes], threads: int, max_batch_size: int,
-                       seconds: float) -> dict[str, Any]:
+                       seconds: float, backend: str = "onnxruntime") -> dict[str, Any]:
     """The same work without HTTP: p50/p99 of one image end to end, decode and inference rates, and the ceiling.
 
     The ceiling is the in-process batched pipeline a server could at best match: a decode thread pool (as in the
@@ -170,14 +173,17 @@ def measure_in_process(package: Path, images: list[bytes], threads: int, max_bat
     """
     from ltserve.inference import Predictor
 
-    pred = Predictor(package, threads=threads, max_batch_size=max_batch_size)
+    pred = Predictor(package, threads=threads, max_batch_size=max_batch_size, backend=backend)
     single = single_image_latency(pred, images, seconds / 2)
     decode_ips = _rate(lambda k: pred.decode(images[k % len(images)]) is not None, seconds / 4)
+    cores = os.cpu_count() or 1
     batch = pred.preprocess([pred.decode(images[k % len(images)]) for k in range(max_batch_size)])
     infer_ips = max_batch_size * _rate(lambda k: pred.postprocess(pred.predict(batch), 5) is not None, seconds / 4)
     return {"single": single, "decode_img_s": decode_ips, "infer_img_s": infer_ips,
             "ceiling_img_s": _pipelined_rate(pred, images, max_batch_size, seconds),
-            "bucket_ms": pred.bucket_ms, "max_batch_size": max_batch_size, "threads": threads}
+            # what a GPU server can at best be fed: every core decoding (Pillow releases the GIL while it decodes)
+            "cpu_decode_img_s": _decode_pool_rate(pred, images, cores, seconds / 4), "cores": cores,
+            "bucket_ms": pred.bucket_ms, "max_batch_size": max_batch_size, "threads": threads, "backend": backend}
 
 
 def single_image_latency(pred: Any, images: list[bytes], seconds: float) -> dict[str, float]:
@@ -199,6 +205,19 @@ def _rate(step, seconds: float, minimum: int = 3) -> float:
         step(k)
         k += 1
     return k / (time.perf_counter() - t0)
+
+
+def _decode_pool_rate(pred: Any, images: list[bytes], threads: int, seconds: float) -> float:
+    """Images/s decoded (to model-sized arrays) by `threads` threads, over about `seconds`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunk = 4 * threads
+    with ThreadPoolExecutor(threads) as pool:
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds or n < chunk:
+            list(pool.map(pred.decode, [images[(n + i) % len(images)] for i in range(chunk)]))
+            n += chunk
+        return n / (time.perf_counter() - t0)
 
 
 def _pipelined_rate(pred: Any, images: list[bytes], batch_size: int, seconds: float) -> float:
@@ -234,6 +253,12 @@ class Server(ServerProcess):
         import httpx
 
         return httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=10).text
+
+    def runtime(self) -> dict[str, Any]:
+        import httpx
+
+        reply = httpx.get(f"http://127.0.0.1:{self.port}/model", timeout=10)
+        return reply.json().get("runtime", {}) if reply.status_code == 200 else {}
 
 
 def multipart_request(port: int, image: bytes, field: str = "image", route: str = "/classify") -> bytes:
@@ -303,13 +328,17 @@ def batch_stats(metrics_text: str) -> tuple[float, float]:
 
 def measure_server(target: str, env: dict[str, str], images: list[bytes], expected: list[int],
                    concurrencies: list[int], seconds: float, log: Path,
-                   baseline: Any = None) -> list[dict[str, Any]]:
+                   baseline: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """A closed-loop sweep over `concurrencies` against a fresh server; `baseline()` (in-process latency) runs
-    right before the first point, so that the HTTP overhead compares measurements taken minutes apart at most."""
+    right before the first point, so that the HTTP overhead compares measurements taken minutes apart at most.
+
+    Returns the rows (one per concurrency) and the server's own account of its runtime (GET /model "runtime":
+    backend, providers, torch device and precision), or {} when the target has no such route."""
     server = Server(env, log, target=target, cwd=REPO)
     rows = []
     try:
         server.wait_ready()
+        runtime = server.runtime()
         requests = [multipart_request(server.port, im) for im in images]
         asyncio.run(closed_loop(server.port, requests, expected, 2, min(2.0, seconds)))  # warm connections/caches
         in_process = baseline() if baseline is not None else None
@@ -326,7 +355,7 @@ def measure_server(target: str, env: dict[str, str], images: list[bytes], expect
                   f"mean batch {row['mean_batch'] or float('nan'):.2f}  errors {row['errors']}", flush=True)
     finally:
         server.stop()
-    return rows
+    return rows, runtime
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -345,6 +374,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime threads (server and "
                         "in-process)")
     parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--backend", choices=["onnxruntime", "torch"],
+                        default=os.environ.get("LTSERVE_BACKEND", "onnxruntime"),
+                        help="what runs the model, in process and in the servers (default: $LTSERVE_BACKEND, else "
+                        "onnxruntime); torch = model.pt2 through PyTorch, CUDA when there is a GPU")
     parser.add_argument("--max-latency-ms", type=float, default=5.0)
     parser.add_argument("--paths", default="inprocess", help="request paths to serve: inprocess, depends")
     parser.add_argument("--access-log", action="store_true", help="keep BentoML's access log on (off by default)")
@@ -387,30 +420,34 @@ def benchmark_model(model: str, args: argparse.Namespace, work: Path, out: Path)
     package, images = _model(model, work, args.seed)
     print(f"== {model}: {package}", flush=True)
     expected = [p.class_index for p in Predictor(package, threads=1).classify_bytes(images, top_k=1)]
-    inproc = measure_in_process(package, images, args.threads, args.max_batch_size, min(args.duration, 4.0))
+    inproc = measure_in_process(package, images, args.threads, args.max_batch_size, min(args.duration, 4.0),
+                                args.backend)
     print(f"  in process: p50 {inproc['single']['p50']:.2f} ms, p99 {inproc['single']['p99']:.2f} ms, ceiling "
           f"{inproc['ceiling_img_s']:.1f} img/s (decode {inproc['decode_img_s']:.0f}, "
           f"infer {inproc['infer_img_s']:.0f})", flush=True)
     base_env = {"LTSERVE_MODEL": str(package), "LTSERVE_THREADS": str(args.threads),
                 "LTSERVE_MAX_LATENCY_MS": str(args.max_latency_ms), "LTSERVE_TOP_K": "5",
-                "LTSERVE_MAX_BATCH_IMAGES": "64"}
+                "LTSERVE_MAX_BATCH_IMAGES": "64", "LTSERVE_BACKEND": args.backend}
     if not args.access_log:
         base_env["BENTOML_CONFIG_OPTIONS"] = "api_server.logging.access.enabled=false"
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     configs = server_configs(args)
-    single = Predictor(package, threads=args.threads, max_batch_size=args.max_batch_size)
+    single = Predictor(package, threads=args.threads, max_batch_size=args.max_batch_size, backend=args.backend)
 
     def baseline() -> dict[str, float]:
         return single_image_latency(single, images, min(args.duration, 4.0))
 
     runs: dict[str, list[list[dict[str, Any]]]] = {key: [] for key, _, _ in configs}
+    runtimes: dict[str, dict[str, Any]] = {}
     for r in range(args.repeat):
         for key, target, env in (configs if r % 2 == 0 else configs[::-1]):
             print(f"  {key} (sweep {r + 1}/{args.repeat}):", flush=True)
             log = work / f"server_{Path(model).name}_{key.replace('/', '_')}.log"
-            runs[key].append(measure_server(target, {**base_env, **env}, images, expected, concurrencies,
-                                            args.duration, log, baseline if key == "inprocess/batched" else None))
-    res: dict[str, Any] = {"package": str(package), "in_process": inproc,
+            rows, runtimes[key] = measure_server(target, {**base_env, **env}, images, expected, concurrencies,
+                                                 args.duration, log,
+                                                 baseline if key == "inprocess/batched" else None)
+            runs[key].append(rows)
+    res: dict[str, Any] = {"package": str(package), "in_process": inproc, "server_runtime": runtimes,
                            "http": {key: median_rows(sweeps) for key, sweeps in runs.items()}}
     c1 = next(r for r in res["http"]["inprocess/batched"] if r["concurrency"] == concurrencies[0])
     pairs = [(run["p50"] - run["in_process_single"]["p50"], run["p99"] - run["in_process_single"]["p99"])
@@ -434,19 +471,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server logs kept in {work}", file=sys.stderr)
         raise
     shutil.rmtree(work, ignore_errors=True)
-    rows_md = [{"model": m, "path": key, **r, "of_ceiling_%": 100.0 * r["req_s"] / res["in_process"]["ceiling_img_s"]}
+    rows_md = [{"model": m, "path": key, "runs_on": runs_on(res["server_runtime"].get(key, {})), **r,
+                "of_ceiling_%": 100.0 * r["req_s"] / res["in_process"]["ceiling_img_s"]}
                for m, res in results.items() for key, rows in res["http"].items() for r in rows]
-    table = markdown_table(rows_md, ["model", "path", "concurrency", "req_s", "p50", "p99", "mean_batch",
+    table = markdown_table(rows_md, ["model", "path", "runs_on", "concurrency", "req_s", "p50", "p99", "mean_batch",
                                      "of_ceiling_%", "errors"])
-    inproc_rows = [{"model": m, "p50_ms": r["in_process"]["single"]["p50"], "p99_ms": r["in_process"]["single"]["p99"],
+    inproc_rows = [{"model": m, "backend": r["in_process"]["backend"],
+                    "p50_ms": r["in_process"]["single"]["p50"], "p99_ms": r["in_process"]["single"]["p99"],
                     "decode_img_s": r["in_process"]["decode_img_s"], "infer_img_s": r["in_process"]["infer_img_s"],
                     "ceiling_img_s": r["in_process"]["ceiling_img_s"],
+                    "cpu_decode_img_s": r["in_process"]["cpu_decode_img_s"],
                     "http_overhead_p50_ms": r["http_overhead_ms"]["p50"],
                     "http_overhead_p99_ms": r["http_overhead_ms"]["p99"]} for m, r in results.items()]
     notes = ("HTTP: POST /classify, one image per request, closed loop, keep-alive; req_s, p50, p99 (ms) are medians "
              f"over {args.repeat} interleaved sweep(s) of {args.duration:g} s per point. In process: one image end "
              "to end (decode, preprocess, predict, postprocess); decode (one thread) and batched inference rates; "
-             "ceiling = decode thread pool overlapped with inference at max_batch_size, back to back. "
+             "ceiling = decode thread pool overlapped with inference at max_batch_size, back to back; "
+             "cpu_decode = every core decoding, the most a GPU server can be fed. "
              "HTTP overhead = HTTP at the lowest concurrency minus in process measured just before it on the same "
              "warm machine (median over sweeps).\n\n"
              + markdown_table(inproc_rows, list(inproc_rows[0])))
@@ -456,6 +497,16 @@ def main(argv: list[str] | None = None) -> int:
     print(notes)
     print(f"results in {out}")
     return 0
+
+
+def runs_on(runtime: dict[str, Any]) -> str:
+    """A server's GET /model "runtime" in a few words: "torch cuda fp16" or "onnxruntime CPUExecutionProvider"."""
+    if not runtime:
+        return "?"
+    torch_info = runtime.get("torch")
+    if torch_info:
+        return f"torch {torch_info.get('device')} {torch_info.get('precision')}"
+    return f"{runtime.get('backend', '?')} {','.join(runtime.get('providers') or [])}".strip()
 
 
 def _model(name: str, work: Path, seed: int) -> tuple[Path, list[bytes]]:
@@ -507,7 +558,7 @@ if bentoml is not None:
         from ltserve.inference import Predictor
 
         return Predictor(os.environ["LTSERVE_MODEL"], threads=int(os.environ.get("LTSERVE_THREADS", "0")) or None,
-                         max_batch_size=max_batch_size)
+                         max_batch_size=max_batch_size, backend=os.environ.get("LTSERVE_BACKEND", "onnxruntime"))
 
     @bentoml.service(name="ltserve_batched_model", workers=1)
     class BatchedModel:

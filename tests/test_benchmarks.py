@@ -232,3 +232,20 @@ def test_bentofiles():
     assert torch_bento["service"] == "ltserve.service:Classifier"
     default = yaml.safe_load((REPO / "bentofile.yaml").read_text())
     assert not any(p.startswith("torch") for p in default["python"]["packages"])  # the default stays torch-free
+
+
+def test_gpu_service_goal_compares_with_the_decode_ceiling_of_the_same_run():
+    """Half the all-cores decode ceiling is the bar; a run that did not measure the ceiling says so."""
+    from benchmarks.perf_readme import gpu_service_goal
+
+    def run(req_s: list[float], ceiling: float | None) -> dict:
+        inproc = {"ceiling_img_s": 50.0, **({"cpu_decode_img_s": ceiling} if ceiling else {})}
+        return {"in_process": inproc, "http": {"inprocess/batched": [{"req_s": r} for r in req_s]}}
+
+    met = gpu_service_goal({"m": run([100.0, 600.0], 1000.0)})
+    assert met["met"] is True and "600 req/s = 60 % of 1,000 img/s" in met["measured"]
+    missed = gpu_service_goal({"m": run([100.0, 400.0], 1000.0)})
+    assert missed["met"] is False and "40 %" in missed["measured"]
+    unmeasured = gpu_service_goal({"m": run([400.0], None)})
+    assert unmeasured["met"] is None and "not measured" in unmeasured["measured"]
+    assert gpu_service_goal({"note": "no models"}) is None
