@@ -112,6 +112,33 @@ def test_accuracy_smoke(accuracy_out):
             assert r[f"{key}_mean"] is None or 0.0 <= r[f"{key}_mean"] <= 100.0
 
 
+def test_sampler_ablation_smoke(tmp_path):
+    """Two stage-1 samplers end to end; each run really trained with its sampler; the finding names every head."""
+    from benchmarks import sampler_ablation
+
+    out = tmp_path / "sampler_ablation"
+    assert sampler_ablation.main(["--smoke", "--out", str(out)]) == 0
+    data = _check_trio(out, "sampler_ablation")
+    res = data["results"]
+    assert [(r["setting"], r["seed"]) for r in res["runs"]] == [("IB", 0), ("CB", 0)]
+    assert all(f"train.sampler={s}" in r["overrides"] for r, s in zip(res["runs"], ("ib", "cb")))
+    # the two representations differ, so the heads fitted on them do too
+    assert res["runs"][0]["heads"]["joint"] != res["runs"][1]["heads"]["joint"]
+    decoupled = {r["head"] for r in res["rows"]} - {"joint"}
+    assert set(res["finding"]["best"]) == decoupled and set(res["finding"]["best"].values()) <= {"IB", "CB"}
+    goal = res["goals"][0]
+    assert goal["met"] == (len(res["finding"]["ib_best"]) == len(decoupled))
+    assert f"/{len(decoupled)} heads" in goal["measured"]
+
+
+def test_sampler_ablation_rejects_an_unknown_sampler(tmp_path):
+    from benchmarks import sampler_ablation
+    from ltserve.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown xb \(valid: ib, cb, sr, pb\)"):
+        sampler_ablation.main(["--smoke", "--samplers", "ib,xb", "--out", str(tmp_path)])
+
+
 def test_accuracy_plan_defaults():
     from benchmarks.accuracy import build_parser, plan
 
