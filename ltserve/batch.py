@@ -988,7 +988,7 @@ def cli(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: rows so far are in {opts.out}; continue with the same command and --resume",
               file=sys.stderr)
-        raise
+        return 130  # the shell's code for SIGINT; returned, not re-raised, so the dispatcher adds no second line
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(format_summary(summary))
