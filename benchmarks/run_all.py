@@ -11,7 +11,7 @@ Order and budgets (CPU):
   stage2         cached features vs --no-cache on the demo run
   serve_load     `bentoml serve` vs in process (5 s per point)
   batch_predict  `ltserve predict` vs a naive loop
-  sampler_ablation  stage-1 IB / CB / SR / PB x every head, rho 100, 3 seeds, 30 epochs (~10 min)
+  sampler_ablation  stage-1 IB / CB / SR / PB x every head, rho 100, 3 seeds, the recipe's 60 epochs (~10 min)
 Scripts that are missing are skipped; a failing script is reported and the others still run. Each script's options
 are passed only when its `--help` lists them, so the runner keeps working while the scripts evolve. Logs go to
 `<work>/logs/<script>.log`; each script writes its results into `benchmarks/results/<machine>/<script>/` (or
