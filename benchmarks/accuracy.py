@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     epochs = next((o.split("=", 1)[1] for o in settings[0][1] if o.startswith("train.epochs=")), "the recipe's")
     notes = (f"Top-1 (%) on the test split, mean +- std (ddof 1) over seeds {seeds}; recipe {config.name}, "
              f"{epochs} stage-1 epochs per run; {len(runs)} runs in {total / 60:.1f} min "
-             f"({total / max(len(runs), 1):.0f} s per run: train + rebalance every head + evaluate). Empty shot groups are reported as 'empty', not 0.")
+             f"({total / max(len(runs), 1):.0f} s per run: train + rebalance every head + evaluate). "
+             "Empty shot groups are reported as 'empty', not 0.")
     config_out = {"config": str(config), "settings": {n: ov for n, ov in settings}, "seeds": seeds,
                   "smoke": args.smoke, "data": args.data, "budget": "about 30 min on 2 CPU cores (default)",
                   "wall_seconds": total}

@@ -521,7 +521,8 @@ def goals(rows: list[dict[str, Any]], nodes: dict[str, dict[str, Any]], r50: str
                         "measured": f"{speed:.2f}x ({ort1['p50_ms']:.2f} vs {pt1['p50_ms']:.2f} ms p50)",
                         "met": speed >= 2.0})
     if device == "cuda" and r50:
-        fp16 = [r for r in rows if r["model"] == r50 and r["head"] == "joint" and r["backend"].startswith("torch-cuda-fp16")]
+        fp16 = [r for r in rows
+                if r["model"] == r50 and r["head"] == "joint" and r["backend"].startswith("torch-cuda-fp16")]
         b256 = [r for r in fp16 if r["batch"] == max(r["batch"] for r in fp16)] if fp16 else []
         if b256:
             best = max(b256, key=lambda r: r["img_per_s"])

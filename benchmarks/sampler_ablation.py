@@ -7,12 +7,12 @@
 Kang et al. train stage 1 with instance-balanced (IB), class-balanced (CB), square-root (SR) and progressively
 balanced (PB) sampling, then fit every decoupled head on each representation; they find that the instance-balanced
 representation is the best one for every decoupled head. This script repeats that check on the embedded default
-(configs/fashion_lt.yaml as shipped, at rho = 100, n_max = 1000, with its stage-1 epochs unless `--epochs`): for each sampler and
-seed it runs the library end to end (`benchmarks.accuracy.run_once`: train with `train.sampler` = the sampler ->
-rebalance every head -> evaluate on the balanced test set) and reports each head's Many / Medium / Few / All as mean
-+- std over the seeds. The check ("finding" in results.json and in the README's goals table) counts the decoupled
-heads whose best mean All comes from the IB representation. Budget: about 10 minutes on 2 CPU cores (12 runs of
-the recipe's 60 epochs).
+(configs/fashion_lt.yaml as shipped, at rho = 100, n_max = 1000, with its stage-1 epochs unless `--epochs`): for each
+sampler and seed it runs the library end to end (`benchmarks.accuracy.run_once`: train with `train.sampler` = the
+sampler -> rebalance every head -> evaluate on the balanced test set) and reports each head's Many / Medium / Few /
+All as mean +- std over the seeds. The check ("finding" in results.json and in the README's goals table) counts the
+decoupled heads whose best mean All comes from the IB representation. Budget: about 10 minutes on 2 CPU cores (12
+runs of the recipe's 60 epochs).
 """
 
 from __future__ import annotations

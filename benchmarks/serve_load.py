@@ -419,7 +419,9 @@ def benchmark_model(model: str, args: argparse.Namespace, work: Path, out: Path)
 
     package, images = _model(model, work, args.seed)
     print(f"== {model}: {package}", flush=True)
-    expected = [p.class_index for p in Predictor(package, threads=1).classify_bytes(images, top_k=1)]
+    # the answers the servers must give: same backend (fp16 on a GPU may break near-ties differently from fp32)
+    reference = Predictor(package, threads=1, backend=args.backend)
+    expected = [p.class_index for p in reference.classify_bytes(images, top_k=1)]
     inproc = measure_in_process(package, images, args.threads, args.max_batch_size, min(args.duration, 4.0),
                                 args.backend)
     print(f"  in process: p50 {inproc['single']['p50']:.2f} ms, p99 {inproc['single']['p99']:.2f} ms, ceiling "

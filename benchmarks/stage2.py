@@ -84,8 +84,8 @@ def run_benchmark(run: Path, *, epochs: int | None, device: str, seed: int, repe
 
     results: dict[str, Any] = {"extract_train_features_s": extract_s, "train_images": int(len(train_y)),
                                "feature_dim": int(train_x.shape[1]), "repeats": repeats,
-                               "run": {"name": cfg.name, "backbone": info.backbone.name, "train_epochs": cfg.train.epochs,
-                                       "data_fingerprint": info.data_fingerprint}}
+                               "run": {"name": cfg.name, "backbone": info.backbone.name,
+                                       "train_epochs": cfg.train.epochs, "data_fingerprint": info.data_fingerprint}}
     augmented = AugmentedSource.from_run(run, cfg, device=device)
     sources = {"cached": train_x, "no_cache": augmented}
 

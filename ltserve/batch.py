@@ -979,7 +979,8 @@ def cli(argv: list[str] | None = None) -> int:
         inputs=args.inputs, model=args.model, out=args.out, format=args.format, top_k=args.top_k,
         batch_size=args.batch_size, workers=args.workers, root=args.root, errors=args.errors, resume=args.resume,
         overwrite=args.overwrite, engine=args.engine, threads=args.threads, providers=args.providers,
-        backend=args.backend, max_pixels=args.max_pixels, part_rows=args.part_rows, concurrency=args.concurrency, num_gpus=args.num_gpus,
+        backend=args.backend, max_pixels=args.max_pixels, part_rows=args.part_rows, concurrency=args.concurrency,
+        num_gpus=args.num_gpus,
         ray_num_cpus=args.ray_num_cpus, progress=not args.no_progress)
     # SIGTERM (batch schedulers, `kill`) stops like Ctrl-C: written rows are kept and --resume continues
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)

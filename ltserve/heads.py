@@ -139,7 +139,8 @@ def load_head(heads_dir: str | Path, method: str) -> CalibratedHead:
     st_path, json_path = heads_dir / f"{method}.safetensors", heads_dir / f"{method}.json"
     for p in (st_path, json_path):
         if not p.is_file():
-            hint = "train the run first" if method == "joint" else f"run `ltserve rebalance {heads_dir.parent} --heads {method}`"
+            hint = ("train the run first" if method == "joint"
+                    else f"run `ltserve rebalance {heads_dir.parent} --heads {method}`")
             raise RunError(f"{p}: head {method!r} not found; {hint}")
     try:
         info = json.loads(json_path.read_text())

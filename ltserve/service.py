@@ -376,7 +376,8 @@ class Classifier:
             raise
         self.engine = AsyncPredictor(predictor, max_batch_size=self.settings.max_batch_size,
                                      max_latency_ms=self.settings.max_latency_ms,
-                                     decode_threads=self.settings.decode_threads, on_batch=self.metrics["batch_size"].observe)
+                                     decode_threads=self.settings.decode_threads,
+                                     on_batch=self.metrics["batch_size"].observe)
         self.info = {**predictor.info(), "service": {
             "top_k": self.settings.top_k, "max_upload_bytes": self.settings.max_upload_bytes,
             "max_pixels": self.settings.max_pixels, "max_batch_images": self.settings.max_batch_images,

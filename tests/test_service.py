@@ -47,7 +47,8 @@ def package(tmp_path_factory) -> Path:
 def server(package, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     config = tmp / "ltserve.yaml"
-    config.write_text(f"top_k: 3\nmax_batch_images: {MAX_BATCH_IMAGES}\nmax_latency_ms: 10\nmax_batch_size: 16\ndecode_threads: 3\n")
+    config.write_text(f"top_k: 3\nmax_batch_images: {MAX_BATCH_IMAGES}\nmax_latency_ms: 10\nmax_batch_size: 16\n"
+                      "decode_threads: 3\n")
     env = {"LTSERVE_MODEL": str(package), "LTSERVE_CONFIG": str(config), "LTSERVE_API_KEY": API_KEY,
            "LTSERVE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "LTSERVE_MAX_PIXELS": str(MAX_PIXELS),
            "LTSERVE_CORS_ORIGINS": ORIGIN, "LTSERVE_THREADS": "2", "OMP_NUM_THREADS": "2"}
@@ -444,4 +445,5 @@ def test_serve_load_benchmark_smoke(tmp_path):
     runtime = result["results"]["tiny"]["server_runtime"]["inprocess/batched"]
     assert runtime["backend"] == "onnxruntime" and runtime["providers"] == ["CPUExecutionProvider"]
     assert result["environment"]["versions"]["bentoml"]
-    assert (tmp_path / "results.md").read_text().count("inprocess/batched") == 2 and (tmp_path / "results.png").is_file()
+    assert (tmp_path / "results.md").read_text().count("inprocess/batched") == 2
+    assert (tmp_path / "results.png").is_file()
