@@ -42,8 +42,8 @@ demo: install data
 
 # The committed default model served by `bentoml serve` on a fresh clone (seeded; model.json records this command).
 default-model: install data
-	LTSERVE_COMMAND="make default-model" $(BIN)/python -m ltserve.demo --run runs/default-model \
-	  --model models/fashion-lt --no-serve --fresh
+	$(BIN)/python -m ltserve.demo --run runs/default-model --model models/fashion-lt --no-serve --fresh \
+	  --command "make default-model"
 
 bench: install data
 	$(BIN)/python -m benchmarks.run_all --device cpu

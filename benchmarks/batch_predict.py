@@ -10,7 +10,7 @@ hundred files would mostly time the worker start-up); each job reads its files f
 
 Models (random weights; speed does not depend on them): a tiny 28 px grey CIFAR-style ResNet-8 (10 classes) and a
 ResNet-18 at 224 px (1000 classes), each a synthetic run exported as a model package through
-`benchmarks.model_latency.export_heads` (`ltserve.export`, or the direct exporter where that cannot verify).
+`benchmarks.model_latency.export_heads` (the product's exporter, `ltserve.export`).
 
 What is measured, per model, in one invocation (so that the ratios share the machine's state):
 - ceiling: the Predictor on pre-decoded uint8 arrays (preprocess + predict + postprocess, batches of B, threads =
@@ -134,7 +134,7 @@ class Ceiling:
     the files decoded once (untimed); each call times one pass over all images."""
 
     def __init__(self, model: Path, files: Sequence[Path], batch: int, threads: int) -> None:
-        from ltserve.inference import Predictor
+        from ltserve.runtime import Predictor
 
         self.predictor = Predictor(model, threads=threads, max_batch_size=batch)
         self.images = _decode_all(files, self.predictor.spec)
@@ -159,7 +159,7 @@ def measure_decode_only(files: Sequence[Path], spec: Any) -> dict[str, Any]:
 
 def measure_naive(model: Path, files: Sequence[Path], batch: int, threads: int) -> dict[str, Any]:
     """One process: read + decode a batch, then preprocess + predict + postprocess it; no overlap."""
-    from ltserve.inference import Predictor
+    from ltserve.runtime import Predictor
 
     p = Predictor(model, threads=threads, max_batch_size=batch)
     start = time.perf_counter()
@@ -208,7 +208,7 @@ def benchmark_model(name: str, model: Path, files: Sequence[Path], batch: int, t
         ("naive", lambda: measure_naive(model, files, batch, threads)),
         ("predict:default", lambda: measure_cli(model, listing, batch, None, work)),
     ]
-    from ltserve.batch import default_workers
+    from ltserve.batch.options import default_workers
 
     # the default run already covers the default worker count
     methods += [(f"predict:workers={w}", lambda w=w: measure_cli(model, listing, batch, w, work))

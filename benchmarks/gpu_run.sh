@@ -13,7 +13,7 @@
 #   wheels    pip install --no-index --no-deps --target /tmp/site .whl/*.whl; PYTHONPATH=/tmp/site:$PWD
 #   corpus    check (or make, if scikit-learn/scikit-image are there) the image corpus
 #   build     ResNet-50 224 px, 1000 classes, random weights: joint and folded (tau_norm) packages, exported ON
-#             this machine (legacy ONNX exporter: no onnxscript needed; model.pt2 with the local torch)
+#             this machine by ltserve's exporter (onnxscript from .whl/; model.pt2 with the local torch)
 #   latency   python -m benchmarks.model_latency --device cuda (torch backend fp32/fp16, +/- CUDA graphs; ONNX
 #             Runtime CUDA/TensorRT when installed; ONNX Runtime CPU up to batch 8 for reference)
 #   serve     python -m benchmarks.serve_load on the ResNet-50 package with the torch backend (LTSERVE_BACKEND=torch)
@@ -134,7 +134,7 @@ check_imports() {  # what the benchmarks and `bentoml serve` import: a missing w
   $PY - <<'PYEOF'
 import importlib
 failed = []
-for name in ("pydantic", "ltserve.package", "ltserve.torch_backend", "ltserve.inference", "bentoml",
+for name in ("pydantic", "onnxscript", "ltserve.package", "ltserve.runtime.torch_runner", "ltserve.runtime", "bentoml",
              "_bentoml_impl.server.app", "opentelemetry.instrumentation.asgi", "opentelemetry.sdk",
              "opentelemetry.instrumentation.aiohttp_client", "uvicorn", "starlette", "multipart", "zmq", "tornado",
              "watchfiles", "httpx_ws", "a2wsgi", "simple_di", "cattrs", "schema", "asgiref", "pythonjsonlogger",
@@ -170,7 +170,7 @@ fi
 [ "$DEVICE" = cpu ] && [ "$SMOKE" = 0 ] && BATCHES=1,8,32
 VARIANTS=fp32,fp32-graphs,fp16,fp16-graphs
 export CONC DUR
-ML=($PY -m benchmarks.model_latency --device "$DEVICE" --work "$WORK/build" --no-demo --legacy-onnx "${SIZE[@]}")
+ML=($PY -m benchmarks.model_latency --device "$DEVICE" --work "$WORK/build" --no-demo "${SIZE[@]}")
 
 phase build 180 "${ML[@]}" --build-only
 phase latency 200 "${ML[@]}" --batches "$BATCHES" --seconds "$SECONDS_CELL" --cpu-max-batch 8 \

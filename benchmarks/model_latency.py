@@ -12,14 +12,13 @@ Models:
   a model trained from configs/tiny.yaml (`--smoke`: an untrained synthetic one);
 - ResNet-50 at 224 px with 1000 classes and random weights, exported twice: with its joint head and with a folded
   head (tau_norm of that head, tau = 0.7), to show what folding costs (expected: nothing; same node count).
-  The run directory is synthetic (backbone + run.json + heads, as stage 1 and 2 write them) and goes through
-  `ltserve.export.export_package`; where that is unavailable or fails (e.g. no onnxscript), or with `--legacy-onnx`,
-  the same graph is exported directly (torch.onnx legacy exporter + torch.export), with a model.json written through
-  `ltserve.package`.
+  The run directory is synthetic (backbone + run.json + heads, as stage 1 and 2 write them) and goes through the
+  product's exporter, `ltserve.export.export_package`, so the benchmark measures exactly what users serve.
 
-Runtimes: on CPU, PyTorch eager (the nn.Module, or the package's model.pt2 run eagerly) and ONNX Runtime CPU, both
-with threads = cores. With `--device cuda` also the torch backend (`ltserve.torch_backend.TorchRunner`) fp32/fp16,
-each with and without CUDA graphs, and ONNX Runtime CUDA / TensorRT when the installed onnxruntime has them.
+Runtimes: on CPU, PyTorch eager (the product's folded module `ltserve.export.fold.FoldedClassifier`, or the
+package's model.pt2 run eagerly) and ONNX Runtime CPU (the product's `OnnxRunner`), both with threads = cores. With
+`--device cuda` also the torch backend (`ltserve.runtime.torch_runner.TorchRunner`) fp32/fp16, each with and without
+CUDA graphs, and ONNX Runtime CUDA / TensorRT when the installed onnxruntime has them.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -54,40 +52,14 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def folded_module(backbone: Any, weight: np.ndarray, bias: np.ndarray, centre: np.ndarray | None = None) -> Any:
-    """backbone -> (optional centred-l2) -> one Linear: the graph every package holds. (N, C, H, W) -> (N, classes)."""
-    import torch
-    from torch import nn
-
-    class Folded(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.backbone = backbone
-            self.fc = nn.Linear(weight.shape[1], weight.shape[0])
-            with torch.no_grad():
-                self.fc.weight.copy_(torch.from_numpy(np.asarray(weight, np.float32)))
-                self.fc.bias.copy_(torch.from_numpy(np.asarray(bias, np.float32)))
-            self.register_buffer("centre", None if centre is None else torch.from_numpy(np.asarray(centre, np.float32)))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            f = self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
-            if self.centre is not None:
-                f = f - self.centre
-                f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            return self.fc(f)
-
-    return Folded().eval()
-
-
 def run_module(run_dir: Path, head_name: str) -> Any:
-    """The eager PyTorch model of one head of a run (backbone + folded head), in eval mode."""
-    from ltserve.heads import load_head
-    from ltserve.models import load_run_backbone
+    """The eager PyTorch model of one head of a run: the exporter's own folded module, in eval mode."""
+    from ltserve.export.fold import FoldedClassifier
+    from ltserve.features.backbones import load_run_backbone
+    from ltserve.rundir import open_run
 
-    backbone, _ = load_run_backbone(run_dir)
-    head = load_head(Path(run_dir) / "heads", head_name)
-    w, b = head.folded()
-    return folded_module(backbone, w, b, head.centre if head.feature_transform == "centred_l2" else None)
+    run = open_run(run_dir)
+    return FoldedClassifier(load_run_backbone(run), run.head(head_name)).eval()
 
 
 def synthetic_run(out: Path, arch: str, size: int, num_classes: int, channels: int = 3, seed: int = 0,
@@ -98,7 +70,7 @@ def synthetic_run(out: Path, arch: str, size: int, num_classes: int, channels: i
 
     Args:
         out: run directory to create.
-        arch: backbone name for `ltserve.models.create_backbone` (e.g. resnet50).
+        arch: backbone name for `ltserve.features.backbones.create_backbone` (e.g. resnet50).
         size: input crop in pixels (resize = size * 8 / 7).
         num_classes: classes of the head.
         heads: heads to write; joint, tau_norm (tau = 0.7) and lws (random scales) are known.
@@ -111,10 +83,11 @@ def synthetic_run(out: Path, arch: str, size: int, num_classes: int, channels: i
 
     from ltserve.config import Config
     from ltserve.data import longtail_counts
+    from ltserve.features.backbones import create_backbone
+    from ltserve.fileio import sha256_file
     from ltserve.heads import CalibratedHead, save_head
-    from ltserve.models import create_backbone
-    from ltserve.rebalance.tau_norm import tau_normalise
-    from ltserve.rundir import BackboneInfo, RunInfo, RunPaths, sha256_file, utc_now, write_run
+    from ltserve.heads.tau_norm import tau_normalise
+    from ltserve.rundir import BackboneInfo, RunInfo, RunPaths, utc_now, write_run
 
     paths = RunPaths(out).make()
     torch.manual_seed(seed)
@@ -150,124 +123,35 @@ def synthetic_run(out: Path, arch: str, size: int, num_classes: int, channels: i
     return paths.root
 
 
-def onnx_graph_info(path: Path) -> dict[str, Any]:
-    """opset, node count and op counts of an ONNX file."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    ops: dict[str, int] = {}
-    for node in model.graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    return {"opset": int(opset), "nodes": len(model.graph.node), "op_counts": dict(sorted(ops.items()))}
-
-
-def write_direct_package(module: Any, out: Path, *, spec: Any, labels: Sequence[str], class_counts: Sequence[int],
-                         head: str, head_params: dict[str, Any] | None = None, name: str = "direct",
-                         formats: Sequence[str] = ("onnx", "pt2"), opset: int = 17, max_batch: int = 4096,
-                         many: int = 100, few: int = 20, command: str | None = None) -> Path:
-    """Export a folded torch module as a model package without `ltserve.export`.
-
-    model.onnx comes from the legacy TorchScript exporter (needs no onnxscript; dynamic batch, BN folded into the
-    convolutions by its constant folding), model.pt2 from `torch.export` (batch dim 1..max_batch), and model.json,
-    with every file's sha256, through `ltserve.package`.
-
-    Args:
-        module: eval-mode module, float32 (N, C, H, W) -> (N, classes).
-        out: package folder (created).
-        spec: the `PreprocessSpec` the module expects.
-        head: head name recorded in model.json.
-
-    Returns:
-        `out`.
-    """
-    import torch
-
-    from ltserve import __version__
-    from ltserve.metrics import shot_groups
-    from ltserve.package import GraphInfo, HeadInfo, ModelJson, Provenance, file_entries, write_model_json
-    from ltserve.rundir import git_commit, utc_now
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    example = torch.zeros((2, spec.channels, spec.crop, spec.crop))  # batch >= 2 keeps the batch dim symbolic
-    files = ["model.onnx"]
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter, chosen on purpose (see above)
-        torch.onnx.export(module, (example,), str(out / "model.onnx"), dynamo=False, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=opset, do_constant_folding=True)
-    if "pt2" in formats:
-        batch = torch.export.Dim("batch", min=1, max=max_batch)
-        program = torch.export.export(module, (example,), dynamic_shapes={"x": {0: batch}})
-        torch.export.save(program, str(out / "model.pt2"))
-        files.append("model.pt2")
-    graph = onnx_graph_info(out / "model.onnx")
-    meta = ModelJson(
-        name=name, labels=list(labels), class_counts=list(class_counts),
-        shot_groups=shot_groups(class_counts, many, few), shot_thresholds={"many": many, "few": few},
-        preprocess=spec, head=HeadInfo(name=head, params=head_params or {}),
-        graph=GraphInfo(opset=graph["opset"], nodes=graph["nodes"], op_counts=graph["op_counts"]),
-        provenance=Provenance(ltserve_version=__version__, git_commit=git_commit(), created=utc_now(),
-                              command=command or "benchmarks.model_latency.write_direct_package"),
-        files=file_entries(out, files))
-    write_model_json(out, meta)
-    return out
-
-
-def export_heads(run_dir: Path, heads: Sequence[str], out_root: Path, prefix: str, legacy_onnx: bool = False,
+def export_heads(run_dir: Path, heads: Sequence[str], out_root: Path, prefix: str,
                  formats: Sequence[str] = ("onnx", "pt2"), verify_images: int = 32) -> tuple[dict[str, Path], str]:
-    """Export heads of a run into `out_root/<prefix>-<head>`: `ltserve.export.export_package` for all of them, or,
-    if it is unavailable or fails for any (no onnxscript, no data to verify on), the direct exporter for all of them
-    (so that the heads compared are always exported alike).
+    """Export heads of a run into `out_root/<prefix>-<head>` with `ltserve.export.export_package` (packages already
+    there, with the formats asked for, are reused).
 
     Returns:
-        ({head: package folder}, how they were exported: "ltserve.export" or "direct (legacy ONNX exporter)").
+        ({head: package folder}, "ltserve.export" or "ltserve.export, reused").
     """
+    from ltserve.export import export_package
+
     outs = {h: out_root / f"{prefix}-{h}" for h in heads}
     if all(_is_package(out, formats) for out in outs.values()):  # built earlier into the same --work
         log.info("reusing the packages in %s", out_root)
-        return outs, _exported_by(outs)
-    if not legacy_onnx:
-        try:
-            from ltserve.export import export_package
-
-            for head, out in outs.items():
-                export_package(run_dir, head, out, formats=tuple(formats), verify_images=verify_images,
-                               command="python -m benchmarks.model_latency")
-            return outs, "ltserve.export"
-        except Exception as exc:  # missing module or onnxscript, no data to verify on: measure anyway
-            log.warning("export_package(%s) failed (%s: %s); exporting directly with the legacy ONNX exporter",
-                        run_dir, type(exc).__name__, exc)
-            for out in outs.values():
-                shutil.rmtree(out, ignore_errors=True)
-    from ltserve.preprocess import PreprocessSpec
-    from ltserve.rundir import read_run
-
-    info = read_run(run_dir)
-    spec = PreprocessSpec.model_validate(info.config["preprocess"])
+        return outs, "ltserve.export, reused"
     for head, out in outs.items():
-        write_direct_package(run_module(run_dir, head), out, spec=spec, labels=info.class_names,
-                             class_counts=info.class_counts, head=head, name=out.name, formats=formats,
-                             many=info.many_threshold, few=info.few_threshold)
-    return outs, "direct (legacy ONNX exporter)"
+        export_package(run_dir, head, out, formats=tuple(formats), verify_images=verify_images,
+                       command="python -m benchmarks.model_latency", progress=False)
+    return outs, "ltserve.export"
 
 
 def _is_package(path: Path, formats: Sequence[str]) -> bool:
-    try:
-        from ltserve.package import load_package
-
-        meta = load_package(path, verify=False)
-    except Exception:
-        return False
-    return all(f"model.{f}" in meta.files for f in formats)
-
-
-def _exported_by(outs: dict[str, Path]) -> str:
+    from ltserve.errors import PackageError
     from ltserve.package import load_package
 
-    cmd = load_package(next(iter(outs.values())), verify=False).provenance.command or ""
-    return "direct (legacy ONNX exporter), reused" if "write_direct_package" in cmd else "ltserve.export, reused"
+    try:
+        meta = load_package(path, verify=False)
+    except PackageError:
+        return False
+    return all(f"model.{f}" in meta.files for f in formats)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,25 +173,22 @@ class Cell:
     error: str | None = None
 
 
-def ort_session(model_dir: Path, providers: Sequence[Any], threads: int) -> Any:
-    """An ONNX Runtime session with the Predictor's settings (intra-op threads = cores, ORT_ENABLE_ALL)."""
-    import onnxruntime as ort
+def ort_runner(entry: "ModelEntry", providers: Sequence[str], threads: int, max_batch: int,
+               provider_options: dict[str, dict[str, Any]] | None = None) -> Any:
+    """The product's ONNX Runtime runner (the Predictor's session settings) on one package.
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    sess = ort.InferenceSession(str(model_dir / "model.onnx"), sess_options=opts, providers=list(providers))
-    wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
-    if sess.get_providers()[0] != wanted:  # ORT falls back to CPU silently: a mislabelled row would mislead
-        raise RuntimeError(f"asked for {wanted}, ONNX Runtime runs on {sess.get_providers()[0]}")
-    return sess
+    Raises:
+        RuntimeError: ONNX Runtime fell back from the provider asked for (a mislabelled row would mislead).
+    """
+    from ltserve.package import load_package
+    from ltserve.runtime.onnx_runner import OnnxRunner
 
-
-def ort_fn(sess: Any) -> Callable[[np.ndarray], np.ndarray]:
-    inp, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
-    return lambda x: sess.run([out], {inp: x})[0]
+    runner = OnnxRunner(entry.package, load_package(entry.package), providers=list(providers), threads=threads,
+                        max_batch_size=max_batch, provider_options=provider_options)
+    wanted = runner.requested_providers[0]
+    if runner.providers[0] != wanted:
+        raise RuntimeError(f"asked for {wanted}, ONNX Runtime runs on {runner.providers[0]}")
+    return runner
 
 
 def eager_fn(module: Any) -> Callable[[np.ndarray], np.ndarray]:
@@ -336,13 +217,13 @@ def cpu_cells(entry: ModelEntry, threads: int) -> list[Cell]:
     import torch
 
     torch.set_num_threads(threads)
-    cells = [Cell(entry.model, entry.head, "onnxruntime-cpu",
-                  ort_fn(ort_session(entry.package, ["CPUExecutionProvider"], threads)))]
+    runner = ort_runner(entry, ["CPUExecutionProvider"], threads, max_batch=4096)
+    cells = [Cell(entry.model, entry.head, "onnxruntime-cpu", runner.run, runner=runner)]
     if entry.run_dir is not None:
         module = run_module(entry.run_dir, entry.head)
         cells.insert(0, Cell(entry.model, entry.head, "pytorch-eager-cpu", eager_fn(module)))
     elif (entry.package / "model.pt2").is_file():
-        from ltserve.torch_backend import TorchRunner
+        from ltserve.runtime.torch_runner import TorchRunner
 
         runner = TorchRunner(entry.package, device="cpu", max_batch_size=4096)
         cells.insert(0, Cell(entry.model, entry.head, "pytorch-eager-cpu", runner.run, runner=runner))
@@ -353,7 +234,7 @@ def cpu_cells(entry: ModelEntry, threads: int) -> list[Cell]:
 
 def gpu_cells(entry: ModelEntry, max_batch: int, variants: Sequence[str], threads: int) -> list[Cell]:
     """The torch backend on CUDA (each variant) and ONNX Runtime CUDA / TensorRT where installed."""
-    from ltserve.torch_backend import TorchRunner
+    from ltserve.runtime.torch_runner import TorchRunner
 
     cells = []
     for variant in variants:  # e.g. fp16-graphs, fp32, fp16-compile
@@ -376,12 +257,13 @@ def gpu_cells(entry: ModelEntry, max_batch: int, variants: Sequence[str], thread
         if provider not in available:
             continue
         try:
-            opts: dict[str, Any] = {}
+            opts: dict[str, dict[str, Any]] = {}
             if provider == "TensorrtExecutionProvider":
                 cache = Path(tempfile.gettempdir()) / "ltserve-trt-cache"
-                opts = {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)}
-            sess = ort_session(entry.package, [(provider, opts), "CPUExecutionProvider"], threads)
-            cells.append(Cell(entry.model, entry.head, label, ort_fn(sess), device="cuda"))
+                opts = {provider: {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                                   "trt_engine_cache_path": str(cache)}}
+            runner = ort_runner(entry, [provider], threads, max_batch, opts)
+            cells.append(Cell(entry.model, entry.head, label, runner.run, device="cuda", runner=runner))
         except Exception as exc:
             log.error("%s on %s failed: %s", label, entry.package, exc)
     return cells
@@ -639,8 +521,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-variants", default="fp32,fp32-graphs,fp16,fp16-graphs",
                         help="torch backend variants on CUDA (fp32|fp16, -graphs, -compile)")
     parser.add_argument("--no-cpu", action="store_true", help="with --device cuda: skip the CPU runtimes")
-    parser.add_argument("--legacy-onnx", action="store_true",
-                        help="export packages directly with the legacy ONNX exporter instead of ltserve.export")
     parser.add_argument("--work", type=Path, default=None,
                         help="folder for the built packages (default: a tmp dir); packages already there are reused")
     parser.add_argument("--build-only", action="store_true", help="build the packages into --work and stop")
@@ -665,7 +545,7 @@ def prepare_models(args: argparse.Namespace, work: Path) -> tuple[list[ModelEntr
         run = work / "runs" / r50_name
         if not (run / "run.json").is_file():
             synthetic_run(run, args.arch, args.size, args.classes, seed=args.seed)
-        pkgs, how = export_heads(run, ("joint", "tau_norm"), work / "models", r50_name, args.legacy_onnx)
+        pkgs, how = export_heads(run, ("joint", "tau_norm"), work / "models", r50_name)
         entries += [ModelEntry(r50_name, head, pkg, run, how) for head, pkg in pkgs.items()]
     return entries, r50_name, demo_name, notes
 
@@ -692,7 +572,7 @@ def demo_models(args: argparse.Namespace, work: Path) -> list[ModelEntry]:
             train(load_config(REPO / "configs" / "tiny.yaml"), path, evaluate=False)
     elif not (path / "run.json").is_file():
         raise FileNotFoundError(f"--model {path}: neither a model package (model.json) nor a run (run.json)")
-    pkgs, how = export_heads(path, ("joint",), work / "models", "demo", args.legacy_onnx)
+    pkgs, how = export_heads(path, ("joint",), work / "models", "demo")
     from ltserve.rundir import read_run
 
     info = read_run(path)
@@ -771,7 +651,9 @@ def measure_all(cells: list[Cell], entries: list[ModelEntry], plan: Plan, args: 
 def report(out: Path, rows: list[dict[str, Any]], entries: list[ModelEntry], r50: str | None, demo: str | None,
            plan: Plan, args: argparse.Namespace, notes: list[str]) -> list[dict[str, Any]]:
     """Goals, fold ratios, node counts -> results.json / .md / .png. Returns the goal rows."""
-    nodes = {f"{e.model}/{e.head}": onnx_graph_info(e.package / "model.onnx") for e in entries}
+    from ltserve.package import load_package
+
+    nodes = {f"{e.model}/{e.head}": load_package(e.package, verify=False).graph.model_dump() for e in entries}
     gpu = _gpu_name() if plan.cuda else None
     goal_rows = goals(rows, nodes, r50, demo, "cuda" if plan.cuda else "cpu", gpu)
     ratios = fold_ratios(rows, r50, "joint", "tau_norm") if r50 else []

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ltserve.server_process import ServerProcess
+from ltserve.serve.process import ServerProcess
 
 from benchmarks.common import add_common_args, markdown_table, output_dir, percentiles, write_results
 
@@ -53,27 +53,17 @@ NAME = "serve_load"
 
 
 def write_package(out: Path, model_proto: Any, spec: Any, labels: list[str], counts: list[int], name: str) -> Path:
-    """Save an ONNX ModelProto and a valid model.json (hashes, shot groups) into `out`."""
+    """Save an ONNX ModelProto and describe it through ltserve's one model.json writer."""
     import onnx
 
-    from ltserve import __version__
-    from ltserve.metrics import shot_groups
-    from ltserve.package import GraphInfo, HeadInfo, ModelJson, Provenance, file_entries, write_model_json
-    from ltserve.rundir import utc_now
+    from ltserve.package import HeadInfo, graph_info
+    from ltserve.package import write_package as write_model_json
 
     out.mkdir(parents=True, exist_ok=True)
     onnx.save(model_proto, str(out / "model.onnx"))
-    ops: dict[str, int] = {}
-    for node in model_proto.graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    opset = next(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx"))
-    meta = ModelJson(name=name, labels=labels, class_counts=counts, shot_groups=shot_groups(counts), preprocess=spec,
-                     head=HeadInfo(name="benchmark"), graph=GraphInfo(opset=opset, nodes=len(model_proto.graph.node),
-                                                                      op_counts=ops),
-                     provenance=Provenance(ltserve_version=__version__, created=utc_now(),
-                                           command="benchmarks/serve_load.py"),
-                     files=file_entries(out, ["model.onnx"]))
-    write_model_json(out, meta)
+    write_model_json(out, name=name, labels=labels, class_counts=counts, preprocess=spec,
+                     head=HeadInfo(name="benchmark"), graph=graph_info(model_proto), files=["model.onnx"],
+                     command="benchmarks/serve_load.py")
     return out
 
 
@@ -171,7 +161,7 @@ def measure_in_process(package: Path, images: list[bytes], threads: int, max_bat
     The ceiling is the in-process batched pipeline a server could at best match: a decode thread pool (as in the
     server) decoding the next batch while the Predictor runs the current one at `max_batch_size`, back to back.
     """
-    from ltserve.inference import Predictor
+    from ltserve.runtime import Predictor
 
     pred = Predictor(package, threads=threads, max_batch_size=max_batch_size, backend=backend)
     single = single_image_latency(pred, images, seconds / 2)
@@ -415,7 +405,7 @@ def median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 def benchmark_model(model: str, args: argparse.Namespace, work: Path, out: Path) -> dict[str, Any]:
     """In-process numbers, then every server configuration, `repeat` times interleaved."""
-    from ltserve.inference import Predictor
+    from ltserve.runtime import Predictor
 
     package, images = _model(model, work, args.seed)
     print(f"== {model}: {package}", flush=True)
@@ -554,10 +544,10 @@ except ImportError:  # the benchmark's other parts run without it
     bentoml = None
 
 if bentoml is not None:
-    from ltserve.inference import Prediction
+    from ltserve.runtime import Prediction
 
     def _bench_predictor(max_batch_size: int):
-        from ltserve.inference import Predictor
+        from ltserve.runtime import Predictor
 
         return Predictor(os.environ["LTSERVE_MODEL"], threads=int(os.environ.get("LTSERVE_THREADS", "0")) or None,
                          max_batch_size=max_batch_size, backend=os.environ.get("LTSERVE_BACKEND", "onnxruntime"))
@@ -588,7 +578,7 @@ if bentoml is not None:
 
         @bentoml.api(route="/classify")
         async def classify(self, image: Path) -> Prediction:
-            from ltserve.inference import postprocess
+            from ltserve.runtime import postprocess
             from ltserve.preprocess import decode
 
             arr = await asyncio.to_thread(lambda: decode(image.read_bytes(), self.meta.preprocess))

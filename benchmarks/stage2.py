@@ -43,8 +43,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _test_metrics(head: Any, run: Path, info: Any) -> dict[str, Any]:
-    from ltserve.features import cached_features
+def _test_metrics(head: Any, run: Any, info: Any) -> dict[str, Any]:
+    from ltserve.features.cache import cached_features
     from ltserve.metrics import classification_report
 
     try:
@@ -60,45 +60,41 @@ def _test_metrics(head: Any, run: Path, info: Any) -> dict[str, Any]:
 def run_benchmark(run: Path, *, epochs: int | None, device: str, seed: int, repeats: int = 3) -> dict[str, Any]:
     """Time cRT on cached features and on augmented images (median of `repeats` fits each, after a one-epoch
     warm-up of both); returns the results dict."""
-    from ltserve.config import config_from_dict
-    from ltserve.features import cached_features
-    from ltserve.heads import load_head
-    from ltserve.rebalance import build_method
-    from ltserve.rebalance._augmented import AugmentedSource
-    from ltserve.rundir import read_run
+    from ltserve.features.cache import cached_features
+    from ltserve.rebalance import apply_rebalance_overrides, build_method
+    from ltserve.rebalance.augmented import AugmentedSource
+    from ltserve.rundir import open_run
 
-    info = read_run(run)
-    cfg = config_from_dict(info.config)
-    if epochs is not None:
-        cfg.rebalance.crt.epochs = epochs
-    cfg.rebalance.seed = seed
-    joint = load_head(run / "heads", "joint")
+    handle = open_run(run)
+    info = handle.info
+    cfg = apply_rebalance_overrides(handle.config, [f"rebalance.seed={seed}",
+                                                    *([f"rebalance.crt.epochs={epochs}"] if epochs else [])])
+    joint = handle.head("joint")
 
     _sync(device)
     t0 = time.perf_counter()
-    fresh_x, _ = cached_features(run, "train", use_cache=False, device=device)  # the cache's one-off cost
+    fresh_x, _ = cached_features(handle, "train", use_cache=False, device=device)  # the cache's one-off cost
     _sync(device)
     extract_s = time.perf_counter() - t0
-    train_x, train_y = cached_features(run, "train")
-    val = cached_features(run, "val")
+    train_x, train_y = cached_features(handle, "train")
+    val = cached_features(handle, "val")
 
     results: dict[str, Any] = {"extract_train_features_s": extract_s, "train_images": int(len(train_y)),
                                "feature_dim": int(train_x.shape[1]), "repeats": repeats,
                                "run": {"name": cfg.name, "backbone": info.backbone.name,
                                        "train_epochs": cfg.train.epochs, "data_fingerprint": info.data_fingerprint}}
-    augmented = AugmentedSource.from_run(run, cfg, device=device)
+    augmented = AugmentedSource.from_run(handle, cfg, device=device)
     sources = {"cached": train_x, "no_cache": augmented}
 
     def fit(name: str, epochs_override: int | None = None) -> tuple[Any, float, int]:
-        method = build_method("crt", cfg.rebalance, many_threshold=info.many_threshold,
-                              few_threshold=info.few_threshold, device=device, progress=False)
+        method = build_method("crt", cfg, handle, device=device, progress=False)
         if epochs_override is not None:
-            method.epochs = epochs_override
+            method.settings = method.settings.model_copy(update={"epochs": epochs_override})
         _sync(device)
         t0 = time.perf_counter()
         head = method.fit(sources[name], train_y, joint, val=val)
         _sync(device)
-        return head, time.perf_counter() - t0, method.epochs
+        return head, time.perf_counter() - t0, method.settings.epochs
 
     for name in sources:  # warm-up: first-call costs (allocator, kernels, worker start) are not stage 2's
         fit(name, epochs_override=1)
@@ -113,7 +109,7 @@ def run_benchmark(run: Path, *, epochs: int | None, device: str, seed: int, repe
         results[name] = {"fit_s": fit_s, "fit_s_all": times[name], "per_epoch_s": fit_s / n_epochs,
                          "best_epoch": head.meta["best_epoch"],
                          "val_score": head.meta["epochs_curve"][head.meta["best_epoch"] - 1]["score"],
-                         **_test_metrics(head, run, info)}
+                         **_test_metrics(head, handle, info)}
         logging.getLogger(NAME).info("%s: median %.2f s for %d epochs (%s)", name, fit_s, n_epochs,
                                      ", ".join(f"{t:.2f}" for t in times[name]))
     results["ratio_no_cache_over_cached"] = results["no_cache"]["fit_s"] / results["cached"]["fit_s"]

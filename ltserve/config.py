@@ -3,6 +3,10 @@
 One `Config` holds a section per stage. Unknown keys are rejected with the valid ones listed;
 `--set section.field=value` overrides any field (the value is parsed as YAML: `1e-3`, `[1, 2]`, `null`).
 The resolved config is saved beside every artefact (`run.json`).
+
+The stage-2 section `rebalance` holds the common settings and one sub-section per registered head method
+(`rebalance.crt`, `rebalance.tau_norm`, ...): their schemas and defaults are the methods' own settings classes, read
+from the head registry (`ltserve.heads.HEADS`), so a method's defaults live in one place.
 """
 
 from __future__ import annotations
@@ -15,16 +19,12 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
-from ltserve.errors import ConfigError
+from ltserve.errors import ConfigError, unknown_choice
+from ltserve.heads.registry import HEADS
 from ltserve.preprocess import PreprocessSpec
-
-HEAD_NAMES = ("joint", "crt", "tau_norm", "lws", "ncm", "la", "tau_norm+la", "lws+la")
-"""Every head name, exactly as used by the CLI, files, reports and model packages."""
-
-STAGE2_HEADS = HEAD_NAMES[1:]
-
-SamplerName = Literal["ib", "cb", "sr", "pb"]
+from ltserve.samplers import SamplerKind
 
 
 class _Section(BaseModel):
@@ -98,7 +98,7 @@ class TrainConfig(_Section):
     milestones: list[int] = Field(default_factory=list, description="step decay: epochs at which lr *= gamma")
     gamma: float = 0.1
     warmup_epochs: int = Field(0, ge=0)
-    sampler: SamplerName = "ib"
+    sampler: SamplerKind = "ib"
     cb_images_per_class: int = Field(4, ge=1, description="class-balanced sampler: consecutive images per class")
     seed: int = 0
     num_workers: int = Field(0, ge=0)
@@ -108,62 +108,57 @@ class TrainConfig(_Section):
     eval_batch_size: int = 256
 
 
-class CrtConfig(_Section):
-    epochs: int = 10
-    lr: float = 0.2
-    batch_size: int = 512
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    sampler: SamplerName = Field("cb", description="stage-2 sampler (the paper: class-balanced)")
-    images_per_class: int = Field(4, ge=1, description="class-balanced sampler: consecutive images per class")
-
-
-class LwsConfig(_Section):
-    epochs: int = 5
-    lr: float = 0.2
-    batch_size: int = 512
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    sampler: SamplerName = Field("cb", description="stage-2 sampler (the paper: class-balanced)")
-    images_per_class: int = Field(4, ge=1, description="class-balanced sampler: consecutive images per class")
-
-
-class TauNormConfig(_Section):
-    tau: float | None = Field(None, description="fixed tau; None sweeps tau_grid on val")
-    tau_grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(21)])
-    keep_bias: bool = False
-
-
-class NcmConfig(_Section):
-    metric: Literal["euclidean", "cosine"] = "euclidean"
-
-
-class LaConfig(_Section):
-    tau_la: float | None = Field(None, description="fixed tau_la; None sweeps tau_grid on val")
-    tau_grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(31)])
-    target_prior: str = Field("uniform", description="uniform | train | path to a file of C class weights")
-
-
 class RebalanceConfig(_Section):
-    """Stage 2: re-balance the classifier on cached features of the frozen backbone."""
+    """Stage 2: re-balance the classifier on cached features of the frozen backbone.
 
-    heads: list[str] = Field(default_factory=lambda: list(STAGE2_HEADS))
+    Besides the fields below, one section per registered method (`crt`, `tau_norm`, `lws`, `ncm`, `la`, ...),
+    validated by that method's settings class; a missing section takes the method's defaults.
+    """
+
+    model_config = ConfigDict(extra="allow")  # the method sections: checked against the registry below
+
+    heads: list[str] = Field(default_factory=HEADS.stage2)
     calibrate: bool = Field(True, description="fit a temperature on val for every head")
+    target_prior: str = Field("uniform", description="uniform | train | path to a file of C class weights, added "
+                                                     "as log prior to every head's bias")
     use_cache: bool = True
     cache_dtype: Literal["float16", "float32"] = "float16"
     seed: int = 0
-    crt: CrtConfig = Field(default_factory=CrtConfig)
-    lws: LwsConfig = Field(default_factory=LwsConfig)
-    tau_norm: TauNormConfig = Field(default_factory=TauNormConfig)
-    ncm: NcmConfig = Field(default_factory=NcmConfig)
-    la: LaConfig = Field(default_factory=LaConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_target_prior(cls, raw: Any) -> Any:
+        # runs written before the target prior became a common field kept it in the la section
+        if isinstance(raw, dict) and isinstance(raw.get("la"), dict) and "target_prior" in raw["la"]:
+            la = dict(raw["la"])
+            raw = {"target_prior": la.pop("target_prior"), **raw, "la": la}
+        return raw
 
     @model_validator(mode="after")
-    def _check_heads(self) -> "RebalanceConfig":
+    def _check(self) -> "RebalanceConfig":
         for name in self.heads:
-            if name not in STAGE2_HEADS:
-                raise ValueError(unknown_choice("rebalance.heads", name, STAGE2_HEADS))
+            if name not in HEADS.stage2():
+                raise PydanticCustomError("section", "{msg}", {"msg": unknown_choice("rebalance.heads", name,
+                                                                                      HEADS.stage2())})
+        sections = HEADS.sections()
+        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        for key in list(extra):
+            if key not in sections:
+                raise PydanticCustomError("unknown_section", "{msg}", {"msg": _unknown_key_message(
+                    "rebalance", key, sorted([*type(self).model_fields, *sections]))})
+        for section, settings in sections.items():
+            value = extra.get(section)
+            if not isinstance(value, settings):
+                try:
+                    extra[section] = settings.model_validate(value if value is not None else {})
+                except ValidationError as exc:
+                    raise PydanticCustomError("section", "{msg}", {"msg": "; ".join(
+                        _error_lines(f"rebalance.{section}", exc, settings))}) from None
         return self
+
+    def section(self, name: str) -> BaseModel:
+        """The settings of section `name` (e.g. "crt")."""
+        return getattr(self, name)
 
 
 class Config(_Section):
@@ -178,26 +173,29 @@ class Config(_Section):
     rebalance: RebalanceConfig = Field(default_factory=RebalanceConfig)
 
 
-def unknown_choice(field: str, value: str, choices: tuple[str, ...] | list[str]) -> str:
-    """Message for a value outside its choices, with the closest valid one suggested."""
-    msg = f"{field} {value!r} is not one of {', '.join(choices)}"
-    close = difflib.get_close_matches(value, list(choices), n=1)
-    return msg + (f"; did you mean {close[0]!r}?" if close else "")
-
-
 def _format_validation_error(source: str, err: ValidationError, model: type[BaseModel]) -> str:
-    lines = [f"{source}: invalid configuration"]
+    return "\n".join([f"{source}: invalid configuration", *(f"  {line}" for line in _error_lines("", err, model))])
+
+
+def _error_lines(prefix: str, err: ValidationError, model: type[BaseModel]) -> list[str]:
+    """One line per error: where (dotted, after `prefix`), what, and the valid keys for an unknown one."""
+    lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = ".".join(p for p in [prefix, *(str(x) for x in e["loc"])] if p)
         if e["type"] == "extra_forbidden":
             valid = _valid_keys(model, [str(p) for p in e["loc"][:-1]])
-            key = str(e["loc"][-1])
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            lines.append(f"  {loc}: unknown key{hint} (valid keys: {', '.join(valid)})")
+            lines.append(_unknown_key_message(loc.rsplit(".", 1)[0], str(e["loc"][-1]), valid))
+        elif e["type"] in ("section", "unknown_section"):
+            lines.append(e["msg"])
         else:
-            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+    return lines
+
+
+def _unknown_key_message(where: str, key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{where + '.' if where else ''}{key}: unknown key{hint} (valid keys: {', '.join(valid)})"
 
 
 def _valid_keys(model: type[BaseModel], path: list[str]) -> list[str]:
@@ -209,7 +207,8 @@ def _valid_keys(model: type[BaseModel], path: list[str]) -> list[str]:
         if sub is None:
             return []
         model = sub
-    return sorted(model.model_fields)
+    extra = sorted(HEADS.sections()) if model is RebalanceConfig else []
+    return sorted([*model.model_fields, *extra])
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:

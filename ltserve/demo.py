@@ -29,12 +29,17 @@ def _stage(name: str, timings: dict[str, float], fn, *args, **kwargs):
     return out
 
 
-def build(config: Path, run_dir: Path, model_dir: Path, fresh: bool, overrides: list[str]) -> dict[str, float]:
-    """Train, rebalance, evaluate and export; returns the wall time of each stage in seconds."""
+def build(config: Path, run_dir: Path, model_dir: Path, fresh: bool, overrides: list[str],
+          command: str = "make demo") -> dict[str, float]:
+    """Train, rebalance, evaluate and export; returns the wall time of each stage in seconds.
+
+    `command` is what the package's provenance records as the command that made it.
+    """
     from ltserve.config import load_config
-    from ltserve.evaluate import evaluate_run, format_table
-    from ltserve.export import best_head, export_package
+    from ltserve.evaluate import best_head, evaluate_run, heads_table
+    from ltserve.export import export_package
     from ltserve.rebalance import rebalance
+    from ltserve.rundir import open_run
     from ltserve.train import train
 
     timings: dict[str, float] = {}
@@ -42,32 +47,16 @@ def build(config: Path, run_dir: Path, model_dir: Path, fresh: bool, overrides: 
         shutil.rmtree(run_dir, ignore_errors=True)
     cfg = load_config(config, overrides)
     _stage("stage 1: joint training", timings, train, cfg, run_dir)
-    _stage("stage 2: rebalance", timings, rebalance, run_dir)
-    results = _stage("evaluate every head (test split)", timings, evaluate_run, run_dir, "test")
+    run = open_run(run_dir)
+    _stage("stage 2: rebalance", timings, rebalance, run)
+    results = _stage("evaluate every head (test split)", timings, evaluate_run, run, "test")
     print(f"\n{run_dir}: every head on the {results['split']} split ({results['n']} images), top-1 %\n"
-          f"{format_table(results['heads'])}")
-    head = best_head(run_dir)
+          f"{heads_table(results['heads'])}")
+    head = best_head(run)
     print(f"\nbest head by val accuracy: {head}")
     shutil.rmtree(model_dir, ignore_errors=True)
-    _stage(f"export {head}", timings, export_package, run_dir, head, model_dir,
-           command="make demo")  # LTSERVE_COMMAND (make default-model) takes precedence
+    _stage(f"export {head}", timings, export_package, run, head, model_dir, command=command)
     return timings
-
-
-def write_samples(model_dir: Path, out: Path, n: int = 3) -> list[Path]:
-    """A few Fashion-MNIST test images as PNG files, for the curl example."""
-    from ltserve.data import find_fashion_mnist, read_idx
-    from PIL import Image
-
-    root = find_fashion_mnist()
-    images = read_idx(root / "t10k-images-idx3-ubyte.gz")
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        p = out / f"test_{i}.png"
-        Image.fromarray(images[i]).save(p)
-        paths.append(p)
-    return paths
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -78,7 +67,7 @@ def serve(model_dir: Path, port: int, sample: Path) -> int:
     """Start `bentoml serve` on the package, prove it answers, print a curl example, then wait (Ctrl-C stops)."""
     import httpx
 
-    from ltserve.server_process import ServerProcess
+    from ltserve.serve.process import ServerProcess
 
     server = ServerProcess({"LTSERVE_MODEL": str(model_dir.resolve())}, port=port, target=None, cwd=REPO)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server too, like Ctrl-C
@@ -108,19 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=3000)
     parser.add_argument("--no-serve", action="store_true", help="stop after export (for scripts)")
     parser.add_argument("--fresh", action="store_true", help="delete the run directory first")
+    parser.add_argument("--command", default="make demo", help="the command recorded in the package's provenance")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     t0 = time.perf_counter()
-    timings = build(args.config, args.run, args.model, args.fresh, args.overrides)
+    timings = build(args.config, args.run, args.model, args.fresh, args.overrides, args.command)
     total = time.perf_counter() - t0
     print("\nwall time per stage: " + ", ".join(f"{k}: {v:.0f} s" for k, v in timings.items()))
     print(f"total wall time (after installation): {total:.0f} s\n\nmodel package: {args.model}\n"
           f"inspect it:    ltserve inspect {args.model}")
     if args.no_serve:
         return 0
-    samples = write_samples(args.model, args.run / "samples")
-    return serve(args.model, args.port, samples[0])
+    from ltserve.data import write_samples
+
+    write_samples(args.run / "samples", 3)
+    return serve(args.model, args.port, args.run / "samples" / "test_0.png")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,24 @@
-"""The errors ltserve raises on purpose.
+"""The errors ltserve raises on purpose, and the one way of naming a value outside its choices.
 
 Every message says where (file, line or field), what is wrong, and how to fix it. The service maps
 `InvalidInput` subclasses to HTTP 4xx; the CLI prints any `LtserveError` without a traceback.
 """
+
+from __future__ import annotations
+
+import difflib
+from typing import Sequence
+
+
+def unknown_choice(field: str, value: str, choices: Sequence[str]) -> str:
+    """Message for a value outside its choices, with the closest valid one suggested.
+
+    Example: unknown_choice("--heads", "taunorm", ["crt", "tau_norm"]) ->
+    "--heads 'taunorm' is not one of crt, tau_norm; did you mean 'tau_norm'?"
+    """
+    msg = f"{field} {value!r} is not one of {', '.join(choices)}"
+    close = difflib.get_close_matches(value, list(choices), n=1)
+    return msg + (f"; did you mean {close[0]!r}?" if close else "")
 
 
 class LtserveError(Exception):
@@ -47,3 +63,7 @@ class UnsupportedFormat(InvalidImage):
     """The bytes are an image format ltserve does not accept."""
 
     status_code = 415
+
+
+class MissingDependency(LtserveError, ImportError):
+    """A package the requested feature needs is not installed (the message names the extra to install)."""

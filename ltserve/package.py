@@ -1,20 +1,24 @@
 """The model package: `model.onnx` (+ optional `model.pt2`) and `model.json`, what export writes and serving reads.
 
-`ModelJson` is the schema of `model.json`. `load_package` validates it and every listed file's sha256, so a
-corrupted, swapped or missing file is caught before a session is built. No torch, no onnxruntime here.
+`ModelJson` is the schema of `model.json`. `write_package` is its one writer (export, the benchmarks and the tests
+all build packages through it); `load_package` validates it and every listed file's sha256, so a corrupted, swapped
+or missing file is caught before a session is built. No torch, no onnxruntime here.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ltserve import __version__
 from ltserve.errors import PackageError
-from ltserve.metrics import ShotGroup
+from ltserve.fileio import atomic_write_text, sha256_file
+from ltserve.metrics import ShotGroup, shot_groups
 from ltserve.preprocess import PreprocessSpec
-from ltserve.rundir import atomic_write_text, sha256_file
+from ltserve.rundir import git_commit, utc_now
 
 PACKAGE_SCHEMA_VERSION = 1
 MODEL_JSON = "model.json"
@@ -139,6 +143,48 @@ def file_entries(model_dir: str | Path, names: list[str]) -> dict[str, FileEntry
     return {n: FileEntry(sha256=sha256_file(root / n), bytes=(root / n).stat().st_size) for n in names}
 
 
-def write_model_json(model_dir: str | Path, meta: ModelJson) -> None:
-    """Write `model.json` atomically (after the files it lists)."""
+def onnx_opset(model: Any) -> int:
+    """The default-domain opset of an ONNX ModelProto."""
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def graph_info(model: Any, precision: Literal["fp32", "fp16"] = "fp32") -> GraphInfo:
+    """Opset, node count, op counts (sorted by op name) and precision of an ONNX ModelProto (no onnx import here)."""
+    ops = Counter(n.op_type for n in model.graph.node)
+    return GraphInfo(opset=onnx_opset(model), nodes=len(model.graph.node), op_counts=dict(sorted(ops.items())),
+                     precision=precision)
+
+
+def write_package(model_dir: str | Path, *, name: str, labels: Sequence[str], class_counts: Sequence[int],
+                  preprocess: PreprocessSpec, head: HeadInfo, graph: GraphInfo, files: Sequence[str],
+                  thresholds: ShotThresholds | None = None, metrics: dict[str, Any] | None = None,
+                  verification: dict[str, Any] | None = None, command: str | None = None, run: str | None = None,
+                  config_hash: str | None = None) -> ModelJson:
+    """Describe the files already in `model_dir` and write `model.json`: the one writer of the package schema.
+
+    Shot groups come from the training counts and thresholds, every listed file gets its sha256 and size, and
+    provenance records this ltserve version, the git commit, the time, the command and the run. The file is written
+    atomically after the files it lists, then read back and verified (schema and every sha256).
+
+    Args:
+        files: the package's files, model.onnx first (e.g. ["model.onnx", "model.pt2"]).
+
+    Returns:
+        the ModelJson written.
+
+    Raises:
+        PackageError: the description does not validate, or a listed file does not verify.
+    """
+    thresholds = thresholds or ShotThresholds()
+    try:
+        meta = ModelJson(
+            name=name, labels=list(labels), class_counts=list(class_counts),
+            shot_groups=shot_groups(class_counts, thresholds.many, thresholds.few), shot_thresholds=thresholds,
+            preprocess=preprocess, head=head, metrics=metrics or {}, verification=verification or {}, graph=graph,
+            provenance=Provenance(ltserve_version=__version__, git_commit=git_commit(), config_hash=config_hash,
+                                  created=utc_now(), command=command, run=run),
+            files=file_entries(model_dir, list(files)))
+    except ValidationError as exc:
+        raise PackageError(f"{model_dir}: invalid package description: {exc}") from None
     atomic_write_text(Path(model_dir) / MODEL_JSON, meta.model_dump_json(indent=2))
+    return load_package(model_dir, verify=True)

@@ -146,6 +146,16 @@ def to_model_input(images: Sequence[np.ndarray], spec: PreprocessSpec) -> np.nda
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
+def arrays_are_model_sized(arrays: np.ndarray, spec: PreprocessSpec) -> bool:
+    """True when `transform_image` is the identity on these uint8 (N, H, W[, C]) arrays (up to grey -> RGB)."""
+    if arrays.dtype != np.uint8 or arrays.ndim not in (3, 4):
+        return False
+    channels = 1 if arrays.ndim == 3 else arrays.shape[3]
+    same_size = arrays.shape[1] == arrays.shape[2] == spec.resize == spec.crop
+    # RGB -> grey goes through Pillow's weighted sum, so only grey -> grey/RGB and RGB -> RGB are shortcuts
+    return same_size and (channels == 1 or channels == spec.channels)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # decode: bytes -> uint8 (crop, crop, C), the serving entry point (service, batch CLI, Ray actors).
 # Module-level functions only, so they pickle by reference into worker processes.

@@ -8,23 +8,25 @@
       eval/                    metrics JSON, Markdown, PNGs
       cache/                   stage-2 feature cache
 
-No torch here: the model package and the serving side read `run.json` too.
+A stage receives a `Run`: the paths, `run.json` and the validated config, read once (`open_run`), and passes it on
+instead of a path to parse again. No torch here: the model package and the serving side read `run.json` too.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
-import os
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ltserve import __version__
+from ltserve.config import Config, config_from_dict
 from ltserve.errors import RunError
+from ltserve.fileio import atomic_write_text
+from ltserve.heads import CalibratedHead, list_heads, load_head
 
 RUN_SCHEMA_VERSION = 1
 
@@ -99,38 +101,6 @@ def write_run(root: str | Path, info: RunInfo) -> None:
     atomic_write_text(RunPaths(root).run_json, info.model_dump_json(indent=2))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file so that a reader never sees half of it (tmp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write with NaN written as null."""
-    atomic_write_text(path, json.dumps(_nan_to_none(obj), indent=2))
-
-
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    return obj
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def git_commit() -> str | None:
     """The current git commit of the ltserve checkout, or None outside git."""
     try:
@@ -144,3 +114,59 @@ def git_commit() -> str | None:
 def utc_now() -> str:
     """ISO-8601 UTC timestamp, seconds precision."""
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+@dataclass
+class Run:
+    """A run directory read once: its paths, `run.json` and the validated config.
+
+    Stages take a `Run` (or a path, which they open once) and pass it on. Heads are read from `heads/` when asked
+    for and kept, so a process loads each head file once.
+    """
+
+    paths: RunPaths
+    info: RunInfo
+    config: Config
+    _heads: dict[str, CalibratedHead] = field(default_factory=dict, repr=False)
+
+    @property
+    def root(self) -> Path:
+        return self.paths.root
+
+    def head_names(self) -> list[str]:
+        """Registered heads present in `heads/`, in registry order."""
+        return list_heads(self.paths.heads)
+
+    def head(self, name: str) -> CalibratedHead:
+        """Head `name` from `heads/` (read on first use).
+
+        Raises:
+            RunError: the head files are missing or unreadable.
+        """
+        if name not in self._heads:
+            self._heads[name] = load_head(self.paths.heads, name)
+        return self._heads[name]
+
+    def forget_heads(self) -> None:
+        """Drop the heads read so far (after a stage wrote new ones)."""
+        self._heads.clear()
+
+    def update(self, info: RunInfo) -> "Run":
+        """Write `info` as run.json and keep it."""
+        write_run(self.paths.root, info)
+        self.info = info
+        return self
+
+
+def open_run(run: "Run | str | Path") -> Run:
+    """A `Run` as is, or the run directory at a path, read and validated.
+
+    Raises:
+        RunError: not a run directory, or an invalid run.json (names the file and the fix).
+        ConfigError: the config saved in run.json no longer validates.
+    """
+    if isinstance(run, Run):
+        return run
+    info = read_run(run)
+    paths = RunPaths(run)
+    return Run(paths, info, config_from_dict(info.config, str(paths.run_json)))

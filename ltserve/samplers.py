@@ -15,7 +15,9 @@ global batch, so the replicas' shares are disjoint, equal, and together cover th
 sequence from (seed, epoch), so no communication is needed. Call ``set_epoch`` before each epoch.
 
 The index sequence is usable without a DataLoader (stage 2 draws feature batches this way):
-``sampler.epoch_indices()`` gives a NumPy array, ``list(sampler)`` the same as Python ints.
+``sampler.epoch_indices()`` gives a NumPy array, ``list(sampler)`` the same as Python ints. NumPy only: a torch
+DataLoader takes any sized iterable of indices as its sampler, so stage 1 uses these objects directly and stage 2
+(which trains on cached features) needs no torch to plan its batches.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 from typing import Iterator, Literal, Sequence
 
 import numpy as np
-from torch.utils.data import Sampler
 
 SamplerKind = Literal["ib", "cb", "sr", "pb"]
 SAMPLER_Q = {"ib": 1.0, "cb": 0.0, "sr": 0.5}
@@ -53,7 +54,7 @@ def progressive_probabilities(counts: Sequence[int] | np.ndarray, epoch: int, to
     return (1.0 - lam) * class_probabilities(counts, 1.0) + lam * class_probabilities(counts, 0.0)
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler:
     """Base: a fixed-length, seeded, per-epoch index sequence, sharded across DDP replicas.
 
     Subclasses implement `_generate(rng, length) -> (length,) int64` for the whole (global) epoch.

@@ -1,7 +1,7 @@
 """Real model packages for the serving tests, independent of train/rebalance/export.
 
 `write_gemm_package` writes a real ONNX graph (input float32 [N, C, H, W] -> Flatten -> Gemm(W, b) -> logits) and a
-valid, hashed model.json through `ltserve.package`. `build_lsq_package` fits W, b by seeded ridge least squares on
+valid, hashed model.json through `ltserve.package.write_package`, the writer export uses. `build_lsq_package` fits W, b by seeded ridge least squares on
 Fashion-MNIST training images (one-hot targets), so its predictions mean something (~80 % test accuracy).
 """
 
@@ -42,10 +42,7 @@ def write_gemm_package(out: Path, weight: np.ndarray, bias: np.ndarray, spec, la
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from ltserve import __version__
-    from ltserve.metrics import shot_groups
-    from ltserve.package import GraphInfo, HeadInfo, ModelJson, Provenance, file_entries, write_model_json
-    from ltserve.rundir import utc_now
+    from ltserve.package import HeadInfo, graph_info, write_package
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,14 +61,9 @@ def write_gemm_package(out: Path, weight: np.ndarray, bias: np.ndarray, spec, la
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(out / "model.onnx"))
-    meta = ModelJson(
-        name=name, labels=list(labels), class_counts=list(class_counts), shot_groups=shot_groups(class_counts),
-        preprocess=spec, head=HeadInfo(name="lstsq", params={"fit": "ridge least squares, one-hot targets"}),
-        metrics=metrics or {}, graph=GraphInfo(opset=17, nodes=2, op_counts={"Flatten": 1, "Gemm": 1}),
-        provenance=Provenance(ltserve_version=__version__, created=utc_now(), command="tests/package_helpers.py"),
-        files=file_entries(out, ["model.onnx"]),
-    )
-    write_model_json(out, meta)
+    write_package(out, name=name, labels=labels, class_counts=class_counts, preprocess=spec,
+                  head=HeadInfo(name="lstsq", params={"fit": "ridge least squares, one-hot targets"}),
+                  metrics=metrics, graph=graph_info(model), files=["model.onnx"], command="tests/package_helpers.py")
     return out
 
 

@@ -1,4 +1,4 @@
-"""ltserve predict (ltserve.batch, ltserve.batch_ray): real Fashion-MNIST PNGs, a real ONNX package, the real CLI.
+"""ltserve predict (ltserve.batch, ltserve.cli.predict): real Fashion-MNIST PNGs, a real ONNX package, the real CLI.
 
 The package is a ridge least-squares Gemm fitted on Fashion-MNIST (tests/package_helpers.py), so predictions and
 accuracies mean something; the CLI runs as a subprocess (`python -m ltserve.cli predict`), killed with SIGKILL /
@@ -19,8 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ltserve.batch import (CsvSink, DecodePool, JsonlSink, PredictOptions, _truncate_torn_tail, decode_files,
-                           expand_inputs, read_list_file, resolve_format, run_predict)
+from ltserve.batch.decode import DecodePool, decode_files
+from ltserve.batch.inputs import expand_inputs, read_list_file
+from ltserve.batch.job import run_predict
+from ltserve.batch.options import PredictOptions, resolve_format
+from ltserve.batch.sinks import CsvSink, JsonlSink, _truncate_torn_tail
 from ltserve.errors import ConfigError, DataError, LtserveError, PackageError
 from package_helpers import build_lsq_package, read_fashion
 
@@ -160,7 +163,7 @@ def folder_run(tmp_path_factory, package, image_dir):
 
 
 def test_folder_predictions_match_the_predictor_alone_and_bad_files_are_listed(folder_run, package, image_dir):
-    from ltserve.inference import Predictor
+    from ltserve.runtime import Predictor
     from ltserve.preprocess import decode
 
     proc = folder_run["proc"]
@@ -438,18 +441,18 @@ def test_csv_resume_after_a_torn_write(tmp_path, package, image_dir):
 
 
 def test_batch_modules_do_not_import_torch():
-    code = ("import sys, ltserve.batch, ltserve.batch_ray, ltserve.cli; "
+    code = ("import sys, ltserve.batch.job, ltserve.batch.ray_engine, ltserve.cli.predict; "
             "assert 'torch' not in sys.modules, 'torch imported'; assert 'ray' not in sys.modules, 'ray imported'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
 
 def test_ray_missing_is_a_clear_error(monkeypatch):
-    from ltserve import batch_ray
+    from ltserve.batch import ray_engine
 
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` sees when Ray is not installed
     with pytest.raises(LtserveError, match=r"ltserve\[ray\]"):
-        batch_ray.require_ray()
+        ray_engine.require_ray()
 
 
 def test_benchmark_smoke(tmp_path):

@@ -46,7 +46,7 @@ def latency_out(results_root) -> Path:
 
     out = results_root / "cpu-test-machine" / "model_latency"
     work = results_root.parent / "latency-work"
-    assert model_latency.main(["--smoke", "--legacy-onnx", "--out", str(out), "--work", str(work)]) == 0
+    assert model_latency.main(["--smoke", "--out", str(out), "--work", str(work)]) == 0
     return out
 
 
@@ -91,7 +91,7 @@ def test_model_latency_packages_are_valid_and_reused(results_root, latency_out):
     for pkg in packages:
         meta = load_package(pkg)  # sha256 of model.onnx and model.pt2 verified
         assert set(meta.files) == {"model.onnx", "model.pt2"}
-    out = subprocess.run([sys.executable, "-m", "benchmarks.model_latency", "--smoke", "--legacy-onnx", "--no-demo",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.model_latency", "--smoke", "--no-demo",
                           "--build-only", "--work", str(results_root.parent / "latency-work")], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -99,12 +99,12 @@ def test_model_latency_packages_are_valid_and_reused(results_root, latency_out):
 
 
 def test_accuracy_smoke(accuracy_out):
-    from ltserve.config import HEAD_NAMES
+    from ltserve.heads import HEADS
 
     data = _check_trio(accuracy_out, "accuracy")
     rows, runs = data["results"]["rows"], data["results"]["runs"]
     assert len(runs) == 1 and runs[0]["seed"] == 0 and runs[0]["train_images"] > 0
-    assert [r["head"] for r in rows] == [h for h in HEAD_NAMES if h in {r["head"] for r in rows}]
+    assert [r["head"] for r in rows] == [h for h in HEADS.names() if h in {r["head"] for r in rows}]
     assert {"joint", "crt", "tau_norm", "lws", "ncm"} <= {r["head"] for r in rows}
     for r in rows:
         assert r["seeds"] == 1 and 0.0 <= r["top1_mean"] <= 100.0 and r["top1_std"] == 0.0

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ltserve import data
 from ltserve.config import DataConfig
 from ltserve.data import (
     FASHION_MNIST_FILES,
@@ -32,6 +31,8 @@ from ltserve.data import (
     read_split_list,
     stratified_split,
 )
+from ltserve.data import __main__ as data_cli
+from ltserve.data import fashion_mnist
 from ltserve.errors import DataError
 
 # `make test` runs `make data` first: the files are present (Debian's package, or the download in the user cache).
@@ -89,7 +90,7 @@ def test_make_longtail_too_few_images():
 
 def test_stratified_split_keeps_one_per_class_and_warns(caplog):
     labels = np.repeat([0, 1, 2], [20, 8, 1])
-    with caplog.at_level(logging.WARNING, logger="ltserve.data"):
+    with caplog.at_level(logging.WARNING, logger="ltserve.data.longtail"):
         keep, split = stratified_split(labels, 0.25, seed=0, class_names=["a", "b", "rare"])
     assert np.bincount(labels[split], minlength=3).tolist() == [5, 2, 0]
     assert np.bincount(labels[keep], minlength=3).tolist() == [15, 6, 1]
@@ -151,7 +152,7 @@ def test_find_order_explicit_root_env_and_cache(tmp_path, monkeypatch):
         find_fashion_mnist(tmp_path / "nowhere")  # an explicit root is never silently replaced
     # Without $LTSERVE_DATA and the system copy, the user cache ($XDG_CACHE_HOME) is used.
     monkeypatch.delenv("LTSERVE_DATA")
-    monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST", tmp_path / "no-system")
+    monkeypatch.setattr(fashion_mnist, "SYSTEM_FASHION_MNIST", tmp_path / "no-system")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     with pytest.raises(DataError) as err:
         find_fashion_mnist()
@@ -240,7 +241,7 @@ def test_download_verifies_and_loads(http_folder, tmp_path, capsys):
     # The CLI finds what is there (no second download: the served files are gone).
     for f in served.iterdir():
         f.unlink()
-    assert data.cli(["fetch", "--dest", str(dest), "--base-url", url]) == 0
+    assert data_cli.cli(["fetch", "--dest", str(dest), "--base-url", url]) == 0
     assert capsys.readouterr().out.strip() == str(dest)
 
 
@@ -395,7 +396,7 @@ def test_imageset_subset_and_arrays():
 def test_load_splits_imagefolder_stratified_val_test(tmp_path, caplog):
     _tree(tmp_path, {"a": 10, "b": 6, "c": 1})
     cfg = DataConfig(source="imagefolder", root=str(tmp_path), train="train", val_fraction=0.2, test_fraction=0.1)
-    with caplog.at_level(logging.WARNING, logger="ltserve.data"):
+    with caplog.at_level(logging.WARNING, logger="ltserve.data.longtail"):
         splits = load_splits(cfg)
     assert splits.class_names == ["a", "b", "c"]
     assert splits.class_counts().tolist() == [7, 4, 1]  # 10 -> 1 test, 2 val; 6 -> 1 test, 1 val; c kept

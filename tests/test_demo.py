@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from ltserve.package import load_package
-from ltserve.server_process import free_port
+from ltserve.serve.process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

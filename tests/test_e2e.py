@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ltserve.server_process import ServerProcess
+from ltserve.serve.process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -55,7 +55,7 @@ def test_train_rebalance_export_serve_predict_evaluate_agree(tmp_path, env):
     work = tmp_path
     # --- build: stage 1, stage 2, fold + export, verify the package
     sh(["ltserve", "train", str(TINY), "--out", "runs/e2e", "--set", "train.epochs=3", "--no-eval"], work, env)
-    sh(["ltserve", "rebalance", "runs/e2e", "--heads", "all", "--quiet"], work, env)
+    sh(["ltserve", "rebalance", "runs/e2e", "--heads", "all", "--no-progress"], work, env)
     sh(["ltserve", "export", "runs/e2e", "--head", "best", "--out", "models/e2e"], work, env)
     inspected = sh(["ltserve", "inspect", "models/e2e"], work, env)
     assert "OK:" in inspected

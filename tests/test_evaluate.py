@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
-import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from ltserve.cli.evaluate import cli
 from ltserve.errors import RunError
-from ltserve.evaluate import cli, evaluate_run, format_table
-from ltserve.features import cached_features
+from ltserve.evaluate import evaluate_run, heads_table
+from ltserve.features.cache import cached_features
 from ltserve.heads import CalibratedHead, load_head, save_head
 from ltserve.metrics import classification_report
 from ltserve.rundir import RunPaths, read_run
@@ -85,7 +85,7 @@ def test_empty_shot_group_is_reported_as_empty(tiny_run, copy_run):
     results = evaluate_run(run, "test")
     assert results["heads"]["joint"]["many"] is None and results["group_sizes"]["many"] == 0
     assert "| joint | empty |" in (paths.eval / "test.md").read_text()
-    assert "| joint | empty |" in format_table(results["heads"])
+    assert "| joint | empty |" in heads_table(results["heads"])
 
 
 def test_cli_prints_the_table(tiny_run, copy_run, capsys):
@@ -101,18 +101,23 @@ def test_unknown_head_lists_the_available_ones(tiny_run, copy_run):
         evaluate_run(copy_run(tiny_run), "val", heads=["crt"])
 
 
-def test_stage2_extra_plots_hook_is_called(tiny_run, copy_run, monkeypatch, tmp_path):
-    """evaluate_run calls ltserve.rebalance.report.extra_plots(run_dir, results) when stage 2 provides it."""
-    calls = []
-
-    def extra_plots(run_dir, results):
-        calls.append((run_dir, sorted(results["heads"])))
-        path = tmp_path / "tau_sweep.png"
-        path.write_bytes(b"png")
-        return [path]
-
-    monkeypatch.setitem(sys.modules, "ltserve.rebalance.report", types.SimpleNamespace(extra_plots=extra_plots))
+def test_stage2_figures_come_from_the_head_files_and_no_plots_skips_every_png(tiny_run, copy_run):
+    """The sweep and joint-vs-best figures are drawn from what the heads recorded (no stage-2 code involved), the
+    best head by the one rule (val); `plots=False` writes the tables only."""
     run = copy_run(tiny_run)
+    paths = RunPaths(run)
+    joint = load_head(paths.heads, "joint")
+    norms = np.linalg.norm(joint.weight, axis=1, keepdims=True)
+    sweep = [{"tau": t, "score": 0.5, "top1": 0.5, "many": 0.6, "medium": 0.5, "few": 0.4} for t in (0.0, 0.5, 1.0)]
+    save_head(CalibratedHead(weight=joint.weight / norms, bias=np.zeros_like(joint.bias), method="tau_norm",
+                             meta={"tau": 1.0, "sweep": sweep, "val": {"balanced_accuracy": 0.99, "top1": 0.99}}),
+              paths.heads)
     results = evaluate_run(run, "val")
-    assert calls == [(RunPaths(run).root, ["joint"])]
-    assert results["files"]["tau_sweep"] == str(tmp_path / "tau_sweep.png")
+    assert {"sweep_tau_norm_png", "joint_vs_best_png"} <= set(results["files"])
+    for key in ("sweep_tau_norm_png", "joint_vs_best_png"):
+        assert Path(results["files"][key]).read_bytes().startswith(PNG_MAGIC)
+    for png in paths.eval.glob("*.png"):
+        png.unlink()
+    bare = evaluate_run(run, "val", plots=False)
+    assert set(bare["files"]) == {"json", "markdown"} and not list(paths.eval.glob("*.png"))
+    assert (paths.eval / "val.md").is_file()

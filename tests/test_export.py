@@ -22,20 +22,24 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from ltserve.config import HEAD_NAMES, load_config
+from ltserve.config import load_config
 from ltserve.errors import ConfigError, PackageError
-from ltserve.export import NORMALISATION_OPS, best_head, export_package
-from ltserve.heads import CalibratedHead, load_head, save_head
-from ltserve.models import create_backbone, load_run_backbone
+from ltserve.evaluate import best_head
+from ltserve.export import export_package
+from ltserve.export.graph import NORMALISATION_OPS
+from ltserve.features.backbones import create_backbone, load_run_backbone
+from ltserve.fileio import sha256_file
+from ltserve.heads import HEADS, CalibratedHead, load_head, save_head
 from ltserve.metrics import classification_report, shot_groups
 from ltserve.package import load_package
 from ltserve.preprocess import PreprocessSpec, to_model_input
-from ltserve.rundir import BackboneInfo, RunInfo, RunPaths, read_run, sha256_file, write_run
+from ltserve.rundir import BackboneInfo, RunInfo, RunPaths, read_run, write_run
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 COUNTS = [200, 119, 71, 42, 25, 15, 8, 5, 3, 2]  # floor(200 * 100^(-i/9)): configs/tiny.yaml's long tail
+HEAD_NAMES = HEADS.names()
 FOLDED = [h for h in HEAD_NAMES if h != "ncm"]
 
 
@@ -55,7 +59,7 @@ def fmnist(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def features(run_dir: Path, images: np.ndarray, spec) -> np.ndarray:
     """Pooled features (N, D) of uint8 (N, 28, 28) images through the run's backbone, in torch."""
-    backbone, _ = load_run_backbone(run_dir)
+    backbone = load_run_backbone(run_dir)
     x = torch.from_numpy(to_model_input(list(images[..., None]), spec))
     with torch.no_grad():
         return backbone.forward_head(backbone.forward_features(x), pre_logits=True).numpy().astype(np.float64)
@@ -96,7 +100,7 @@ def build_run(root: Path) -> Path:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(paths.backbone))
-    from ltserve.features import splits_for
+    from ltserve.features.cache import splits_for
 
     # the real fingerprint of tiny.yaml's data, so the run's val/test splits (and its feature cache) are usable
     write_run(root, RunInfo(config=cfg.model_dump(mode="json"), class_names=CLASSES, class_counts=COUNTS,
@@ -220,7 +224,7 @@ def run_features(tiny_rebalanced_run, synth_run, inputs) -> dict[str, np.ndarray
     """Pooled features (N, D) of `inputs` through each run's backbone, in torch."""
     out = {}
     for key, run in (("tiny", tiny_rebalanced_run), ("synth", synth_run)):
-        backbone, _ = load_run_backbone(run)
+        backbone = load_run_backbone(run)
         with torch.no_grad():
             out[key] = backbone(torch.from_numpy(inputs)).numpy().astype(np.float64)
     return out
@@ -359,15 +363,15 @@ def test_cli_exports_the_best_head_and_refuses_bad_arguments(synth_run, tmp_path
     assert meta.provenance.command.startswith("ltserve export ")
     assert "model.onnx" in capsys.readouterr().out
     for args, msg in [(["--head", "taunorm"], "did you mean 'tau_norm'"), (["--head", "la", "--opset", "17"], "opset"),
-                      (["--head", "la", "--format", "pt2"], "always holds model.onnx"),
-                      (["--head", "la", "--format", "onnx,tflite"], "--format 'tflite'")]:
+                      (["--head", "la", "--model-format", "pt2"], "always holds model.onnx"),
+                      (["--head", "la", "--model-format", "onnx,tflite"], "--model-format 'tflite'")]:
         assert main(["export", str(synth_run), "--out", str(tmp_path / "x"), *args]) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
 def test_best_head_reads_meta_then_eval_then_computes(tiny_rebalanced_run, synth_run, copy_run):
-    from ltserve.features import cached_features
+    from ltserve.features.cache import cached_features
 
     # the real run: stage-2 heads carry meta["val"]; the joint head has none, so it is computed on cached val features
     paths = RunPaths(tiny_rebalanced_run)

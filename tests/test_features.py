@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
 
 from ltserve.errors import RunError
-from ltserve.features import cached_features, extract_features
+from ltserve.features.cache import cached_features
+from ltserve.features.extract import extract_features
 from ltserve.rundir import RunPaths, read_run
 
 
@@ -17,7 +19,8 @@ def test_cache_is_built_once_then_reused(tiny_run, copy_run, caplog):
     run = copy_run(tiny_run)
     paths = RunPaths(run)
     info = read_run(run)
-    with caplog.at_level(logging.INFO, logger="ltserve.features"):
+    shutil.rmtree(paths.cache)  # stage 1 left every split's features here; build them again from the backbone
+    with caplog.at_level(logging.INFO, logger="ltserve.features.cache"):
         feats, labels = cached_features(run, "train")
     assert "building (no cache yet)" in caplog.text
     assert feats.shape == (info.split_sizes["train"], info.backbone.num_features) and feats.dtype == np.float32
@@ -29,7 +32,7 @@ def test_cache_is_built_once_then_reused(tiny_run, copy_run, caplog):
 
     stamp = (paths.cache / "train.safetensors").stat().st_mtime_ns
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="ltserve.features"):
+    with caplog.at_level(logging.INFO, logger="ltserve.features.cache"):
         again, labels2 = cached_features(run, "train")
     assert "building" not in caplog.text
     assert (paths.cache / "train.safetensors").stat().st_mtime_ns == stamp  # not rewritten
@@ -56,11 +59,11 @@ def test_cache_rebuilt_when_the_backbone_changes(tiny_run, copy_run, caplog):
     key = next(k for k in state if k.endswith("weight") and state[k].ndim == 4)
     state[key] = state[key] * np.float32(0.5)
     save_file(state, str(paths.backbone))
-    with caplog.at_level(logging.INFO, logger="ltserve.features"):
+    with caplog.at_level(logging.INFO, logger="ltserve.features.cache"):
         after, _ = cached_features(run, "val")
     assert "the backbone changed" in caplog.text
     assert not np.allclose(before, after)
-    from ltserve.rundir import sha256_file
+    from ltserve.fileio import sha256_file
 
     assert json.loads((paths.cache / "val.json").read_text())["backbone_sha256"] == sha256_file(paths.backbone)
 
@@ -72,7 +75,7 @@ def test_cache_rebuilt_when_the_recorded_data_differs(tiny_run, copy_run, caplog
     meta = json.loads(meta_path.read_text())
     meta["data_fingerprint"] = "0" * 16
     meta_path.write_text(json.dumps(meta))
-    with caplog.at_level(logging.INFO, logger="ltserve.features"):
+    with caplog.at_level(logging.INFO, logger="ltserve.features.cache"):
         cached_features(run, "val")
     assert "the data changed" in caplog.text
     assert json.loads(meta_path.read_text())["data_fingerprint"] == read_run(run).data_fingerprint
@@ -95,13 +98,12 @@ def test_unknown_split_is_an_error(tiny_run):
 
 def test_array_fast_path_matches_the_pillow_transform(tiny_run):
     """In-memory 28 px arrays skip Pillow; features equal the transform_image + to_model_input path exactly."""
-    from ltserve.config import config_from_dict
-    from ltserve.features import splits_for
-    from ltserve.models import load_run_backbone
+    from ltserve.features.backbones import load_run_backbone
+    from ltserve.features.cache import splits_for
     from ltserve.preprocess import transform_image
+    from ltserve.rundir import open_run
 
-    backbone, info = load_run_backbone(tiny_run)
-    cfg = config_from_dict(info.config)
+    backbone, cfg = load_run_backbone(tiny_run), open_run(tiny_run).config
     images = splits_for(cfg.data).val
     fast = extract_features(backbone, images, cfg.preprocess, batch_size=32)
     slow = extract_features(backbone, images, cfg.preprocess, batch_size=32,
@@ -112,13 +114,12 @@ def test_array_fast_path_matches_the_pillow_transform(tiny_run):
 
 def test_train_transform_gives_augmented_features(tiny_run):
     """Stage 2's --no-cache path: the training augmentation through extract_features."""
-    from ltserve.config import config_from_dict
-    from ltserve.features import splits_for
-    from ltserve.models import load_run_backbone
-    from ltserve.train import build_train_transform
+    from ltserve.data import build_train_transform
+    from ltserve.features.backbones import load_run_backbone
+    from ltserve.features.cache import splits_for
+    from ltserve.rundir import open_run
 
-    backbone, info = load_run_backbone(tiny_run)
-    cfg = config_from_dict(info.config)
+    backbone, cfg = load_run_backbone(tiny_run), open_run(tiny_run).config
     images = splits_for(cfg.data).val
     plain = extract_features(backbone, images, cfg.preprocess)
     augmented = extract_features(backbone, images, cfg.preprocess, transform=build_train_transform(cfg))

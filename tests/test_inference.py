@@ -18,7 +18,9 @@ import pytest
 from PIL import Image
 
 from ltserve.errors import ConfigError, InvalidImage, PackageError
-from ltserve.inference import AsyncPredictor, Prediction, Predictor, batch_buckets
+from ltserve.runtime import Prediction, Predictor
+from ltserve.runtime.buckets import batch_buckets
+from ltserve.serve.batcher import AsyncPredictor
 from package_helpers import build_lsq_package, build_random_rgb_package, read_fashion
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,7 +162,7 @@ def test_broken_packages_are_refused(lsq_package, tmp_path):
 
 
 def test_backend_and_provider_errors(lsq_package, caplog):
-    with pytest.raises(PackageError, match="--format onnx,pt2"):  # an ONNX-only package has no model.pt2
+    with pytest.raises(PackageError, match="--model-format onnx,pt2"):  # an ONNX-only package has no model.pt2
         Predictor(lsq_package, backend="torch")
     with pytest.raises(ConfigError, match="backend"):
         Predictor(lsq_package, backend="tensorflow")
@@ -171,7 +173,7 @@ def test_backend_and_provider_errors(lsq_package, caplog):
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        with caplog.at_level(logging.WARNING, logger="ltserve.inference"):
+        with caplog.at_level(logging.WARNING, logger="ltserve.runtime.onnx_runner"):
             p = Predictor(lsq_package, providers="cuda,cpu", threads=1)
         assert p.providers == ["CPUExecutionProvider"]
         assert "CUDAExecutionProvider" in caplog.text
@@ -189,7 +191,8 @@ class Block(importlib.abc.MetaPathFinder):
         if name == "onnxruntime" or name.startswith("onnxruntime."):
             raise ImportError("No module named 'onnxruntime' (blocked by the test)")
 sys.meta_path.insert(0, Block())
-from ltserve.inference import Predictor, MissingDependency
+from ltserve.runtime import Predictor
+from ltserve.errors import MissingDependency
 try:
     Predictor({str(lsq_package)!r})
 except MissingDependency as exc:
@@ -201,7 +204,8 @@ except MissingDependency as exc:
 
 
 def test_serving_modules_do_not_import_torch():
-    code = ("import sys; import ltserve.inference, ltserve.service, ltserve.cli, ltserve.package_eval; "
+    code = ("import sys; import ltserve.runtime, ltserve.service, ltserve.cli, ltserve.evaluate.package, "
+            "ltserve.cli.evaluate, ltserve.cli.predict, ltserve.cli.inspect, ltserve.serve.batcher; "
             "print('torch' in sys.modules, 'torchvision' in sys.modules)")
     env_out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
                              env={**os.environ, "LTSERVE_MODEL": "/nonexistent"})
@@ -292,7 +296,7 @@ def test_predictor_on_png_files_agrees_with_ltserve_evaluate(lsq_package, fashio
     out = ltserve("evaluate", str(lsq_package), "--data", "fashion-mnist:test", "--out", str(tmp_path / "e.json"),
                   "--predictions", str(tmp_path / "e.csv"))
     assert out.returncode == 0, out.stderr
-    assert "Many" in out.stdout and "Few" in out.stdout and "All (top-1)" in out.stdout
+    assert "| head | Many | Medium | Few | All |" in out.stdout and "| lstsq |" in out.stdout
     report = json.loads((tmp_path / "e.json").read_text())
     with open(tmp_path / "e.csv") as f:
         rows = list(csv.DictReader(f))
@@ -328,7 +332,7 @@ def test_predictor_on_png_files_agrees_with_ltserve_evaluate(lsq_package, fashio
 
 
 def test_evaluate_shot_groups_limit_and_folders(lsq_package, fashion_png_list, tmp_path):
-    from ltserve.package_eval import evaluate_package, format_report
+    from ltserve.evaluate.package import evaluate_package, format_report
 
     report, logits, labels = evaluate_package(lsq_package, "fashion-mnist:test", limit=500)
     assert report["n"] == len(labels) == 500 and logits.shape == (500, 10)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from ltserve.server_process import free_port
+from ltserve.serve.process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -167,8 +167,8 @@ def ltserve_help(command: str) -> str:
     """Help of `ltserve COMMAND`; for evaluate also the package evaluation's (`ltserve evaluate models/NAME --data`)."""
     text = help_text((str(BIN / "ltserve"), command))
     if command == "evaluate":
-        text += help_text((sys.executable, "-c", "import sys; from ltserve.package_eval import cli; "
-                           "sys.exit(cli(sys.argv[1:]))"))
+        text += help_text((sys.executable, "-c", "import sys; from ltserve.cli.evaluate import package_cli; "
+                           "sys.exit(package_cli(sys.argv[1:]))"))
     return text
 
 
@@ -405,7 +405,8 @@ def check_predict(run: BlockRun, work: Path) -> None:
     assert [r["path"] for r in rows] == listed
     assert all(PREDICTION_KEYS <= set(r) and "true_label" in r for r in rows)
     assert "accuracy on" in run.stdout, "the list's labels should give an accuracy line"
-    assert re.search(r"^All \(top-1\)\s+\d+\.\d", run.stdout, re.M), "no Many/Medium/Few/All table from evaluate"
+    assert re.search(r"^\| \w+ \| (\d+\.\d|empty) \| (\d+\.\d|empty) \| (\d+\.\d|empty) \| \d+\.\d \|", run.stdout, re.M), \
+        "no Many/Medium/Few/All table from evaluate"
 
 
 CHECKS = {"quickstart": check_quickstart, "own-data": check_own_data, "serve": check_serve, "predict": check_predict}

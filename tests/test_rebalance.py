@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from ltserve.errors import ConfigError
-from ltserve.heads import CalibratedHead, load_head, save_head
-from ltserve.rebalance import BASE_OF, apply_rebalance_overrides, resolve_heads
-from ltserve.rebalance.calibrate import calibrate, fit_temperature, nll
-from ltserve.rebalance.crt import CRT
-from ltserve.rebalance.la import LogitAdjustment
-from ltserve.rebalance.lws import LWS, ScaledLinear
-from ltserve.rebalance.ncm import NCM
-from ltserve.rebalance.prior import apply_target_prior, read_prior_file, strip_target_prior, target_log_prior
-from ltserve.rebalance.tau_norm import TauNorm, tau_normalise
+from ltserve.heads import HEADS, CalibratedHead, apply_target_prior, load_head, save_head, strip_target_prior
+from ltserve.heads.calibrate import calibrate, fit_temperature, nll
+from ltserve.heads.crt import CRT
+from ltserve.heads.la import LogitAdjustment
+from ltserve.heads.lws import LWS, scaled_linear
+from ltserve.heads.ncm import NCM
+from ltserve.heads.tau_norm import TauNorm, tau_normalise
+from ltserve.rebalance import apply_rebalance_overrides, resolve_heads
+from ltserve.rebalance.prior import read_prior_file, target_log_prior
 
 C, D = 6, 8
 COUNTS = [120, 60, 30, 12, 6, 3]
@@ -60,7 +60,7 @@ def make(name: str):
 def fit(name: str, synth) -> CalibratedHead:
     base = synth["joint"]
     if name in ("tau_norm+la", "lws+la"):
-        base = fit(BASE_OF[name], synth)
+        base = fit(HEADS.get(name).base, synth)
     return make(name).fit(synth["x"], synth["y"], base, val=synth["val"])
 
 
@@ -160,7 +160,7 @@ def test_lws_with_unit_scales_is_joint(synth):
     import torch
 
     j = synth["joint"]
-    module = ScaledLinear(j.weight, j.bias)
+    module = scaled_linear(j.weight, j.bias)
     assert torch.equal(module.scales.detach(), torch.ones(C))
     vx = synth["val"][0]
     out = module(torch.as_tensor(vx)).detach().numpy()
@@ -223,7 +223,7 @@ def test_logit_adjustment_formula(name, synth):
         f = head.extras["scales"].astype(np.float64)
         expected = f * (vx @ j.weight.T.astype(np.float64)) + f * j.bias - tau_la * log_pi
     np.testing.assert_allclose(head.logits(vx), expected, rtol=1e-4, atol=1e-4)
-    assert head.meta["base"] == BASE_OF[name]
+    assert head.meta["base"] == HEADS.get(name).base
     np.testing.assert_allclose(head.extras["log_prior"], log_pi, rtol=1e-6)
 
 
@@ -342,29 +342,32 @@ def test_resolve_heads_and_overrides(tiny_config):
 
 
 def test_report_pngs_and_table(synth, tmp_path):
+    from ltserve.evaluate.figures import plot_per_class_accuracy, plot_tau_sweep, plot_weight_norms
+    from ltserve.evaluate.selection import best_of
+    from ltserve.evaluate.tables import heads_table
     from ltserve.metrics import classification_report
-    from ltserve.rebalance.report import (best_head, heads_table, plot_per_class_accuracy, plot_tau_sweep,
-                                          plot_weight_norms)
 
     tau = fit("tau_norm", synth)
     lws = fit("lws", synth)
     vx, vy = synth["val"]
     reports = {name: classification_report(h.logits(vx), vy, COUNTS, 50, 10)
                for name, h in {"joint": synth["joint"], "tau_norm": tau, "lws": lws}.items()}
-    pngs = [plot_tau_sweep(tau, tmp_path / "sweep.png"),
-            plot_tau_sweep(fit("la", synth).meta, tmp_path / "la_sweep.png"),
-            plot_weight_norms({"joint": synth["joint"], "tau_norm": tau, "lws": lws}, COUNTS, tmp_path / "norms.png"),
-            plot_per_class_accuracy({"joint": reports["joint"], "tau_norm": reports["tau_norm"]}, COUNTS,
-                                    tmp_path / "per_class.png")]
+    names = [f"class {j}" for j in range(C)]
+    pngs = [plot_tau_sweep(tmp_path / "sweep.png", tau.meta),
+            plot_tau_sweep(tmp_path / "la_sweep.png", fit("la", synth).meta),
+            plot_weight_norms(tmp_path / "norms.png", names, COUNTS,
+                              {"joint": synth["joint"].weight, "tau_norm": tau.weight, "lws": lws.weight}),
+            plot_per_class_accuracy(tmp_path / "per_class.png", names, COUNTS,
+                                    {h: reports[h]["per_class"] for h in ("joint", "tau_norm")})]
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     with pytest.raises(ValueError, match="no sweep"):
-        plot_tau_sweep(lws, tmp_path / "x.png")
-    table = heads_table(reports)
+        plot_tau_sweep(tmp_path / "x.png", lws.meta)
+    table = heads_table(reports, columns=("many", "medium", "few", "top1"))
     lines = table.splitlines()
     assert lines[0] == "| head | Many | Medium | Few | All |" and len(lines) == 5
     assert lines[3].startswith("| tau_norm | ")
-    assert best_head(reports) in ("tau_norm", "lws")
+    assert best_of(reports)[0] in ("tau_norm", "lws")
     assert "empty" in heads_table({"x": {"many": None, "medium": 0.5, "few": 0.25, "top1": 0.4}})
 
 
@@ -376,18 +379,19 @@ PROTECTED = ("run.json", "backbone.safetensors", "heads/joint.safetensors", "hea
 
 
 def _hashes(run: Path) -> dict[str, str]:
-    from ltserve.rundir import sha256_file
+    from ltserve.fileio import sha256_file
 
     return {p: sha256_file(run / p) for p in PROTECTED}
 
 
 def test_rebalance_all_heads_on_a_real_run(tiny_run, copy_run, capsys):
+    from ltserve.cli.rebalance import cli
+    from ltserve.evaluate import evaluate_run
     from ltserve.heads import list_heads
-    from ltserve.rebalance import cli
 
     run = copy_run(tiny_run)
     before = _hashes(run)
-    assert cli([str(run), "--heads", "all", "--quiet"]) == 0
+    assert cli([str(run), "--heads", "all", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert _hashes(run) == before  # run.json, backbone and joint head untouched
     assert list_heads(run / "heads") == ["joint", *METHODS]
@@ -400,17 +404,12 @@ def test_rebalance_all_heads_on_a_real_run(tiny_run, copy_run, capsys):
         assert f"| {name} |" in out
     assert "| joint |" in out and "All" in out
 
-    # the figures `ltserve evaluate` asks stage 2 for
-    from ltserve.rebalance.report import extra_plots
-    from ltserve.rundir import read_run
-
-    reports = {name: load_head(run / "heads", name).meta["val"] for name in METHODS}
-    reports["joint"] = {**reports["crt"], "per_class": [0.0] * 10, "top1": 0.0}
-    files = extra_plots(run, {"heads": reports, "class_counts": read_run(run).class_counts, "split": "val"})
-    assert set(files) == {"sweep_tau_norm_png", "sweep_la_png", "sweep_tau_norm_la_png", "sweep_lws_la_png",
-                          "weight_norms_rebalanced_png", "joint_vs_best_png"}
-    for png in files.values():
-        assert png.parent == run / "eval" and png.read_bytes()[:4] == b"\x89PNG"
+    # the stage-2 figures of `ltserve evaluate`, drawn from what the heads recorded
+    files = evaluate_run(run, "val")["files"]
+    assert {"sweep_tau_norm_png", "sweep_la_png", "sweep_tau_norm_la_png", "sweep_lws_la_png"} <= set(files)
+    for key, png in files.items():
+        if key.endswith("_png"):
+            assert Path(png).parent == run / "eval" and Path(png).read_bytes()[:4] == b"\x89PNG"
     assert _hashes(run) == before
 
 
@@ -483,7 +482,7 @@ def test_few_shot_accuracy_rises_over_joint(tiny_rebalanced_run):
     classes: after 4 epochs (28 steps) the few-shot rows still point away from the (non-negative, post-ReLU)
     features and no tau helps (few-shot 0 % at every tau); from ~10 epochs on, the result shows (12: 29 vs 17 %).
     """
-    from ltserve.features import cached_features
+    from ltserve.features.cache import cached_features
     from ltserve.metrics import classification_report
     from ltserve.rundir import read_run
 

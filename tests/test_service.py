@@ -24,8 +24,8 @@ import pytest
 from PIL import Image
 
 from ltserve.errors import ConfigError
-from ltserve.inference import Predictor
-from ltserve.server_process import ServerProcess, free_port
+from ltserve.runtime import Predictor
+from ltserve.serve.process import ServerProcess, free_port
 from package_helpers import build_lsq_package, read_fashion
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def assert_error(resp: httpx.Response, status: int, error: str | None = None) ->
 
 
 def test_settings_from_env_and_yaml(tmp_path):
-    from ltserve.service import ServiceSettings
+    from ltserve.serve.settings import ServiceSettings
 
     s = ServiceSettings.from_env({})
     assert s.model == Path("models/fashion-lt") and s.api_key is None and s.cors_origins == []
@@ -397,7 +397,7 @@ def test_bentoml_build_holds_only_serving_dependencies(tmp_path):
              if line.strip() and not line.startswith("#")}
     assert names == {"bentoml", "onnxruntime", "pillow", "numpy", "pydantic", "pyyaml", "tqdm"}, req
     src = bento / "src"
-    assert (src / "ltserve" / "service.py").is_file() and (src / "ltserve" / "inference.py").is_file()
+    assert (src / "ltserve" / "service.py").is_file() and (src / "ltserve" / "runtime" / "predictor.py").is_file()
     assert not list(src.rglob("*.pyc")) and not (src / "tests").exists()
     assert (src / "models" / "fashion-lt" / "model.json").is_file() == (REPO / "models/fashion-lt/model.json").is_file()
 

@@ -1,6 +1,6 @@
-"""The torch backend (`ltserve.torch_backend.TorchRunner`) against ONNX Runtime on the same exported package.
+"""The torch backend (`ltserve.runtime.torch_runner.TorchRunner`) against ONNX Runtime on the same exported package.
 
-The package is the tiny re-balanced run's tau_norm head exported with `--format onnx,pt2` (the real exporter), and
+The package is the tiny re-balanced run's tau_norm head exported with `--model-format onnx,pt2` (the real exporter), and
 the inputs are real Fashion-MNIST test images through the serving preprocessing. CUDA tests carry the `gpu` marker.
 """
 
@@ -53,8 +53,8 @@ def _without_pt2(src: Path, dst: Path) -> Path:
 
 
 def test_torch_cpu_matches_onnxruntime(pt2_package, test_batch):
-    from ltserve.inference import Predictor
-    from ltserve.torch_backend import TorchRunner
+    from ltserve.runtime import Predictor
+    from ltserve.runtime.torch_runner import TorchRunner
 
     ort_logits = Predictor(pt2_package, providers=["cpu"], threads=2, max_batch_size=64).predict(test_batch)
     runner = TorchRunner(pt2_package, device="cpu", max_batch_size=64)
@@ -67,7 +67,7 @@ def test_torch_cpu_matches_onnxruntime(pt2_package, test_batch):
 
 def test_predictor_torch_backend_matches_onnxruntime(pt2_package, test_batch, monkeypatch):
     """The service and `ltserve predict` select the torch backend through the Predictor: same top-1, logits 1e-4."""
-    from ltserve.inference import Predictor
+    from ltserve.runtime import Predictor
 
     monkeypatch.setenv("LTSERVE_TORCH_DEVICE", "cpu")
     monkeypatch.setenv("LTSERVE_TORCH_PRECISION", "fp32")
@@ -82,15 +82,15 @@ def test_predictor_torch_backend_matches_onnxruntime(pt2_package, test_batch, mo
 
 
 def test_predictor_torch_backend_needs_pt2(pt2_package, tmp_path):
-    from ltserve.inference import Predictor
+    from ltserve.runtime import Predictor
 
     onnx_only = _without_pt2(pt2_package, tmp_path / "onnx-only")
-    with pytest.raises(PackageError, match="--format onnx,pt2"):
+    with pytest.raises(PackageError, match="--model-format onnx,pt2"):
         Predictor(onnx_only, backend="torch")
 
 
 def test_chunks_and_odd_batches_give_the_same_rows(pt2_package, test_batch):
-    from ltserve.torch_backend import TorchRunner
+    from ltserve.runtime.torch_runner import TorchRunner
 
     runner = TorchRunner(pt2_package, device="cpu", max_batch_size=8)
     whole = runner.run(test_batch[:21])  # 8 + 8 + 5
@@ -102,15 +102,15 @@ def test_chunks_and_odd_batches_give_the_same_rows(pt2_package, test_batch):
 
 
 def test_missing_pt2_says_how_to_export_it(pt2_package, tmp_path):
-    from ltserve.torch_backend import TorchRunner
+    from ltserve.runtime.torch_runner import TorchRunner
 
     pkg = _without_pt2(pt2_package, tmp_path / "onnx-only")
-    with pytest.raises(PackageError, match=r"--format onnx,pt2"):
+    with pytest.raises(PackageError, match=r"--model-format onnx,pt2"):
         TorchRunner(pkg, device="cpu")
 
 
 def test_corrupted_pt2_fails_its_sha256_check(pt2_package, tmp_path):
-    from ltserve.torch_backend import TorchRunner
+    from ltserve.runtime.torch_runner import TorchRunner
 
     pkg = tmp_path / "corrupted"
     shutil.copytree(pt2_package, pkg)
@@ -124,7 +124,7 @@ def test_corrupted_pt2_fails_its_sha256_check(pt2_package, tmp_path):
 def test_bad_device_and_precision_are_config_errors(pt2_package):
     import torch
 
-    from ltserve.torch_backend import TorchRunner
+    from ltserve.runtime.torch_runner import TorchRunner
 
     with pytest.raises(ConfigError, match="fp16"):
         TorchRunner(pt2_package, device="cpu", precision="fp16")
@@ -138,7 +138,7 @@ def test_bad_device_and_precision_are_config_errors(pt2_package):
 
 
 def test_importing_the_backend_does_not_import_torch():
-    code = "import sys, ltserve.torch_backend; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, ltserve.runtime.torch_runner; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
 
 
@@ -147,7 +147,7 @@ def test_cuda_fp16_graphs_agree_with_cpu(pt2_package, test_batch):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from ltserve.torch_backend import TorchRunner
+    from ltserve.runtime.torch_runner import TorchRunner
 
     ref = TorchRunner(pt2_package, device="cpu").run(test_batch)
     for precision, graphs, atol in (("fp32", False, 1e-3), ("fp32", True, 1e-3), ("fp16", True, 5e-2)):

@@ -15,7 +15,8 @@ from PIL import Image
 from ltserve.config import load_config
 from ltserve.errors import ConfigError, RunError
 from ltserve.heads import load_head
-from ltserve.rundir import RunPaths, read_run, sha256_file
+from ltserve.fileio import sha256_file
+from ltserve.rundir import RunPaths, read_run
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -27,7 +28,7 @@ SMALL = ["train.epochs=3", "train.batch_size=32", "data.longtail.n_max=100", "da
 
 def test_tiny_run_lowers_the_loss_and_writes_a_loadable_run(tiny_run, tiny_config):
     from ltserve.config import config_from_dict
-    from ltserve.models import load_run_backbone
+    from ltserve.features.backbones import load_run_backbone
 
     info = read_run(tiny_run)
     assert info.finished and info.epochs_done == tiny_config.train.epochs
@@ -40,7 +41,7 @@ def test_tiny_run_lowers_the_loss_and_writes_a_loadable_run(tiny_run, tiny_confi
     assert len(info.data_fingerprint) == 16 and info.ltserve_version
 
     paths = RunPaths(tiny_run)
-    backbone, _ = load_run_backbone(tiny_run)
+    backbone = load_run_backbone(tiny_run)
     assert info.backbone.sha256 == sha256_file(paths.backbone)
     assert info.backbone.num_features == backbone.num_features and info.backbone.in_chans == 1
     head = load_head(paths.heads, "joint")
@@ -49,7 +50,8 @@ def test_tiny_run_lowers_the_loss_and_writes_a_loadable_run(tiny_run, tiny_confi
     # evaluated at the end: above chance on the balanced test set, and the many-shot classes well above it
     test = info.train_metrics["eval"]["test"]["joint"]
     assert test["top1"] > 0.15 and test["many"] > 0.5
-    assert (paths.eval / "test.json").is_file() and (paths.eval / "val.json").is_file()
+    # the trained backbone left every split's features in the cache: stage 2 and evaluation start from there
+    assert all((paths.cache / f"{split}.safetensors").is_file() for split in ("train", "val", "test"))
     assert not [p for p in paths.root.rglob("*") if p.suffix in (".pt", ".pth", ".pkl", ".pickle")]
 
 
@@ -59,13 +61,13 @@ def test_joint_head_on_backbone_features_reproduces_the_trained_classifier(tiny_
 
     from ltserve.config import config_from_dict
     from ltserve.data import load_splits
-    from ltserve.features import extract_features
-    from ltserve.models import Classifier, load_run_backbone
+    from ltserve.features.backbones import Classifier, load_run_backbone
+    from ltserve.features.extract import extract_features
     from ltserve.preprocess import to_model_input
 
-    backbone, info = load_run_backbone(tiny_run)
+    backbone = load_run_backbone(tiny_run)
     head = load_head(RunPaths(tiny_run).heads, "joint")
-    cfg = config_from_dict(info.config)
+    cfg = config_from_dict(read_run(tiny_run).config)
     images = load_splits(cfg.data).val.subset(np.arange(16))
     feats = extract_features(backbone, images, cfg.preprocess)
     model = Classifier(backbone, 10).eval()
@@ -152,10 +154,10 @@ def test_torchrun_two_process_gloo_run(tmp_path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads_and_validates(path):
-    from ltserve.train import _check_train_config
+    from ltserve.train.loop import check_train_config
 
     cfg = load_config(path)
-    _check_train_config(cfg, str(path))
+    check_train_config(cfg, str(path))
     assert cfg.name == path.stem
 
 
@@ -176,7 +178,7 @@ def test_paper_recipes_say_what_the_paper_says():
 
 def test_cifar_step_schedule_arithmetic():
     """CIFAR-LT: 5-epoch warm-up, then x0.01 at epoch 160 and x0.0001 (of the base lr) at 180."""
-    from ltserve.train import lr_at
+    from ltserve.train.loop import lr_at
 
     tc = load_config(REPO / "configs" / "cifar10_lt_resnet32.yaml").train
     spe = 97
@@ -189,7 +191,7 @@ def test_cifar_step_schedule_arithmetic():
 
 
 def test_cosine_schedule_decays_to_near_zero():
-    from ltserve.train import lr_at
+    from ltserve.train.loop import lr_at
 
     tc = load_config(REPO / "configs" / "fashion_lt.yaml").train
     lrs = [lr_at(s, tc, 10) for s in range(tc.epochs * 10)]
@@ -198,18 +200,18 @@ def test_cosine_schedule_decays_to_near_zero():
 
 
 def test_bad_milestones_are_rejected():
-    from ltserve.train import _check_train_config
+    from ltserve.train.loop import check_train_config
 
     cfg = load_config(REPO / "configs" / "cifar10_lt_resnet32.yaml", ["train.milestones=[180, 160]"])
     with pytest.raises(ConfigError, match="milestones"):
-        _check_train_config(cfg, "cifar10")
+        check_train_config(cfg, "cifar10")
 
 
 def test_array_fast_path_is_the_same_arithmetic_as_pillow():
     """Fashion-MNIST arrays skip Pillow: same pixels as transform_image + the same augmentation."""
     from ltserve.config import AugmentConfig
     from ltserve.preprocess import PreprocessSpec
-    from ltserve.train import TrainTransform
+    from ltserve.data import TrainTransform
 
     rng = np.random.default_rng(0)
     spec = PreprocessSpec(resize=28, crop=28, mean=(0.3,), std=(0.35,), channels=1)
@@ -233,7 +235,7 @@ def test_array_fast_path_is_the_same_arithmetic_as_pillow():
 def test_imagenet_style_augmentation_shapes_and_determinism():
     from ltserve.config import AugmentConfig
     from ltserve.preprocess import PreprocessSpec
-    from ltserve.train import TrainTransform
+    from ltserve.data import TrainTransform
 
     spec = PreprocessSpec(resize=40, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3, channels=3)
     t = TrainTransform(AugmentConfig(random_resized_crop=True, color_jitter=0.4, hflip=True), spec)

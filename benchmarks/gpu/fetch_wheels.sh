@@ -25,6 +25,7 @@ PACKAGES=(
   pyzmq rich-toolkit schema simple-di starlette tomli_w tornado uvicorn watchfiles wsproto tzdata certifi
   opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions opentelemetry-instrumentation
   opentelemetry-instrumentation-aiohttp-client opentelemetry-instrumentation-asgi opentelemetry-util-http
+  onnxscript onnx-ir ml-dtypes                 # ltserve's exporter (torch.onnx dynamo), which builds the packages
 )
 
 version_of() {  # the pinned version of $1 in constraints.txt (names compared case- and -/_-insensitively)

@@ -8,24 +8,20 @@ log(pi_target_j) to the bias moves it to another prior:
     FILE     C non-negative weights, normalised to sum 1 (JSON list, JSON {class name: weight}, or numbers separated
              by white space / commas / new lines).
 
-The shift is stored in the head's extras["target_log_prior"] and meta["target_prior"], so the raw re-balanced head
-can be recovered (`strip_target_prior`), e.g. to compose tau_norm+la from a saved tau_norm head.
+Here the spec becomes log pi_target; `ltserve.heads.apply_target_prior` adds it to a head (and records it, so
+`strip_target_prior` can recover the raw re-balanced head, e.g. to compose tau_norm+la from a saved tau_norm head).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from ltserve.errors import ConfigError
-from ltserve.heads import CalibratedHead
-
-PRIOR_KEY = "target_log_prior"
 
 
 def read_prior_file(path: str | Path, class_names: Sequence[str]) -> np.ndarray:
@@ -85,21 +81,3 @@ def target_log_prior(spec: str, class_counts: Sequence[int],
         # a zero weight means "never predict this class": log 0 = -inf is folded as a very negative finite bias
         lp = np.maximum(np.log(pi), np.log(np.finfo(np.float32).tiny))
     return lp, {"kind": "file", "file": str(spec), "weights": pi.tolist()}
-
-
-def apply_target_prior(head: CalibratedHead, log_prior: np.ndarray | None, info: dict[str, Any]) -> CalibratedHead:
-    """The head with log pi_target added to its bias (recorded in meta and extras); unchanged bias for None."""
-    meta = {**head.meta, "target_prior": info}
-    if log_prior is None:
-        return replace(head, meta=meta)
-    bias = head.bias.astype(np.float64) + log_prior
-    return replace(head, bias=bias, meta=meta, extras={**head.extras, PRIOR_KEY: log_prior.astype(np.float32)})
-
-
-def strip_target_prior(head: CalibratedHead) -> CalibratedHead:
-    """The raw re-balanced head: target-prior shift removed, temperature reset to 1."""
-    extras = dict(head.extras)
-    shift = extras.pop(PRIOR_KEY, None)
-    bias = head.bias if shift is None else head.bias.astype(np.float64) - shift
-    meta = {k: v for k, v in head.meta.items() if k not in ("target_prior", "calibration")}
-    return replace(head, bias=bias, temperature=1.0, meta=meta, extras=extras)

@@ -1,0 +1,168 @@
+"""A whole `ltserve predict` job: check, expand the inputs, recover an earlier run, predict the rest, summarise."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ltserve.batch.inputs import Item, expand_inputs
+from ltserve.batch.local import run_local
+from ltserve.batch.options import PredictOptions, check_options, default_workers, resolve_format
+from ltserve.batch.output import Output, Tally
+from ltserve.batch.ray_engine import require_ray, run_ray
+from ltserve.batch.sinks import CsvSink, JsonlSink, ParquetSink
+from ltserve.errors import ConfigError
+from ltserve.metrics import SHOT_GROUPS, format_percent
+from ltserve.package import ModelJson, load_package
+from ltserve.progress import progress_bar
+
+logger = logging.getLogger(__name__)
+
+ENGINES = {"local": run_local, "ray": run_ray}
+"""--engine -> the function that predicts the items not done yet into the job's output."""
+
+
+def _prepare_outputs(out: Path, errors: Path, fmt: str, resume: bool, overwrite: bool) -> None:
+    """Fail before any work if an output cannot be written or would overwrite a finished run by accident."""
+    for path, is_dir in ((out, fmt == "parquet"), (errors, False)):
+        if path.exists() and not (resume or overwrite):
+            raise ConfigError(f"{path}: already exists; pass --resume to continue that run, --overwrite to replace "
+                              "it, or choose another --out")
+        if path.exists() and path.is_dir() != is_dir:
+            raise ConfigError(f"{path}: exists and is a {'folder' if path.is_dir() else 'file'}, but the output "
+                              f"must be a {'folder (parquet part files)' if is_dir else 'file'}; choose another path")
+        folder = path if path.is_dir() else path.parent  # a new parquet folder is made when the job starts
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".ltserve-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigError(f"{path}: the output is not writable ({exc.strerror or exc}: {folder}); choose a "
+                              "writable --out / --errors") from None
+        if path.exists() and not is_dir and not os.access(path, os.W_OK):
+            raise ConfigError(f"{path}: the output file is not writable; choose a writable --out / --errors")
+
+
+def make_sink(fmt: str, out: Path, labelled: bool, part_rows: int) -> JsonlSink | CsvSink | ParquetSink:
+    if fmt == "jsonl":
+        return JsonlSink(out)
+    if fmt == "csv":
+        return CsvSink(out, labelled)
+    return ParquetSink(out, labelled, part_rows=part_rows)
+
+
+def run_predict(opts: PredictOptions) -> dict[str, Any]:
+    """Run a whole `ltserve predict` job; return its summary.
+
+    Order: check the model package and the outputs (fail fast), expand the inputs, recover what a previous run
+    wrote (--resume), predict the rest, close the writers.
+
+    Returns:
+        the summary dict (see `summarize`).
+
+    Raises:
+        PackageError: the model package is missing or invalid.
+        ConfigError: bad options, unwritable or existing output, no input files.
+        DataError: a malformed list file.
+        KeyboardInterrupt: after Ctrl-C, once everything predicted so far is written (resume continues it).
+    """
+    check_options(opts)
+    if opts.engine == "ray":
+        require_ray()  # a missing extra fails before any work, like a missing model
+    meta = load_package(opts.model)  # before anything else: a missing model fails at once
+    fmt = resolve_format(opts.out, opts.format)
+    errors_path = opts.errors or opts.out.with_name(opts.out.name + ".errors.jsonl")
+    _prepare_outputs(opts.out, errors_path, fmt, opts.resume, opts.overwrite)
+    items = expand_inputs(opts.inputs, meta.labels, opts.root, exclude=[opts.out, errors_path])
+    labelled = any(it.label is not None for it in items)
+    rows_sink, errors_sink = make_sink(fmt, opts.out, labelled, opts.part_rows), JsonlSink(errors_path)
+    tally = Tally(meta)
+    done = _recover(rows_sink, errors_sink, tally, items) if opts.resume else set()
+    todo = [it for it in items if it.key not in done]
+    rows_sink.start(append=opts.resume)
+    errors_sink.start(append=opts.resume)
+    bar = progress_bar(total=len(items), initial=len(items) - len(todo), unit="img", desc="predict",
+                       enabled=opts.progress, smoothing=0.1)
+    output = Output(rows_sink, errors_sink, tally, bar)
+    try:
+        if todo:
+            ENGINES[opts.engine](todo, opts, meta, output)
+    finally:  # also on Ctrl-C: everything predicted so far is written, so --resume loses nothing
+        output.close()
+        bar.close()
+    return summarize(opts, meta, fmt, errors_path, items, todo, output)
+
+
+def _recover(rows_sink: JsonlSink | CsvSink | ParquetSink, errors_sink: JsonlSink, tally: Tally,
+             items: Sequence[Item]) -> set[str]:
+    """Read back what an earlier run wrote (repairing torn tails); count it in `tally`; return the paths done."""
+    done: set[str] = set()
+    for row in rows_sink.recover():
+        tally.add_row(row)
+        done.add(row["path"])
+    for row in errors_sink.recover():
+        tally.add_error(row)
+        done.add(row["path"])
+    if done:
+        keys = {it.key for it in items}
+        stray = len(done - keys)
+        logger.info("resuming: %d of %d files already done (%d rows, %d errors); %d to go", len(done) - stray,
+                    len(items), tally.rows, tally.errors, len(items) - len(done) + stray)
+        if stray:
+            logger.warning("%d paths in the existing output are not among this run's inputs (were the inputs "
+                           "changed?); they are kept and counted", stray)
+    return done
+
+
+def summarize(opts: PredictOptions, meta: ModelJson, fmt: str, errors_path: Path, items: Sequence[Item],
+              todo: Sequence[Item], output: Output) -> dict[str, Any]:
+    """The job summary.
+
+    Returns:
+        dict with model, engine, format, output, errors_file, files, predicted, failed (whole job, resumed rows
+        included), resumed (files done by an earlier run), new_rows, new_errors, errors_by_kind, shot_groups
+        (predicted rows per shot group of the predicted class), elapsed_s (this run, seconds), setup_s (model
+        loading: from the start to `Output.ready`; Ray loads its actors lazily, inside the pipeline), images_per_s
+        (files processed by this run per second after set-up: the pipeline's throughput), and accuracy (top1,
+        balanced_accuracy, many, medium, few, n) when the inputs had labels.
+    """
+    t = output.tally
+    processed = output.new_rows + output.new_errors
+    end = output.ended or time.perf_counter()
+    ready = output.ready_at or output.started
+    return {
+        "model": str(opts.model), "model_name": meta.name, "engine": opts.engine, "format": fmt,
+        "output": str(opts.out), "errors_file": str(errors_path),
+        "files": len(items), "predicted": t.rows, "failed": t.errors, "resumed": len(items) - len(todo),
+        "new_rows": output.new_rows, "new_errors": output.new_errors,
+        "errors_by_kind": dict(t.by_error), "shot_groups": {g: t.by_group.get(g, 0) for g in SHOT_GROUPS},
+        "batch_size": opts.batch_size, "workers": default_workers() if opts.workers is None else opts.workers,
+        "elapsed_s": round(end - output.started, 3), "setup_s": round(ready - output.started, 3),
+        "images_per_s": round(processed / (end - ready), 2) if processed and end > ready else None,
+        "accuracy": t.accuracy(),
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The summary printed at the end of `ltserve predict`."""
+    lines = [f"{s['files']} files: {s['predicted']} predicted, {s['failed']} failed"
+             + (f" ({s['resumed']} done by an earlier run)" if s["resumed"] else ""),
+             f"  output: {s['output']}" + (f"; failures in {s['errors_file']}" if s["failed"] else "")]
+    if s["failed"]:
+        lines.append("  failures: " + ", ".join(f"{k} {v}" for k, v in sorted(s["errors_by_kind"].items())))
+    lines.append("  predictions by shot group: " + ", ".join(f"{g} {s['shot_groups'][g]}" for g in SHOT_GROUPS))
+    lines.append(f"  throughput: {s['images_per_s']} images/s ({s['new_rows'] + s['new_errors']} files in "
+                 f"{s['elapsed_s']:.2f} s, {s['setup_s']:.2f} s of it loading the model; engine {s['engine']}, "
+                 f"batch {s['batch_size']})")
+    acc = s.get("accuracy")
+    if acc:
+        lines.append(f"  accuracy on {acc['n']} labelled images: top-1 {format_percent(acc['top1'])} %, "
+                     f"many {format_percent(acc['many'])}, medium {format_percent(acc['medium'])}, "
+                     f"few {format_percent(acc['few'])}, balanced {format_percent(acc['balanced_accuracy'])}")
+    return "\n".join(lines)
+

@@ -1,0 +1,79 @@
+"""What `ltserve predict` takes: `PredictOptions`, checked before any work, and the output format."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ltserve.errors import ConfigError, unknown_choice
+from ltserve.preprocess import DEFAULT_MAX_PIXELS
+
+FORMATS = ("jsonl", "csv", "parquet")
+ENGINES = ("local", "ray")
+_SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet",
+                   ".pq": "parquet"}
+
+
+@dataclass
+class PredictOptions:
+    """Everything `ltserve predict` takes (see `cli` for the meaning of each)."""
+
+    inputs: list[str]
+    model: Path
+    out: Path
+    format: str | None = None
+    top_k: int = 5
+    batch_size: int = 32
+    workers: int | None = None
+    root: str | None = None
+    errors: Path | None = None
+    resume: bool = False
+    overwrite: bool = False
+    engine: str = "local"
+    threads: int | None = None
+    providers: str | None = None
+    backend: str = "onnxruntime"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    part_rows: int = 100_000
+    chunk_size: int | None = None
+    concurrency: int = 1
+    num_gpus: float = 0.0
+    ray_num_cpus: int | None = None
+    progress: bool = True
+
+
+def default_workers() -> int:
+    """Decode processes by default: one core is left to the inference session (at least one worker)."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+def resolve_format(out: Path, fmt: str | None) -> str:
+    """--out-format, or the format the --out suffix names.
+
+    Raises:
+        ConfigError: an unknown format, or no --out-format and an unknown suffix.
+    """
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise ConfigError(unknown_choice("--out-format", fmt, FORMATS))
+        return fmt
+    suffix = out.suffix.lower()
+    if suffix not in _SUFFIX_FORMATS:
+        raise ConfigError(f"{out}: cannot tell the output format from the suffix {suffix or '(none)'!r}; name the file "
+                          f".jsonl, .csv or .parquet, or pass --out-format {'|'.join(FORMATS)}")
+    return _SUFFIX_FORMATS[suffix]
+
+
+def check_options(o: PredictOptions) -> None:
+    if o.engine not in ENGINES:
+        raise ConfigError(unknown_choice("--engine", o.engine, ENGINES))
+    for name, value in (("--batch-size", o.batch_size), ("--top-k", o.top_k), ("--part-rows", o.part_rows),
+                        ("--concurrency", o.concurrency), ("--max-pixels", o.max_pixels)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if o.resume and o.overwrite:
+        raise ConfigError("--resume continues the existing output and --overwrite replaces it: pass one of them")
+    if o.workers is not None and o.workers < 0:
+        raise ConfigError(f"--workers must be >= 0 (0 decodes in the main process), got {o.workers}")
+

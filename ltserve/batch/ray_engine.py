@@ -1,0 +1,159 @@
+"""`ltserve predict --engine ray`: the batch job as Ray Data stages, on a local Ray instance or a cluster.
+
+    items -> from_items(idx, file) -> map_batches(decode_batch)   CPU tasks: read + `decode`, bad files marked
+                                   -> map_batches(RayPredictor)   actors, one Predictor each (concurrency, num_gpus)
+                                   -> iter_batches on the driver  -> the same writers, resume and summary as local
+
+The prediction rows (a few hundred bytes each) stream back to this process and go through the local engine's
+writers (`ltserve.batch.output`), so the errors file, `--resume`, the exit code and the summary are the same as with the local engine, and a
+local `--out` path means this machine (Ray's own `write_parquet` would write each block on whichever node ran it).
+
+Ray fuses a task stage into the following actor stage when their sizes and resources agree (CPU only, e.g.
+`--workers` unset or equal to `--concurrency`): each actor then decodes its own batches, which keeps every core busy
+when the actors fill the machine; with `--num-gpus`, or a `--workers` different from `--concurrency`, decoding stays
+in separate CPU tasks that overlap inference.
+
+`ray.init()` connects to `RAY_ADDRESS` when it is set (files must then be readable at the same absolute paths on
+every node, e.g. a shared file system, and ltserve installed there); otherwise a local instance is started with
+`--ray-num-cpus` CPUs and no dashboard, and shut down at the end. Ray is imported only here, lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from ltserve.batch.decode import DecodedChunk, decode_files
+from ltserve.batch.inputs import Item
+from ltserve.batch.options import PredictOptions
+from ltserve.batch.output import Output, error_row, prediction_row
+from ltserve.errors import MissingDependency
+from ltserve.package import ModelJson
+from ltserve.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec
+
+
+logger = logging.getLogger(__name__)
+
+
+def require_ray() -> Any:
+    """Import ray and ray.data, or raise MissingDependency (an LtserveError) naming the extra to install."""
+    try:
+        import ray
+        import ray.data  # noqa: F401 - the Data library is a separate extra of ray
+    except ImportError as exc:
+        raise MissingDependency(f"--engine ray needs Ray Data ({exc}): `pip install \"ltserve[ray]\"` (ray[data] and "
+                         "pyarrow), or use --engine local") from None
+    return ray
+
+
+def decode_batch(batch: dict[str, np.ndarray], spec_json: str,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+    """Ray Data task: read and decode a batch of files; failures are marked, never raised.
+
+    Args:
+        batch: {"idx": (n,) int64, "file": (n,) str}.
+        spec_json: the package's PreprocessSpec as JSON (a plain string ships cheaply to every task).
+
+    Returns:
+        {"idx": (n,), "image": uint8 (n, crop, crop, C) (zeros for a failed file), "error": (n,) str ("" when
+        decoded), "reason": (n,) str}.
+    """
+    spec = PreprocessSpec.model_validate_json(spec_json)
+    n = len(batch["idx"])
+    chunk: DecodedChunk = decode_files([str(f) for f in batch["file"]], spec, max_pixels)
+    images = np.zeros((n, spec.crop, spec.crop, spec.channels), dtype=np.uint8)
+    if chunk.ok:
+        images[chunk.ok] = chunk.images
+    error = np.full(n, "", dtype=object)
+    reason = np.full(n, "", dtype=object)
+    for i, kind, why in chunk.failures:
+        error[i], reason[i] = kind, why
+    return {"idx": np.asarray(batch["idx"]), "image": images, "error": error, "reason": reason}
+
+
+class RayPredictor:
+    """Ray Data actor: builds the Predictor once, then predicts the decoded rows of each batch.
+
+    Args:
+        model_dir: the model package (readable by the actor's node).
+        top_k, batch_size, providers, threads: as `ltserve predict`.
+    """
+
+    def __init__(self, model_dir: str, top_k: int, batch_size: int, providers: str | None = None,
+                 threads: int | None = None) -> None:
+        from ltserve.runtime import Predictor
+
+        self.predictor = Predictor(model_dir, providers=providers, threads=threads,
+                                              max_batch_size=batch_size)
+        self.top_k = top_k
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """{"idx", "image", "error", "reason"} -> {"idx", "prediction" (JSON of a Prediction, "" if failed),
+        "error", "reason"}."""
+        ok = np.asarray(batch["error"]) == ""
+        prediction = np.full(len(ok), "", dtype=object)
+        if ok.any():
+            p = self.predictor
+            preds = p.postprocess(p.predict(p.preprocess(list(batch["image"][ok]))), self.top_k)
+            prediction[np.flatnonzero(ok)] = [x.model_dump_json() for x in preds]
+        return {"idx": batch["idx"], "prediction": prediction, "error": batch["error"], "reason": batch["reason"]}
+
+
+def _init_ray(ray: Any, opts: PredictOptions) -> bool:
+    """Connect to RAY_ADDRESS or start a local instance; True when this call started (and must stop) it."""
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        logger.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=opts.ray_num_cpus, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def run_ray(items: Sequence[Item], opts: PredictOptions, meta: ModelJson, output: Output) -> None:
+    """Predict `items` with Ray Data; rows and failures go to `output` as they arrive (in any order).
+
+    Raises:
+        MissingDependency: ray[data] is not installed.
+    """
+    ray = require_ray()
+    started = _init_ray(ray, opts)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # the driver's tqdm bar counts the rows that came back
+        ds = ray.data.from_items([{"idx": i, "file": os.path.abspath(it.file)} for i, it in enumerate(items)])
+        # decode: CPU tasks, as many as --workers (None: as many as the cluster's free CPUs allow)
+        ds = ds.map_batches(decode_batch, fn_kwargs={"spec_json": meta.preprocess.model_dump_json(),
+                                                     "max_pixels": opts.max_pixels},
+                            batch_size=opts.chunk_size or min(opts.batch_size, 32), batch_format="numpy",
+                            compute=ray.data.TaskPoolStrategy(size=opts.workers or None), num_cpus=1)
+        # predict: `concurrency` actors, each building one Predictor; num_gpus per actor
+        ds = ds.map_batches(RayPredictor, fn_constructor_kwargs={
+            "model_dir": os.path.abspath(opts.model), "top_k": opts.top_k, "batch_size": opts.batch_size,
+            "providers": opts.providers, "threads": opts.threads},
+            batch_size=opts.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=opts.concurrency), num_gpus=opts.num_gpus or None)
+        output.ready()
+        labels = meta.labels
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            rows, errors = [], []
+            for i, pred, kind, why in zip(batch["idx"], batch["prediction"], batch["error"], batch["reason"]):
+                item = items[int(i)]
+                if kind:
+                    errors.append(error_row(item, str(kind), str(why)))
+                else:
+                    rows.append(prediction_row(item, json.loads(pred), labels))
+            if errors:
+                output.errors(errors)
+            if rows:
+                output.rows(rows)
+            output.flush(len(batch["idx"]))
+    finally:
+        if started:
+            ray.shutdown()

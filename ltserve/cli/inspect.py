@@ -1,0 +1,144 @@
+"""`ltserve inspect models/NAME`: show a model package and verify every file's sha256.
+
+Prints the labels (with training counts and shot groups), the head and its parameters, the recorded metrics and
+verification, the preprocessing and the graph, then every listed file with its check. Exits non-zero (through
+`ltserve`'s error handling: "error: ...", status 2) when model.json is missing or invalid or a file is missing,
+corrupted or swapped. No torch and no onnxruntime here: only model.json and the files' bytes are read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ltserve.errors import PackageError
+from ltserve.metrics import SHOT_GROUPS, format_percent
+from ltserve.package import MODEL_JSON, ModelJson, read_model_json
+from ltserve.fileio import sha256_file
+
+
+def check_files(model_dir: str | Path, meta: ModelJson) -> list[tuple[str, str]]:
+    """Check every listed file against model.json.
+
+    Returns:
+        (file name, status) for each listed file: "ok", "missing", "size differs", "sha256 differs", in order.
+    """
+    root = Path(model_dir)
+    out = []
+    for name, entry in meta.files.items():
+        path = root / name
+        if not path.is_file():
+            status = "missing"
+        elif path.stat().st_size != entry.bytes:
+            status = "size differs"
+        elif sha256_file(path) != entry.sha256:
+            status = "sha256 differs"
+        else:
+            status = "ok"
+        out.append((name, status))
+    return out
+
+
+def unlisted_files(model_dir: str | Path, meta: ModelJson) -> list[str]:
+    """Files in the package folder that model.json does not list (e.g. a stray external-data file)."""
+    root = Path(model_dir)
+    return sorted(p.name for p in root.iterdir() if p.is_file() and p.name != MODEL_JSON and p.name not in meta.files)
+
+
+def _metric_line(name: str, m: dict[str, Any]) -> str:
+    parts = [f"{k} {format_percent(m.get(k))}" for k in ("top1", "balanced_accuracy", *SHOT_GROUPS) if k in m]
+    n = f" (n={m['n']})" if "n" in m else ""
+    return f"  {name}{n}: " + ", ".join(parts)
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt_value(v)}" for k, v in value.items() if not isinstance(v, (list, dict)))
+    return str(value)
+
+
+def describe(meta: ModelJson) -> list[str]:
+    """The human-readable summary of a package's model.json, one string per line."""
+    lines = [f"model package {meta.name!r} (schema {meta.schema_version})", "",
+             f"labels ({len(meta.labels)} classes; shot groups by training count: many > {meta.shot_thresholds.many}, "
+             f"few < {meta.shot_thresholds.few}):"]
+    width = max(len(label) for label in meta.labels)
+    for i, (label, n, g) in enumerate(zip(meta.labels, meta.class_counts, meta.shot_groups)):
+        lines.append(f"  {i:>4}  {label:<{width}}  {n:>7}  {g}")
+    lines += ["", f"head: {meta.head.name} (temperature {meta.head.temperature:.4g})"]
+    lines += [f"  {k}: {_fmt_value(v)}" for k, v in meta.head.params.items()]
+    lines += ["", "metrics:"]
+    for name, m in meta.metrics.items():
+        lines.append(_metric_line(name, m) if isinstance(m, dict) else f"  {name}: {m}")
+    if not meta.metrics:
+        lines.append("  (none recorded)")
+    v = meta.verification
+    if "fp32" in v:
+        inputs = v.get("inputs", {})
+        lines += ["", f"verification on {inputs.get('images', '?')} {inputs.get('split', '')} "
+                      f"images: max |ONNX - unfolded| {v['fp32']['max_abs_diff']:.3g} (tolerance "
+                      f"{v['fp32']['tolerance']:.3g}, {v['fp32'].get('compared', '')}), top-1 agreement "
+                      f"{v['fp32']['top1_agreement']:.4f}"]
+    if "fp16" in v:
+        lines.append(f"  fp16: top-1 agreement with fp32 {v['fp16']['top1_agreement_vs_fp32']:.4f}, accuracy change "
+                     + ", ".join(f"{k} {d * 100:+.1f}" for k, d in v["fp16"]["accuracy_change"].items()
+                                 if d is not None))
+    p = meta.preprocess
+    lines += ["", f"preprocess: resize {p.resize} ({p.interpolation}), centre crop {p.crop}, {p.channels} channel(s), "
+                  f"mean {list(p.mean)}, std {list(p.std)}{', JPEG draft allowed' if p.allow_draft else ''}",
+              f"input {meta.input_name!r} float32 (N, {p.channels}, {p.crop}, {p.crop}) -> output "
+              f"{meta.output_name!r} (N, {len(meta.labels)})",
+              f"graph: opset {meta.graph.opset}, {meta.graph.nodes} nodes, {meta.graph.precision}; "
+              + ", ".join(f"{op} {n}" for op, n in meta.graph.op_counts.items())]
+    pv = meta.provenance
+    lines += [f"provenance: ltserve {pv.ltserve_version}, commit {pv.git_commit or 'unknown'}, config "
+              f"{pv.config_hash or '-'}, created {pv.created}, run {pv.run or '-'}",
+              f"  command: {pv.command or '-'}"]
+    return lines
+
+
+def inspect_package(model_dir: str | Path) -> tuple[ModelJson, list[str], list[str]]:
+    """Read, describe and check a package.
+
+    Returns:
+        (model.json, summary lines including one line per file, problems: one "PATH: status" per bad file).
+
+    Raises:
+        PackageError: model.json is missing or invalid (names the file and the problem).
+    """
+    meta = read_model_json(model_dir)
+    lines = describe(meta)
+    results = check_files(model_dir, meta)
+    lines += ["", "files:"]
+    for name, status in results:
+        entry = meta.files[name]
+        lines.append(f"  {name:<12} {entry.bytes:>12,} bytes  sha256 {entry.sha256[:16]}...  {status}")
+    for name in unlisted_files(model_dir, meta):
+        lines.append(f"  {name:<12} not listed in model.json (ignored by serving)")
+    problems = [f"{Path(model_dir) / n}: {s}" for n, s in results if s != "ok"]
+    return meta, lines, problems
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`ltserve inspect MODEL_DIR [--json]`.
+
+    Raises:
+        PackageError: model.json missing or invalid, or a file missing / corrupted / swapped (after printing the
+            summary); `ltserve` prints it as "error: ..." and exits with status 2.
+    """
+    p = argparse.ArgumentParser(prog="ltserve inspect", description=__doc__.split("\n\n")[0])
+    p.add_argument("model_dir", type=Path, help="the model package folder (models/NAME)")
+    p.add_argument("--json", action="store_true", help="print model.json instead of the summary")
+    args = p.parse_args(argv)
+    meta, lines, problems = inspect_package(args.model_dir)
+    print(json.dumps(meta.model_dump(mode="json"), indent=2) if args.json else "\n".join(lines))
+    if problems:
+        raise PackageError("model package failed its sha256 check (file corrupted, swapped or missing; re-export it "
+                           "with `ltserve export`):\n  " + "\n  ".join(problems))
+    print(f"\nOK: {len(meta.files)} file(s) verified")
+    return 0
+

@@ -1,0 +1,86 @@
+"""`ltserve predict INPUT... --model models/NAME --out preds.jsonl [--out-format jsonl|csv|parquet] [--top-k 5]
+[--batch-size 32] [--workers W] [--root DIR] [--errors PATH] [--resume] [--engine local|ray]`: offline batch
+prediction (`ltserve.batch`). Exit 0 when every file was predicted, 1 when any failed (listed in the errors file)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from ltserve.batch.job import format_summary, run_predict
+from ltserve.batch.options import ENGINES, FORMATS, PredictOptions, default_workers
+from ltserve.fileio import write_json
+from ltserve.preprocess import DEFAULT_MAX_PIXELS
+from ltserve.runtime import BACKENDS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of `ltserve predict`."""
+    p = argparse.ArgumentParser(
+        prog="ltserve predict", description="Offline batch prediction with a model package: folders, globs or list "
+        "files in; JSONL, CSV or Parquet rows out; bad files to an errors file; resumable.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="folder (recursive), glob (quoted), image, or list file "
+                   "(.txt/.lst/.list: 'path' or 'path label' per line)")
+    p.add_argument("--model", required=True, type=Path, help="model package folder, e.g. models/fashion-lt")
+    p.add_argument("--out", required=True, type=Path, help="output file (.jsonl, .csv), or a folder of Parquet part "
+                   "files (.parquet; read as one table by pandas, pyarrow, DuckDB, Ray)")
+    p.add_argument("--out-format", choices=FORMATS, help="output format (default: from the --out suffix)")
+    p.add_argument("--top-k", type=int, default=5, help="classes listed per image (default 5)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per inference call (default 32)")
+    p.add_argument("--workers", type=int, help=f"decode processes (default cores - 1 = {default_workers()}; 0: "
+                   "decode in the main process); ray: decode tasks (default: as CPUs allow)")
+    p.add_argument("--root", help="folder that relative paths in list files are joined to (default: the list's)")
+    p.add_argument("--errors", type=Path, help="errors file (default: <out>.errors.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its output files")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--engine", choices=ENGINES, default="local", help="local process pool, or Ray Data (extra 'ray'; "
+                   "the cluster at RAY_ADDRESS, else a local Ray instance)")
+    p.add_argument("--threads", type=int, help="inference threads per session (default: all cores)")
+    p.add_argument("--providers", help="ONNX Runtime providers, comma separated (cpu, cuda, ...)")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                   help="onnxruntime (default), or torch for the package's model.pt2 on a GPU machine without "
+                        "onnxruntime-gpu (export with --model-format onnx,pt2)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject larger images (width*height)")
+    p.add_argument("--part-rows", type=int, default=100_000, help="rows per Parquet part file (default 100000)")
+    p.add_argument("--concurrency", type=int, default=1, help="ray: Predictor actors (default 1)")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="ray: GPUs per Predictor actor (default 0)")
+    p.add_argument("--ray-num-cpus", type=int, help="ray: CPUs of the local Ray instance (ignored with RAY_ADDRESS)")
+    p.add_argument("--summary-json", type=Path, help="also write the summary as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`ltserve predict ...`: exit 0 when every file was predicted, 1 when any failed (listed in the errors file).
+
+    A missing model, an unwritable output or bad options raise LtserveError (the dispatcher prints it, exit 2).
+    """
+    args = build_parser().parse_args(argv)
+    opts = PredictOptions(
+        inputs=args.inputs, model=args.model, out=args.out, format=args.out_format, top_k=args.top_k,
+        batch_size=args.batch_size, workers=args.workers, root=args.root, errors=args.errors, resume=args.resume,
+        overwrite=args.overwrite, engine=args.engine, threads=args.threads, providers=args.providers,
+        backend=args.backend, max_pixels=args.max_pixels, part_rows=args.part_rows, concurrency=args.concurrency,
+        num_gpus=args.num_gpus,
+        ray_num_cpus=args.ray_num_cpus, progress=not args.no_progress)
+    # SIGTERM (batch schedulers, `kill`) stops like Ctrl-C: written rows are kept and --resume continues
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        summary = run_predict(opts)
+    except KeyboardInterrupt:
+        print(f"interrupted: rows so far are in {opts.out}; continue with the same command and --resume",
+              file=sys.stderr)
+        return 130  # the shell's code for SIGINT; returned, not re-raised, so the dispatcher adds no second line
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(format_summary(summary))
+    if args.summary_json:
+        write_json(args.summary_json, summary)
+    return 1 if summary["failed"] else 0
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

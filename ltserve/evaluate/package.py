@@ -1,0 +1,191 @@
+"""A model package on a data set, through the serving path (no torch): `ltserve evaluate models/NAME --data ...`.
+
+    ltserve evaluate models/fashion-lt --data fashion-mnist:test [--limit 2000] [--out eval.json]
+    ltserve evaluate models/NAME --data LIST.txt --root DIR      # lines "relative/path label"
+    ltserve evaluate models/NAME --data IMAGEFOLDER              # DIR/<class name>/<image>
+
+Images go through exactly what the service runs: files are read as bytes and `decode`d; in-memory Fashion-MNIST
+arrays go through PIL -> `transform_image` (the same arithmetic `decode` applies to a PNG of the array). The
+package's ONNX graph runs through the `Predictor`. Reports top-1, top-5, balanced accuracy, ECE and the
+Many/Medium/Few/All accuracies (shot groups from the package's `shot_groups`) as a printed table and JSON.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ltserve import data as ltdata
+from ltserve.errors import DataError, InvalidInput
+from ltserve.evaluate.tables import heads_table
+from ltserve.metrics import SHOT_GROUPS, classification_report, group_accuracy, per_class_accuracy
+from ltserve.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec, decode, transform_image
+from ltserve.progress import progress_bar
+from ltserve.runtime import Predictor
+
+logger = logging.getLogger(__name__)
+
+FASHION_PREFIX = "fashion-mnist"
+
+
+@dataclass
+class EvalData:
+    """A data set to evaluate on: its images, labels in the package's label order, and a description."""
+
+    images: Any  # ltserve.data.ImageSet
+    description: str
+
+
+def load_eval_data(data: str, labels: Sequence[str], root: str | None = None, limit: int | None = None,
+                   seed: int = 0) -> EvalData:
+    """Read the data set named by `--data`, with labels mapped to the package's label order.
+
+    Args:
+        data: "fashion-mnist[:test|:train]", a split list file ("relative/path label" lines), or an image folder
+            (`DIR/<class>/<image>`; class folders match package labels by name, with '/' in a label written as
+            '_' or '-', or by decimal index).
+        labels: the package's class names.
+        root: Fashion-MNIST folder, or the folder list paths are relative to (default: the list's folder).
+        limit: evaluate about this many images, a seeded stratified subsample (every class kept).
+        seed: seed of that subsample.
+
+    Raises:
+        DataError: the data set is missing, malformed, or its classes do not match the package's.
+    """
+    if data == FASHION_PREFIX or data.startswith(FASHION_PREFIX + ":"):
+        split = data.split(":", 1)[1] if ":" in data else "test"
+        if split not in ("train", "test"):
+            raise DataError(f"--data {data!r}: Fashion-MNIST splits are 'train' and 'test' (e.g. fashion-mnist:test)")
+        folder = ltdata.find_fashion_mnist(root)
+        stem = ltdata.FASHION_MNIST_FILES[f"{split}_images"]
+        images = ltdata.read_idx(_idx_file(folder, stem))
+        targets = ltdata.read_idx(_idx_file(folder, ltdata.FASHION_MNIST_FILES[f"{split}_labels"])).astype(np.int64)
+        if len(labels) != len(ltdata.FASHION_MNIST_CLASSES):
+            raise DataError(f"--data {data}: Fashion-MNIST has 10 classes but the package has {len(labels)}")
+        if list(labels) != ltdata.FASHION_MNIST_CLASSES:
+            logger.warning("package labels %s differ from the Fashion-MNIST class names; labels are matched by index",
+                           list(labels))
+        imageset = ltdata.ImageSet(labels=targets, arrays=images)
+        description = f"Fashion-MNIST {split} ({folder})"
+    else:
+        path = Path(data)
+        if path.is_dir():
+            paths, found_labels, names = ltdata.read_image_folder(path)
+            mapping = [_match_class(n, labels, path) for n in names]
+            imageset = ltdata.ImageSet(labels=np.asarray([mapping[j] for j in found_labels]), paths=paths)
+            description = f"image folder {path}"
+        elif path.is_file():
+            paths, found_labels, sources = ltdata.read_split_list(path, root)
+            bad = np.flatnonzero(found_labels >= len(labels))
+            if bad.size:
+                k = int(bad[0])
+                raise DataError(f"{sources[k]}: label {int(found_labels[k])} is out of range for the package's "
+                                f"{len(labels)} classes (0..{len(labels) - 1})")
+            imageset = ltdata.ImageSet(labels=found_labels, paths=paths, sources=sources)
+            description = f"split list {path}"
+        else:
+            raise DataError(f"--data {data!r}: not 'fashion-mnist[:test|:train]', nor an existing list file or "
+                            "image folder")
+    if limit is not None and limit < len(imageset):
+        imageset = imageset.subset(ltdata.stratified_subsample(imageset.labels, limit, seed))
+        description += f", {len(imageset)} images (stratified subsample, seed {seed})"
+    return EvalData(images=imageset, description=description)
+
+
+def _idx_file(folder: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(f"{folder}: {stem}.gz not found")
+
+
+def _match_class(name: str, labels: Sequence[str], folder: Path) -> int:
+    for j, label in enumerate(labels):
+        if name in (label, label.replace("/", "_"), label.replace("/", "-")):
+            return j
+    if name.isdigit() and int(name) < len(labels):
+        return int(name)
+    raise DataError(f"{folder / name}: class folder {name!r} is not one of the package's labels "
+                    f"({', '.join(labels)}); rename the folder")
+
+
+def prepare(imageset: Any, i: int, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Image `i` of an ImageSet as uint8 (crop, crop, C), the way the service would see it.
+
+    Files are `decode`d from their bytes; in-memory arrays go PIL -> `transform_image` (what `decode` does to a
+    PNG of the array).
+
+    Raises:
+        DataError: the file cannot be read or decoded (names it).
+    """
+    if imageset.arrays is not None:
+        arr = imageset.arrays[i]
+        arr = arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr
+        return transform_image(Image.fromarray(np.ascontiguousarray(arr)), spec)
+    try:
+        return decode(imageset.read_bytes(i), spec, max_pixels)
+    except InvalidInput as exc:
+        raise DataError(f"{imageset.describe(i)}: {exc}; replace the file or remove it from the data set") from None
+
+
+def predict_imageset(predictor: Predictor, imageset: Any, batch_size: int = 64, workers: int | None = None,
+                     progress: bool = True) -> np.ndarray:
+    """Logits (N, C) of every image, in order, with a progress bar. Files are decoded by a thread pool."""
+    n = len(imageset)
+    out = np.empty((n, predictor.num_classes), dtype=np.float32)
+    workers = workers or min(8, os.cpu_count() or 1)
+    with cf.ThreadPoolExecutor(workers) as pool, progress_bar(total=n, unit="img", desc="evaluate",
+                                                               enabled=progress) as bar:
+        for start in range(0, n, batch_size):
+            idx = range(start, min(n, start + batch_size))
+            if imageset.arrays is not None:  # cheap: no pool round trip
+                images = [prepare(imageset, i, predictor.spec) for i in idx]
+            else:
+                images = list(pool.map(lambda i: prepare(imageset, i, predictor.spec), idx))
+            out[start:start + len(images)] = predictor.predict(predictor.preprocess(images))
+            bar.update(len(images))
+    return out
+
+
+def evaluate_package(model_dir: str | Path, data: str, root: str | None = None, limit: int | None = None,
+                     batch_size: int = 64, providers: Sequence[str] | None = None, threads: int | None = None,
+                     seed: int = 0, progress: bool = True) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Evaluate a model package on a data set through the Predictor.
+
+    Returns:
+        (report, logits (N, C), labels (N,)); the report holds n, top1, top5, balanced_accuracy, many, medium, few
+        (None when a group has no class), all (= top1), ece, per_class, labels, class_groups, and model and data
+        descriptions.
+    """
+    predictor = Predictor(model_dir, providers=providers, threads=threads, max_batch_size=batch_size)
+    meta = predictor.meta
+    ev = load_eval_data(data, meta.labels, root=root, limit=limit, seed=seed)
+    logits = predict_imageset(predictor, ev.images, batch_size=batch_size, progress=progress)
+    labels = ev.images.labels
+    report = classification_report(logits, labels, meta.class_counts, meta.shot_thresholds.many,
+                                   meta.shot_thresholds.few)
+    # the package's recorded shot groups are the definition (they came from the training counts at export)
+    report.update(group_accuracy(per_class_accuracy(logits.argmax(1), labels, len(meta.labels)), meta.shot_groups))
+    report["all"] = report["top1"]
+    report["model"] = {"path": str(model_dir), "name": meta.name, "head": meta.head.name,
+                       "providers": predictor.providers}
+    report["data"] = ev.description
+    report["labels"] = list(meta.labels)
+    report["class_groups"] = {g: [meta.labels[j] for j, s in enumerate(meta.shot_groups) if s == g]
+                              for g in SHOT_GROUPS}
+    return report, logits, labels
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The printed result: the heads table's row for this package, and the size of each shot group."""
+    counts = ", ".join(f"{g} {len(report['class_groups'][g])}" for g in SHOT_GROUPS)
+    return "\n".join([f"{report['model']['name']} ({report['model']['head']}) on {report['data']}: "
+                      f"{report['n']} images; classes per shot group: {counts}", "",
+                      heads_table({report["model"]["head"]: report})])

@@ -1,0 +1,245 @@
+"""Fold a head into one Gemm and export a verified model package: `model.onnx` (+ `model.pt2`) and `model.json`.
+
+    export_package(run, head, out_dir)       (`ltserve export runs/NAME --head HEAD --out models/NAME`)
+
+    fold.py       the exported module: backbone -> (ncm: centring + L2) -> one Gemm holding (W / T, b / T)
+    graph.py      torch.export -> ONNX (symbolic batch), the head sub-graph check, fp16 conversion
+    reference.py  verification images (the run's test split) and the unfolded head's logits (the registry)
+    verify.py     ONNX Runtime vs unfolded (fp32), fp16 vs fp32 per shot group, pt2 vs ONNX
+
+Every folded head therefore has exactly the node count of the joint export; ncm adds its four normalisation nodes
+(Sub, ReduceL2, Clip, Div). Verification is part of export and a package that fails it is never written (it is
+built in a temporary folder beside the target and moved into place at the end). `model.json` records the head's
+parameters, its val and test metrics (test computed from the cached features when no evaluation recorded it), the
+verification and provenance.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ltserve.config import config_hash
+from ltserve.errors import ConfigError, PackageError, RunError, unknown_choice
+from ltserve.evaluate.selection import recorded_metrics
+from ltserve.export.fold import FoldedClassifier
+from ltserve.export.graph import MIN_OPSET, check_model, export_onnx, to_fp16
+from ltserve.export.reference import backbone_features, unfolded_logits, verification_images
+from ltserve.export.verify import VERIFY_IMAGES, per_row_constant, verify_fp16, verify_onnx, write_pt2
+from ltserve.features.backbones import load_run_backbone
+from ltserve.heads import HEADS, CalibratedHead
+from ltserve.package import MODEL_JSON, HeadInfo, ModelJson, ShotThresholds, graph_info, write_package
+from ltserve.progress import progress_bar
+from ltserve.rundir import Run, open_run
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "pt2")
+
+__all__ = ["FORMATS", "VERIFY_IMAGES", "export_package", "head_params", "parse_formats"]
+
+
+def head_params(head: CalibratedHead) -> dict[str, Any]:
+    """The parameters that define a head, for model.json (sweep curves and per-epoch logs left out)."""
+    params: dict[str, Any] = {"method": head.method, "feature_transform": head.feature_transform}
+    for meta in (head.meta.get("base_meta") or {}, head.meta):
+        for key in ("tau", "keep_bias", "tau_source", "tau_la", "tau_la_source", "metric", "base", "best_epoch",
+                    "selection_metric", "target_prior"):
+            if key in meta:
+                params[key] = meta[key]
+    params.setdefault("target_prior", {"kind": "uniform"})
+    if "scales" in head.extras:
+        f = head.extras["scales"].astype(np.float64)
+        params["scales"] = {"min": float(f.min()), "mean": float(f.mean()), "max": float(f.max())}
+    if "calibration" in head.meta:
+        params["calibration"] = head.meta["calibration"]
+    return params
+
+
+def head_metrics(run: Run, head: CalibratedHead) -> dict[str, Any]:
+    """A head's recorded metrics: val from its meta (or eval/val.json), test from eval/test.json when present."""
+    out: dict[str, Any] = {}
+    val = head.meta.get("val") if isinstance(head.meta.get("val"), dict) else recorded_metrics(run, "val", head.method)
+    if val is not None:
+        out["val"] = val
+    test = recorded_metrics(run, "test", head.method)
+    if test is not None:
+        out["test"] = test
+    return out
+
+
+def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
+    """"onnx,pt2" or ("onnx", "pt2") -> validated tuple; onnx is always written (the package's serving format)."""
+    items = [f.strip() for f in (formats.split(",") if isinstance(formats, str) else formats) if f.strip()]
+    for f in items:
+        if f not in FORMATS:
+            raise ConfigError(unknown_choice("--model-format", f, FORMATS))
+    if "onnx" not in items:
+        raise ConfigError(f"--model-format {','.join(items)}: a model package always holds model.onnx; use onnx or "
+                          "onnx,pt2")
+    return tuple(dict.fromkeys(items))
+
+
+def _check_target(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MODEL_JSON).is_file())):
+        raise PackageError(f"{out_dir}: exists and is not a model package; choose another --out or remove it")
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Replace `out_dir` (absent, empty or an older package) by the verified `tmp` folder."""
+    _check_target(out_dir)
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        out_dir.replace(old / "package")
+    tmp.replace(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_package(run: Run | str | Path, head: str, out_dir: str | Path, fp16: bool = False,
+                   opset: int | None = None, formats: str | Sequence[str] = ("onnx",), *,
+                   verify_images: int = VERIFY_IMAGES, command: str | None = None,
+                   progress: bool = True) -> ModelJson:
+    """Fold `head` of a run, export it and write a verified model package to `out_dir`.
+
+    Args:
+        run: a run (a `Run`, or its directory) with backbone.safetensors, run.json and heads/<head>.* (and joint).
+        head: a registered head name (`ltserve.heads.HEADS`).
+        out_dir: the package folder (created; an older package there is replaced once the new one is verified).
+        fp16: store float16 weights (float32 input and output).
+        opset: ONNX opset (>= 18); None uses the exporter's default.
+        formats: "onnx" or "onnx,pt2" (pt2: also a torch.export program, `model.pt2`).
+        verify_images: how many test-split images the checks run on (stratified, every class represented).
+        command: the command line recorded in provenance (default: this process's argv).
+        progress: show a progress bar over the steps (on a terminal).
+
+    Returns:
+        the written ModelJson.
+
+    Raises:
+        ConfigError: unknown head or format, unsupported opset.
+        RunError: the run or the head is missing or inconsistent.
+        PackageError: a check failed (nothing is written), or out_dir is something other than a model package.
+    """
+    t_start = time.perf_counter()
+    run, out_dir = open_run(run), Path(out_dir)
+    if head not in HEADS:
+        raise ConfigError(unknown_choice("--head", head, HEADS.names()))
+    formats = parse_formats(formats)
+    if opset is not None and opset < MIN_OPSET:
+        raise ConfigError(f"--opset {opset}: the exporter writes opset {MIN_OPSET} or newer; choose >= {MIN_OPSET}")
+    _check_target(out_dir)
+    steps = ["load", "export", "verify", *(["fp16"] if fp16 else []), *(["pt2"] if "pt2" in formats else []), "write"]
+    bar = progress_bar(total=len(steps), desc=f"export {head}", unit="step", enabled=progress)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        meta = _build(run, head, out_dir, tmp, fp16, opset, formats, verify_images, command, bar, t_start)
+        _move_into_place(tmp, out_dir)
+    except PackageError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PackageError(f"export of head {head!r} from {run.root} failed, nothing written to {out_dir}: {exc}") \
+            from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    log.info("exported %s of %s to %s in %.1f s (%d nodes, %s, max |diff| %.2g)", head, run.root, out_dir,
+             time.perf_counter() - t_start, meta.graph.nodes, meta.graph.precision,
+             meta.verification["fp32"]["max_abs_diff"])
+    return meta
+
+
+def _load(run: Run, head_name: str) -> tuple[CalibratedHead, CalibratedHead, nn.Module]:
+    """(head, joint head, backbone) of the run, checked against each other."""
+    backbone = load_run_backbone(run)
+    info = run.info
+    if not info.finished:
+        log.warning("%s: stage 1 has not finished (%d epochs done); exporting its latest backbone",
+                    run.paths.run_json, info.epochs_done)
+    head, joint = run.head(head_name), run.head("joint")
+    c, d = len(info.class_names), int(backbone.num_features)
+    for h in {head.method: head, "joint": joint}.values():
+        if h.weight.shape != (c, d):
+            raise RunError(f"{run.paths.heads / (h.method + '.safetensors')}: weight is {h.weight.shape}, but the run "
+                           f"has {c} classes and {d}-d features; re-fit the head")
+    if head.method != head_name:
+        raise RunError(f"{run.paths.heads / (head_name + '.json')}: holds method {head.method!r}, not {head_name!r}")
+    return head, joint, backbone
+
+
+def _build(run: Run, head_name: str, out_dir: Path, tmp: Path, fp16: bool, opset: int | None,
+           formats: tuple[str, ...], n_images: int, command: str | None, bar: Any, t_start: float) -> ModelJson:
+    """Export, verify and describe into `tmp`; raise on the first failed check."""
+    head, joint, backbone = _load(run, head_name)
+    info, cfg = run.info, run.config
+    x, labels, split, fingerprint = verification_images(cfg.data.model_dump_json(), cfg.preprocess.model_dump_json(),
+                                                        n_images)
+    if fingerprint != info.data_fingerprint:
+        log.warning("data fingerprint %s differs from the run's %s: verifying on the data set as it is now",
+                    fingerprint, info.data_fingerprint)
+    ref = unfolded_logits(head, joint, backbone_features(backbone, x), info.class_counts)
+    verification: dict[str, Any] = {"inputs": {"split": split, "images": int(len(x)), "data_fingerprint": fingerprint}}
+    bar.update()
+
+    t0 = time.perf_counter()
+    fp32_path = tmp / ("model.fp32.onnx" if fp16 else "model.onnx")
+    program = export_onnx(FoldedClassifier(backbone, head).eval(), x, fp32_path, opset)
+    export_s = time.perf_counter() - t0
+    bar.update()
+
+    onnx_logits = verify_onnx(fp32_path, head, x, labels, ref, info, verification)
+    bar.update()
+    precision = "fp32"
+    if fp16:
+        precision = "fp16"
+        to_fp16(fp32_path, tmp / "model.onnx", verification["graph"])
+        check_model(tmp / "model.onnx")
+        verification["fp16"] = verify_fp16(tmp / "model.onnx", fp32_path, x, labels, onnx_logits, ref,
+                                           per_row_constant(head), info)
+        fp32_path.unlink()
+        bar.update()
+    if "pt2" in formats:
+        verification["pt2"] = write_pt2(program, tmp / "model.pt2", x, onnx_logits)
+        bar.update()
+    verification["exporter"] = {"name": "torch.onnx.export(dynamo=True) from torch.export", "torch": torch.__version__,
+                                "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"),
+                                "export_seconds": export_s, "total_seconds": time.perf_counter() - t_start}
+    meta = _describe(run, out_dir, tmp, head, verification, precision, command,
+                     ["model.onnx", *(["model.pt2"] if "pt2" in formats else [])])
+    bar.update()
+    return meta
+
+
+def _describe(run: Run, out_dir: Path, tmp: Path, head: CalibratedHead, verification: dict[str, Any],
+              precision: str, command: str | None, files: list[str]) -> ModelJson:
+    """Write model.json for the files in `tmp` (through the one writer, which reads it back and verifies it)."""
+    import onnx
+
+    info = run.info
+    return write_package(
+        tmp, name=out_dir.name, labels=info.class_names, class_counts=info.class_counts,
+        thresholds=ShotThresholds(many=info.many_threshold, few=info.few_threshold), preprocess=run.config.preprocess,
+        head=HeadInfo(name=head.method, params=head_params(head), temperature=head.temperature),
+        metrics=head_metrics(run, head), verification=verification,
+        graph=graph_info(onnx.load(str(tmp / "model.onnx")), precision), files=files,
+        command=command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        run=str(run.root), config_hash=config_hash(run.config))
+
+
+def _version(module: str) -> str:
+    import importlib
+
+    return str(getattr(importlib.import_module(module), "__version__", "unknown"))

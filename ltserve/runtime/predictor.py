@@ -1,0 +1,190 @@
+"""The Predictor: the one inference path shared by the service, the batch CLI, package evaluation and benchmarks.
+
+    images (bytes) --decode--> uint8 (crop, crop, C) --preprocess--> float32 NCHW --predict--> logits (N, C)
+                   --postprocess--> list[Prediction]
+
+A model package (`model.onnx` + `model.json`) is loaded and verified (schema, every sha256) once, and a runner is
+picked from `RUNNERS`: ONNX Runtime (`model.onnx`), or PyTorch (`model.pt2`, for GPU machines with torch and no
+onnxruntime-gpu). Every batch size the runner will run is warmed up once and timed (`bucket_ms`), so a serving
+process never meets a new input shape after start-up and the server's batcher knows what each batch size costs.
+
+NumPy, Pillow, pydantic and onnxruntime only: torch is imported only for the torch runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ltserve.errors import ConfigError, unknown_choice
+from ltserve.metrics import ShotGroup
+from ltserve.package import ModelJson, load_package
+from ltserve.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec, decode, to_model_input
+from ltserve.runtime.buckets import bucket_for
+from ltserve.runtime.prediction import Prediction, postprocess
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("onnxruntime", "torch")
+
+
+def make_runner(backend: str, model_dir: Path, meta: ModelJson, *, providers: Sequence[str] | str | None,
+                threads: int | None, max_batch_size: int, torch_options: dict[str, Any] | None) -> Any:
+    """The runner of `backend`: an `OnnxRunner` or a `TorchRunner` (imported only when asked for: torch)."""
+    if backend == "onnxruntime":
+        from ltserve.runtime.onnx_runner import OnnxRunner
+
+        return OnnxRunner(model_dir, meta, providers=providers, threads=threads, max_batch_size=max_batch_size)
+    if backend == "torch":
+        from ltserve.runtime.torch_runner import TorchRunner
+
+        return TorchRunner(model_dir, meta, threads=threads, max_batch_size=max_batch_size, **(torch_options or {}))
+    raise ConfigError(unknown_choice("backend", backend, BACKENDS))
+
+
+class Predictor:
+    """Loads a verified model package, runs it on a runner, and classifies images.
+
+    Args:
+        model_dir: a model package folder (`model.onnx`, `model.json`; `model.pt2` for the torch backend).
+        providers: ONNX Runtime providers or aliases, best first (None: the best available; onnxruntime only).
+        threads: CPU threads of the runner (intra-op); None: os.cpu_count() for ONNX Runtime, torch's default for
+            torch. With several worker processes, give each cores / workers.
+        max_batch_size: the largest batch one runner call runs; larger inputs to `predict` are split.
+        backend: "onnxruntime", or "torch": the package's `model.pt2` through PyTorch (CUDA, fp16, CUDA graphs per
+            bucket; needs `ltserve export ... --model-format onnx,pt2`).
+        torch_options: the torch runner's device, precision, cuda_graphs, compile (see `TorchRunner`).
+
+    Raises:
+        PackageError: the package is missing, invalid, fails its sha256 check, or its graph does not match
+            model.json (input/output names, channels, size, classes).
+        MissingDependency: onnxruntime (or torch) is not installed.
+        ConfigError: an unknown backend or provider, or a bad max_batch_size / threads.
+    """
+
+    def __init__(self, model_dir: str | Path, providers: Sequence[str] | str | None = None,
+                 threads: int | None = None, max_batch_size: int = 32, backend: str = "onnxruntime",
+                 torch_options: dict[str, Any] | None = None) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(unknown_choice("backend", backend, BACKENDS))
+        if max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if threads is not None and threads < 1:
+            raise ConfigError(f"threads must be >= 1 (or None for os.cpu_count()), got {threads}")
+        self.model_dir = Path(model_dir)
+        self.meta: ModelJson = load_package(self.model_dir)
+        self.spec: PreprocessSpec = self.meta.preprocess
+        self.labels: list[str] = list(self.meta.labels)
+        self.shot_groups: list[ShotGroup] = list(self.meta.shot_groups)
+        self.num_classes = len(self.labels)
+        self.backend = backend
+        self.runner = make_runner(backend, self.model_dir, self.meta, providers=providers, threads=threads,
+                                  max_batch_size=max_batch_size, torch_options=torch_options)
+        self.max_batch_size = self.runner.max_batch_size
+        self.buckets: list[int] = list(self.runner.buckets)
+        self.providers: list[str] = list(self.runner.providers)
+        self.threads: int | None = self.runner.info().get("threads")
+        self.warmup_s = self._warm_up()
+        logger.info("loaded %s (%s, %d classes) on %s, batch buckets %s, warm-up %.2f s", self.model_dir,
+                    self.meta.name, self.num_classes, self.providers[0], self.buckets, self.warmup_s)
+
+    @property
+    def on_accelerator(self) -> bool:
+        """Whether the model runs on a GPU: then the CPU cores are free for decoding uploads."""
+        return bool(self.runner.on_accelerator)
+
+    def _warm_up(self) -> float:
+        """Run every bucket so that no request pays for a first-shape plan or allocation, and time each one.
+
+        `bucket_ms[b]` is the time of a second run at batch b (the first pays for plans and allocations), in ms:
+        what one call of that size costs here. The server's batcher uses it to run the batch size with the most
+        images per second.
+        """
+        start = time.perf_counter()
+        c, s = self.spec.channels, self.spec.crop
+        self.bucket_ms: dict[int, float] = {}
+        for b in self.buckets:
+            x = np.zeros((b, c, s, s), dtype=np.float32)
+            self.runner.run(x)
+            t0 = time.perf_counter()
+            self.runner.run(x)
+            self.bucket_ms[b] = (time.perf_counter() - t0) * 1000.0
+        return time.perf_counter() - start
+
+    def bucket_for(self, n: int) -> int:
+        """The batch size a chunk of n <= max_batch_size images runs at (n padded up to a bucket)."""
+        return bucket_for(self.buckets, n)
+
+    # -- the four steps ----------------------------------------------------------------------------------------------
+
+    def decode(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """JPEG/PNG/WebP/BMP/GIF bytes -> uint8 (crop, crop, C) with this package's spec (`preprocess.decode`)."""
+        return decode(data, self.spec, max_pixels)
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """uint8 (crop, crop, C) images -> normalised float32 (N, C, crop, crop)."""
+        return to_model_input(images, self.spec)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Logits of a preprocessed batch.
+
+        Args:
+            batch: float32 (N, C, crop, crop), N >= 1; any N (split into max_batch_size chunks, each padded to its
+                bucket).
+
+        Returns:
+            float32 logits (N, num_classes).
+        """
+        batch = np.asarray(batch, dtype=np.float32)
+        want = (self.spec.channels, self.spec.crop, self.spec.crop)
+        if batch.ndim != 4 or batch.shape[1:] != want or batch.shape[0] < 1:
+            raise ValueError(f"predict expects float32 (N, {want[0]}, {want[1]}, {want[2]}) with N >= 1, "
+                             f"got {batch.shape}")
+        step = self.max_batch_size
+        chunks = [self.runner.run(batch[i:i + step]) for i in range(0, len(batch), step)]
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+    def postprocess(self, logits: np.ndarray, top_k: int = 5) -> list[Prediction]:
+        """Softmax (float64, then float) and the top-k classes of every row; see `postprocess`."""
+        return postprocess(logits, self.labels, self.shot_groups, top_k)
+
+    # -- conveniences ------------------------------------------------------------------------------------------------
+
+    def classify(self, images: Sequence[np.ndarray], top_k: int = 5) -> list[Prediction]:
+        """uint8 (crop, crop, C) images -> predictions (preprocess, predict, postprocess)."""
+        return self.postprocess(self.predict(self.preprocess(images)), top_k)
+
+    def classify_bytes(self, data: Sequence[bytes], top_k: int = 5,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Prediction]:
+        """Encoded images -> predictions.
+
+        Raises:
+            InvalidImage, UnsupportedFormat, ImageTooLarge: for the first file that cannot be used.
+        """
+        return self.classify([self.decode(d, max_pixels) for d in data], top_k)
+
+    def info(self) -> dict[str, Any]:
+        """What the package and this runner are: labels, shot groups, head, metrics, provenance, runtime."""
+        m = self.meta
+        runner = self.runner.info()
+        runtime = {"backend": self.backend, "providers": self.providers, "threads": self.threads, **({"torch": runner} if self.backend == "torch" else {}),
+                   "batch_buckets": self.buckets, "warmup_s": round(self.warmup_s, 4),
+                   "bucket_ms": {str(b): round(t, 4) for b, t in self.bucket_ms.items()}}
+        return {
+            "name": m.name,
+            "labels": m.labels,
+            "class_counts": m.class_counts,
+            "shot_groups": m.shot_groups,
+            "shot_thresholds": m.shot_thresholds.model_dump(),
+            "preprocess": self.spec.model_dump(mode="json"),
+            "head": m.head.model_dump(mode="json"),
+            "metrics": m.metrics,
+            "verification": m.verification,
+            "graph": m.graph.model_dump(mode="json"),
+            "provenance": m.provenance.model_dump(mode="json"),
+            "runtime": runtime,
+        }

@@ -1,0 +1,26 @@
+"""The service's own Prometheus metrics: predictions per shot group, and the batch sizes actually run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_METRICS: dict[str, Any] = {}
+
+
+def service_metrics() -> dict[str, Any]:
+    """This process's Prometheus metrics: predictions per shot group, and the batch sizes actually run.
+
+    Created on first use inside the worker: prometheus_client must be imported after BentoML has set up its
+    multiprocess directory, so that /metrics aggregates them with BentoML's own.
+    """
+    if not _METRICS:
+        import prometheus_client
+
+        _METRICS["predictions"] = prometheus_client.Counter(
+            "ltserve_predictions", "Images classified, by the shot group of the predicted class", ["shot_group"])
+        _METRICS["batch_size"] = prometheus_client.Histogram(
+            "ltserve_batch_size", "Images per model call (adaptive batching across requests)",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024))
+    return _METRICS
+
+

@@ -1,0 +1,206 @@
+"""Stage 1: joint training of backbone + linear classifier on the long-tailed training set.
+
+    train(cfg, out) -> RunInfo          the library call; `ltserve train` (ltserve.cli.train) wraps it
+    torchrun --nproc_per_node N -m ltserve.cli train CONFIG.yaml --out runs/NAME      # DDP (nccl on CUDA, gloo on CPU)
+
+    loop.py        process group, data loader, model, lr schedule, AMP, `train_one_epoch`
+    checkpoint.py  resumable checkpoints (safetensors + JSON)
+    run_files.py   backbone.safetensors, heads/joint.*, run.json
+
+Decisions worth knowing:
+- `train.batch_size` is the GLOBAL batch; each of N DDP processes takes batch_size / N. Every epoch has
+  floor(N_train / batch_size) steps whatever the sampler (the paper's convention). The learning rate is used as given
+  (no automatic linear scaling with the batch size: scale `train.lr` yourself when you change `train.batch_size`).
+- The lr schedule is evaluated per step: linear warm-up over `warmup_epochs`, then cosine to 0 (never exactly 0 in
+  a step that trains) or step decay (lr * gamma^(number of milestones reached), milestones in epochs).
+- Augmentation randomness comes from a NumPy generator derived from (seed, epoch, rank, position in the epoch), not
+  from a global RNG: results do not depend on `num_workers`, and resuming reproduces the same images exactly.
+  Sampler order is derived from seed + epoch (`ltserve.samplers`). The torch, NumPy and Python RNG states (dropout,
+  DataLoader seeds) are saved in every checkpoint and restored on `--resume`, so on CPU an interrupted and resumed
+  run ends with bit-identical weights.
+- At the end, the trained backbone (still in memory) extracts the features of train, val and test into the run's
+  feature cache, and the joint head is scored on val and test from them: stage 2 and `ltserve evaluate` then start
+  from the cache without reading the data set or rebuilding the backbone.
+- Evaluation uses exactly `ltserve.preprocess.transform_image` + `to_model_input` (the serving path); training
+  augmentation ends in the same `to_model_input` normalisation.
+- With `model.trainable: last_block`, BatchNorm layers that have no trainable parameter stay in eval mode (their
+  running statistics are part of the frozen representation too).
+- AMP (bf16 where supported, else fp16 with a gradient scaler) and channels_last apply on CUDA only.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from ltserve.config import Config
+from ltserve.data import Splits, load_splits
+from ltserve.errors import ConfigError
+from ltserve.features.backbones import Classifier
+from ltserve.features.cache import cached_features, remember_splits
+from ltserve.metrics import classification_report
+from ltserve.rundir import Run, RunInfo, RunPaths, read_run
+from ltserve.train.checkpoint import (check_resume_config, gather_rng, latest_checkpoint, restore_checkpoint,
+                                      save_checkpoint, seed_everything)
+from ltserve.train.loop import (Dist, amp_for, build_model, check_train_config, init_distributed, make_loader,
+                                make_optimizer, train_one_epoch)
+from ltserve.train.run_files import check_out_folder, created_at, export_run, joint_head
+
+log = logging.getLogger(__name__)
+
+SUMMARY_KEYS = ("top1", "top5", "many", "medium", "few", "balanced_accuracy", "ece", "n")
+
+
+def train(cfg: Config, out: str | Path, resume: bool = False, *, stop_after_epochs: int | None = None,
+          evaluate: bool = True, progress: bool = True) -> RunInfo:
+    """Stage 1: train backbone + linear head with `cfg.train.sampler`; write the run directory `out`.
+
+    Args:
+        cfg: the resolved recipe.
+        out: run directory (created). An existing run needs `resume=True`.
+        resume: continue from the newest valid checkpoint in `out/checkpoint/` (from scratch when there is none).
+            The recipe must match the checkpoint's, except num_workers, eval_batch_size, device and rebalance.
+        stop_after_epochs: stop once this many epochs are done in total (a deliberate interruption: the run stays
+            resumable; used by tests and time-boxed jobs).
+        evaluate: at the end, cache the features of every split with the trained backbone and score the joint head
+            on val and test (`train_metrics["eval"]`).
+        progress: show progress bars (on a terminal).
+
+    Returns:
+        the RunInfo written to `out/run.json`; `train_metrics` holds per-epoch loss/lr/img/s, wall time,
+        throughput and (when evaluated) the val/test summary of the joint head.
+
+    Raises:
+        ConfigError: an inconsistent recipe. RunError: `out` holds a run and resume is False, or the checkpoint's
+            recipe differs. DataError: the data set cannot be read.
+    """
+    paths = RunPaths(out)
+    dist, device = init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, paths, resume, stop_after_epochs, evaluate, progress, dist, device)
+    finally:
+        if dist.enabled and torch_dist.is_initialized():
+            # The DDP wrapper keeps the process group alive through reference cycles; a group that outlives
+            # destroy_process_group is torn down at interpreter exit with gloo's threads still running, which
+            # aborts the process ("terminate called without an active exception"). Collect it first.
+            gc.collect()
+            torch_dist.destroy_process_group()
+
+
+def load_data(cfg: Config) -> Splits:
+    """The splits of `cfg.data`, remembered for the feature cache (so it does not read the data set again)."""
+    splits = load_splits(cfg.data)
+    remember_splits(cfg.data, splits)
+    return splits
+
+
+def _train(cfg: Config, paths: RunPaths, resume: bool, stop_after_epochs: int | None, evaluate: bool,
+           progress: bool, dist: Dist, device: torch.device) -> RunInfo:
+    tc = cfg.train
+    check_train_config(cfg, cfg.name)
+    if tc.batch_size % dist.world_size:
+        raise ConfigError(f"train.batch_size {tc.batch_size} is the global batch and must divide by the "
+                          f"{dist.world_size} processes")
+    check_out_folder(paths, resume)  # every rank checks, so none waits on a failed rank 0
+    if dist.is_main:
+        paths.make()
+    dist.barrier()
+    seed_everything(tc.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    splits = load_data(cfg)
+    created = created_at(paths)
+    steps_per_epoch = max(1, len(splits.train) // tc.batch_size)  # the samplers' epoch length
+    model = build_model(cfg, splits.num_classes).to(device)
+    if device.type == "cuda" and tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, tc)
+    amp = amp_for(cfg, device)
+    start_epoch, history = 0, []
+    meta = latest_checkpoint(paths) if resume else None
+    if meta is not None:
+        check_resume_config(meta, cfg, paths)
+        restore_checkpoint(meta, model, optimizer, amp, dist, device)
+        start_epoch, history = int(meta["epoch"]), list(meta["history"])
+        log.info("resuming %s from epoch %d/%d", paths.root, start_epoch, tc.epochs)
+    elif resume:
+        log.info("%s: no checkpoint to resume from; starting at epoch 0", paths.checkpoint)
+    net: nn.Module = nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
+    log.info("training %s on %s: %s, %d classes, %d images, %d steps/epoch x %d epochs, sampler %s, world %d",
+             cfg.name, device, cfg.model.backbone, splits.num_classes, len(splits.train), steps_per_epoch,
+             tc.epochs, tc.sampler, dist.world_size)
+    last = tc.epochs if stop_after_epochs is None else min(tc.epochs, stop_after_epochs)
+    info = None
+    for epoch in range(start_epoch, last):
+        loader = make_loader(splits, cfg, dist, epoch, device)
+        stats = train_one_epoch(net, loader, optimizer, cfg, epoch, epoch * steps_per_epoch, steps_per_epoch,
+                                device, amp, dist, progress)
+        history.append(stats)
+        rng = gather_rng(dist, device)
+        if dist.is_main:
+            log.info("epoch %d/%d: loss %.4f, lr %.4g, %.0f img/s, %.1f s", epoch + 1, tc.epochs, stats["loss"],
+                     stats["lr"], stats["img_s"], stats["seconds"])
+            save_checkpoint(paths, model, optimizer, amp, cfg, epoch + 1, (epoch + 1) * steps_per_epoch, history,
+                            rng)
+            info = export_run(paths, model, cfg, splits, epoch + 1, _train_metrics(history, dist, device),
+                              finished=False, created=created)
+        dist.barrier()
+    del net  # only rank 0 goes on, with the bare model
+    if dist.is_main:
+        info = _finish_on_main(cfg, paths, model, splits, history, info, evaluate, progress, created, dist, device)
+    # Every rank stays in the group until rank 0 has evaluated and written run.json: a rank that tears its end
+    # of the group down while a peer still holds it can abort either process.
+    dist.barrier()
+    return info if info is not None else read_run(paths.root)
+
+
+def _finish_on_main(cfg: Config, paths: RunPaths, model: Classifier, splits: Splits, history: list[dict],
+                    info: RunInfo | None, evaluate: bool, progress: bool, created: str, dist: Dist,
+                    device: torch.device) -> RunInfo:
+    """Rank 0 after the last epoch: cache features and score the joint head (when the run is complete), and write
+    the final run.json."""
+    metrics = _train_metrics(history, dist, device)
+    if info is None:  # nothing left to train (resumed a finished run, or stop_after_epochs already reached)
+        info = export_run(paths, model, cfg, splits, len(history), metrics, finished=False, created=created)
+    if len(history) < cfg.train.epochs:
+        log.info("stopped after epoch %d/%d; continue with --resume", len(history), cfg.train.epochs)
+        return info
+    if evaluate:
+        metrics["eval"] = _end_of_training_eval(Run(paths, info, cfg), model, progress, device)
+    info = export_run(paths, model, cfg, splits, len(history), metrics, finished=True, created=created)
+    log.info("finished %s: %d epochs in %.1f s (%.0f img/s)", paths.root, len(history), metrics["train_seconds"],
+             metrics["images_per_second"])
+    return info
+
+
+def _end_of_training_eval(run: Run, model: Classifier, progress: bool,
+                          device: torch.device) -> dict[str, dict[str, Any]]:
+    """Features of every split through the trained backbone (into the cache), and the joint head's val and test
+    summary. {split: {"joint": {top1, top5, many, medium, few, balanced_accuracy, ece, n}}}."""
+    info = run.info
+    joint = joint_head(model, run.config, info.epochs_done, info.backbone.sha256, info.data_fingerprint)
+    out: dict[str, dict[str, Any]] = {}
+    for split in ("train", "val", "test"):
+        if info.split_sizes.get(split, 0) == 0:
+            continue
+        x, y = cached_features(run, split, device=device, backbone=model.backbone, progress=progress)
+        if split != "train":
+            report = classification_report(joint.logits(x), y, info.class_counts, info.many_threshold,
+                                           info.few_threshold)
+            out[split] = {"joint": {k: report.get(k) for k in SUMMARY_KEYS}}
+    return out
+
+
+def _train_metrics(history: list[dict], dist: Dist, device: torch.device) -> dict[str, Any]:
+    seconds = sum(h["seconds"] for h in history)
+    images = sum(h["images"] for h in history)
+    return {"epochs": history, "train_seconds": seconds, "images_per_second": images / max(seconds, 1e-9),
+            "final_loss": history[-1]["loss"] if history else None, "world_size": dist.world_size,
+            "device": str(device.type), "torch_threads": torch.get_num_threads()}

@@ -1,0 +1,104 @@
+"""The head registry: one entry per method, read by config, stage 2, export and evaluation.
+
+A method registered here, in the test, with its own settings, fit and reference logits and nothing else, is
+validated by the config, fitted by `rebalance`, folded and verified by `export`, and reported by `evaluate`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ltserve.config import load_config
+from ltserve.errors import ConfigError, PackageError
+from ltserve.heads import HEADS, CalibratedHead, HeadMethod, raw_bias
+from ltserve.heads.common import HeadFitter, MethodSettings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class PowerNormSettings(MethodSettings):
+    power: float = 0.5
+
+
+class PowerNorm(HeadFitter):
+    """A toy method: the joint rows divided by their norm to a power (tau-norm's shape, its own name and knob)."""
+
+    Settings = PowerNormSettings
+    name = "power_norm"
+
+    def fit(self, train_features, train_labels, base_head, val):
+        norms = np.linalg.norm(base_head.weight.astype(np.float64), axis=1, keepdims=True)
+        return CalibratedHead(base_head.weight / norms ** self.settings.power, base_head.bias, self.name,
+                              meta={"power": self.settings.power})
+
+
+def power_norm_reference(head, joint, features, class_counts):
+    w0 = joint.weight.astype(np.float64)
+    w = w0 / np.linalg.norm(w0, axis=1, keepdims=True) ** head.meta["power"]
+    return features @ w.T + raw_bias(joint)
+
+
+def joint_reference_only(head, joint, features, class_counts):
+    """A wrong reference: it ignores what the method did to the rows."""
+    return features @ joint.weight.astype(np.float64).T + raw_bias(joint)
+
+
+def test_the_built_in_registry():
+    assert HEADS.names() == ["joint", "crt", "tau_norm", "lws", "ncm", "la", "tau_norm+la", "lws+la"]
+    assert HEADS.stage2() == HEADS.names()[1:]
+    assert {n: HEADS.get(n).base for n in ("la", "tau_norm+la", "lws+la")} == \
+        {"la": "joint", "tau_norm+la": "tau_norm", "lws+la": "lws"}
+    assert [n for n in HEADS.names() if HEADS.get(n).trains] == ["crt", "lws"]
+    assert set(HEADS.sections()) == {"crt", "tau_norm", "lws", "ncm", "la"}
+    with pytest.raises(ConfigError, match="did you mean 'tau_norm'"):
+        HEADS.get("taunorm")
+    with pytest.raises(ValueError, match="already registered"):
+        HEADS.register(HeadMethod("crt", power_norm_reference))
+    with pytest.raises(ValueError, match="base 'nothing' is not registered"):
+        HEADS.register(HeadMethod("x", power_norm_reference, PowerNorm, "x", base="nothing"))
+
+
+def test_a_method_registered_here_runs_through_config_rebalance_export_and_evaluate(tiny_run, copy_run, tmp_path):
+    from ltserve.evaluate import evaluate_run
+    from ltserve.export import export_package
+    from ltserve.rebalance import rebalance
+
+    run = copy_run(tiny_run)
+    entry = HeadMethod("power_norm", power_norm_reference, PowerNorm, "power_norm", base="joint")
+    with HEADS.registered(entry):
+        cfg = load_config(REPO / "configs" / "tiny.yaml", ["rebalance.power_norm.power=0.25"])
+        assert cfg.rebalance.power_norm.power == 0.25 and "power_norm" in cfg.rebalance.heads
+        with pytest.raises(ConfigError, match=r"rebalance\.power_norm\.pow: unknown key; did you mean 'power'"):
+            load_config(REPO / "configs" / "tiny.yaml", ["rebalance.power_norm.pow=1"])
+
+        heads = rebalance(run, heads="power_norm", overrides=["rebalance.power_norm.power=0.25"], progress=False)
+        head = heads["power_norm"]
+        assert head.meta["power"] == 0.25 and head.meta["settings"] == {"power": 0.25}
+        assert "calibration" in head.meta and head.meta["val"]["n"] > 0  # the stage's steps applied to it too
+
+        meta = export_package(run, "power_norm", tmp_path / "pkg", verify_images=32, progress=False)
+        assert meta.head.name == "power_norm"
+        assert meta.verification["fp32"]["top1_agreement"] >= 0.99  # checked against the registered reference
+        assert meta.verification["graph"]["head_ops"] == ["Gemm"]  # folded into the one Gemm
+
+        results = evaluate_run(run, "test", plots=False)
+        assert list(results["heads"]) == ["joint", "power_norm"]
+    assert "power_norm" not in HEADS
+    with pytest.raises(ConfigError, match="'power_norm' is not one of"):
+        load_config(REPO / "configs" / "tiny.yaml", ["rebalance.heads=[power_norm]"])
+
+
+def test_export_checks_a_head_against_the_reference_its_entry_registers(tiny_run, copy_run, tmp_path):
+    """The same fit with a reference that ignores it: the folded graph no longer matches, and nothing is written."""
+    from ltserve.export import export_package
+    from ltserve.rebalance import rebalance
+
+    run = copy_run(tiny_run)
+    with HEADS.registered(HeadMethod("power_norm", joint_reference_only, PowerNorm, "power_norm", base="joint")):
+        rebalance(run, heads="power_norm", progress=False)
+        with pytest.raises(PackageError, match="unfolded"):
+            export_package(run, "power_norm", tmp_path / "pkg", verify_images=32, progress=False)
+    assert not (tmp_path / "pkg").exists()
