@@ -105,26 +105,120 @@ def assert_error(resp: httpx.Response, status: int, error: str | None = None) ->
 # -- settings (no server) --------------------------------------------------------------------------------------------
 
 
-def test_settings_from_env_and_yaml(tmp_path):
+@pytest.fixture()
+def clean_env(monkeypatch):
+    """No LTSERVE_* variable of this process reaches the settings (set them with monkeypatch.setenv)."""
+    for name in list(os.environ):
+        if name.upper().startswith("LTSERVE_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_settings_from_env_and_yaml(tmp_path, clean_env):
     from ltserve.serve.settings import ServiceSettings
 
-    s = ServiceSettings.from_env({})
+    s = ServiceSettings.from_env()
     assert s.model == Path("models/fashion-lt") and s.api_key is None and s.cors_origins == []
     assert s.model_path() == (Path.cwd() / "models/fashion-lt").resolve()
     cfg = tmp_path / "c.yaml"
     cfg.write_text("top_k: 2\nproviders: [cuda, cpu]\nmax_latency_ms: 3\n")
-    s = ServiceSettings.from_env({"LTSERVE_CONFIG": str(cfg), "LTSERVE_TOP_K": "7", "LTSERVE_CORS_ORIGINS": "a, b",
-                                  "LTSERVE_API_KEY": "s3cr3t-value"})
+    for name, value in {"LTSERVE_CONFIG": str(cfg), "LTSERVE_TOP_K": "7", "LTSERVE_CORS_ORIGINS": "a, b",
+                        "LTSERVE_API_KEY": "s3cr3t-value"}.items():
+        clean_env.setenv(name, value)
+    s = ServiceSettings.from_env()
     assert s.top_k == 7 and s.providers == ["cuda", "cpu"] and s.max_latency_ms == 3
     assert s.cors_origins == ["a", "b"] and s.api_key.get_secret_value() == "s3cr3t-value"
     assert "s3cr3t" not in repr(s)
+    clean_env.setenv("LTSERVE_MAX_BATCH_SIZE", "0")
     with pytest.raises(ConfigError, match="LTSERVE_MAX_BATCH_SIZE"):
-        ServiceSettings.from_env({"LTSERVE_MAX_BATCH_SIZE": "0"})
+        ServiceSettings.from_env()
+    clean_env.delenv("LTSERVE_MAX_BATCH_SIZE")
     cfg.write_text("top_kk: 2\n")
     with pytest.raises(ConfigError, match="top_kk"):
-        ServiceSettings.from_env({"LTSERVE_CONFIG": str(cfg)})
+        ServiceSettings.from_env()
+    clean_env.setenv("LTSERVE_CONFIG", str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match="not found"):
-        ServiceSettings.from_env({"LTSERVE_CONFIG": str(tmp_path / "nope.yaml")})
+        ServiceSettings.from_env()
+
+
+# one valid, non-default value per settings field, as an environment variable would carry it, and as parsed
+FIELD_VALUES = {
+    "model": ("models/other", Path("models/other")), "top_k": ("3", 3), "max_upload_bytes": ("2048", 2048),
+    "max_pixels": ("1000", 1000), "max_batch_images": ("8", 8), "timeout_s": ("2.5", 2.5),
+    "providers": ("cuda,cpu", ["cuda", "cpu"]), "backend": ("torch", "torch"), "torch_device": ("cpu", "cpu"),
+    "torch_precision": ("fp32", "fp32"), "torch_cuda_graphs": ("0", False), "threads": ("3", 3),
+    "max_batch_size": ("4", 4), "max_latency_ms": ("7", 7.0), "decode_threads": ("2", 2),
+    "api_key": ("k3y", "k3y"), "cors_origins": ("http://a.example, http://b.example",
+                                                ["http://a.example", "http://b.example"]),
+}
+
+
+def test_every_setting_is_an_ltserve_variable_and_the_environment_wins_over_yaml(tmp_path, clean_env):
+    from ltserve.serve.settings import ServiceSettings
+
+    assert set(ServiceSettings.model_fields) == set(FIELD_VALUES) | {"config"}, "a new setting needs a value here"
+    defaults = ServiceSettings.from_env()
+    for field, (raw, parsed) in FIELD_VALUES.items():
+        clean_env.setenv(f"LTSERVE_{field.upper()}", raw)
+        got = getattr(ServiceSettings.from_env(), field)
+        got = got.get_secret_value() if field == "api_key" else got
+        assert got == parsed != getattr(defaults, field), field
+        clean_env.delenv(f"LTSERVE_{field.upper()}")
+
+    # the YAML file (LTSERVE_CONFIG) takes every field but `config`; a variable wins over the same key there
+    cfg = tmp_path / "all.yaml"
+    cfg.write_text("".join(f"{field}: {raw!r}\n" for field, (raw, _) in FIELD_VALUES.items()))
+    clean_env.setenv("LTSERVE_CONFIG", str(cfg))
+    s = ServiceSettings.from_env()
+    assert s.config == cfg and s.top_k == 3 and s.providers == ["cuda", "cpu"] and s.torch_cuda_graphs is False
+    clean_env.setenv("LTSERVE_TOP_K", "9")
+    clean_env.setenv("LTSERVE_PROVIDERS", "cpu")
+    clean_env.setenv("LTSERVE_TORCH_CUDA_GRAPHS", "")  # empty = unset: the file's value stays
+    s = ServiceSettings.from_env()
+    assert s.top_k == 9 and s.providers == ["cpu"] and s.max_batch_size == 4 and s.torch_cuda_graphs is False
+    assert ServiceSettings.from_env(top_k=11).top_k == 11  # keyword arguments win over both
+
+
+def test_invalid_settings_name_the_variable_and_unknown_yaml_keys_list_the_valid_ones(tmp_path, clean_env):
+    from ltserve.serve.settings import ServiceSettings
+
+    for field, raw, problem in [("top_k", "many", "valid integer"), ("top_k", "0", "greater than or equal to 1"),
+                                ("backend", "tensorflow", "'onnxruntime' or 'torch'"),
+                                ("torch_precision", "fp8", "'auto', 'fp32' or 'fp16'"),
+                                ("torch_cuda_graphs", "maybe", "valid boolean"),
+                                ("max_latency_ms", "-1", "greater than or equal to 0")]:
+        clean_env.setenv(f"LTSERVE_{field.upper()}", raw)
+        with pytest.raises(ConfigError) as err:
+            ServiceSettings.from_env()
+        assert f"LTSERVE_{field.upper()}" in str(err.value) and problem in str(err.value), str(err.value)
+        assert "environment" in str(err.value)
+        clean_env.delenv(f"LTSERVE_{field.upper()}")
+    clean_env.setenv("LTSERVE_API_KEY", "x")  # a secret's value is never echoed
+    cfg = tmp_path / "c.yaml"
+    clean_env.setenv("LTSERVE_CONFIG", str(cfg))
+    cfg.write_text("top_k: -3\n")
+    with pytest.raises(ConfigError, match=r"LTSERVE_TOP_K / top_k \[LTSERVE_CONFIG=.*c\.yaml\]"):
+        ServiceSettings.from_env()
+    cfg.write_text("top_k: 3\nmax_batch_sise: 8\n")
+    with pytest.raises(ConfigError) as err:
+        ServiceSettings.from_env()
+    msg = str(err.value)
+    assert "'max_batch_sise'" in msg and "did you mean 'max_batch_size'" in msg
+    assert all(field in msg for field in FIELD_VALUES), msg  # the valid keys are listed
+    for text, problem in [("- top_k\n", "expected a mapping"), ("config: other.yaml\n", "'config' is not allowed"),
+                          ("top_k: [\n", "cannot read it as YAML")]:
+        cfg.write_text(text)
+        with pytest.raises(ConfigError, match=problem):
+            ServiceSettings.from_env()
+
+
+def test_readme_lists_every_setting():
+    from ltserve.serve.settings import ServiceSettings
+
+    readme = (REPO / "README.md").read_text()
+    serving = readme[readme.index("## Serving over HTTP"):readme.index("## Batch prediction")]
+    missing = [f for f in ServiceSettings.model_fields if f"`LTSERVE_{f.upper()}`" not in serving]
+    assert missing == [], f"README.md 'Serving over HTTP' lacks {missing}"
 
 
 def test_missing_or_broken_package_stops_startup(package, tmp_path):
@@ -395,7 +489,8 @@ def test_bentoml_build_holds_only_serving_dependencies(tmp_path):
     req = (bento / "env" / "python" / "requirements.txt").read_text()
     names = {re.split(r"[<>=!~\[; ]", line.strip())[0].lower() for line in req.splitlines()
              if line.strip() and not line.startswith("#")}
-    assert names == {"bentoml", "onnxruntime", "pillow", "numpy", "pydantic", "pyyaml", "tqdm"}, req
+    assert names == {"bentoml", "onnxruntime", "pillow", "numpy", "pydantic", "pydantic-settings", "pyyaml",
+                     "tqdm"}, req
     src = bento / "src"
     assert (src / "ltserve" / "service.py").is_file() and (src / "ltserve" / "runtime" / "predictor.py").is_file()
     assert not list(src.rglob("*.pyc")) and not (src / "tests").exists()

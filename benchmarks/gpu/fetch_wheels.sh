@@ -20,6 +20,7 @@ mkdir -p "$DEST"
 # name (as in constraints.txt)     why it is needed there
 PACKAGES=(
   pydantic pydantic_core annotated-types typing-inspection typing_extensions   # ltserve's schemas
+  pydantic-settings python-dotenv              # the service's settings (python-dotenv: a requirement of it)
   bentoml a2wsgi aiohttp-asgi-connector aiosqlite asgiref cattrs click-option-group   # bentoml and its imports
   httpx-ws kantoku pip-requirements-parser python-json-logger python-multipart
   pyzmq rich-toolkit schema simple-di starlette tomli_w tornado uvicorn watchfiles wsproto tzdata certifi

@@ -1,15 +1,28 @@
-"""The service's settings: LTSERVE_<FIELD> environment variables, or a YAML file named by LTSERVE_CONFIG."""
+"""The service's one settings object: LTSERVE_<FIELD> environment variables over a YAML file named by LTSERVE_CONFIG.
+
+`ServiceSettings` is a pydantic-settings `BaseSettings`, and this module is the only place in `ltserve/` that reads
+the service's environment: the service builds one `ServiceSettings.from_env()` at import and hands plain values to
+the library (`Predictor`, `AsyncPredictor`, `RequestGuard`), which never reads variables itself.
+
+Sources, highest priority first: keyword arguments (tests), the environment (`LTSERVE_<FIELD>`, case-insensitive,
+empty values ignored), the YAML file named by `LTSERVE_CONFIG` (keys are the field names), the defaults. Comma
+lists (`LTSERVE_PROVIDERS=cuda,cpu`, `LTSERVE_CORS_ORIGINS=a,b`) are split here; the YAML file may give a list or
+the same comma string.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError,
+                               YamlConfigSettingsSource)
 
-from ltserve.errors import ConfigError
+from ltserve.errors import ConfigError, unknown_choice
 from ltserve.preprocess import DEFAULT_MAX_PIXELS
 
 ENV_PREFIX = "LTSERVE_"
@@ -19,11 +32,16 @@ MODEL_ROUTE = "/model"
 UPLOAD_FIELDS = {CLASSIFY_ROUTE: "image", BATCH_ROUTE: "images"}
 PROTECTED_ROUTES = (CLASSIFY_ROUTE, BATCH_ROUTE, MODEL_ROUTE)
 
+# The secret is never echoed back in an error message.
+_SECRET_FIELDS = frozenset({"api_key"})
 
-class ServiceSettings(BaseModel):
-    """Service configuration: LTSERVE_<FIELD> environment variables, or LTSERVE_CONFIG (a YAML file of these fields).
+
+class ServiceSettings(BaseSettings):
+    """Service configuration: LTSERVE_<FIELD> environment variables over LTSERVE_CONFIG (a YAML file of these
+    fields, without `config`).
 
     Attributes:
+        config: the YAML file the other fields are read from, below the environment (LTSERVE_CONFIG).
         model: model package folder, relative to the working directory (LTSERVE_MODEL).
         top_k: classes listed per image (LTSERVE_TOP_K).
         max_upload_bytes: largest request body; larger answers 413 (LTSERVE_MAX_UPLOAD_BYTES).
@@ -35,7 +53,8 @@ class ServiceSettings(BaseModel):
         backend: "onnxruntime" (default) or "torch": the package's model.pt2 through PyTorch, for GPU machines
             without onnxruntime-gpu (LTSERVE_BACKEND; bentofile.torch.yaml sets it).
         torch_device: the torch backend's device: auto, cpu or cuda (LTSERVE_TORCH_DEVICE).
-        torch_precision: auto (fp16 on CUDA, fp32 on CPU), fp32 or fp16 (LTSERVE_TORCH_PRECISION).
+        torch_precision: auto (fp16 on CUDA, fp32 on CPU), fp32 or fp16 (LTSERVE_TORCH_PRECISION); the same default
+            as `TorchRunner`'s.
         torch_cuda_graphs: capture one CUDA graph per batch bucket (LTSERVE_TORCH_CUDA_GRAPHS).
         threads: ONNX Runtime CPU threads (LTSERVE_THREADS; default: all cores).
         max_batch_size: most images per model call across concurrent requests; 1 turns adaptive batching off
@@ -48,15 +67,17 @@ class ServiceSettings(BaseModel):
         cors_origins: origins allowed by CORS, comma separated; empty = CORS off (LTSERVE_CORS_ORIGINS).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid", frozen=True)
 
+    config: Path | None = None
     model: Path = Path("models/fashion-lt")
     top_k: int = Field(5, ge=1, le=1000)
     max_upload_bytes: int = Field(10 * 2**20, ge=1024)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     max_batch_images: int = Field(64, ge=1)
     timeout_s: float = Field(30.0, gt=0)
-    providers: list[str] | None = None
+    # NoDecode: pydantic-settings would read a list variable as JSON; these take "a,b" (split below)
+    providers: Annotated[list[str] | None, NoDecode] = None
     backend: Literal["onnxruntime", "torch"] = "onnxruntime"
     torch_device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_precision: Literal["auto", "fp32", "fp16"] = "auto"
@@ -66,7 +87,7 @@ class ServiceSettings(BaseModel):
     max_latency_ms: float = Field(5.0, ge=0, le=10_000)
     decode_threads: int | None = Field(None, ge=1, le=1024)
     api_key: SecretStr | None = None
-    cors_origins: list[str] = Field(default_factory=list)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     @field_validator("providers", "cors_origins", mode="before")
     @classmethod
@@ -81,41 +102,31 @@ class ServiceSettings(BaseModel):
         return None if isinstance(value, str) and not value.strip() else value
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "ServiceSettings":
-        """Settings from LTSERVE_CONFIG (YAML) overlaid with LTSERVE_<FIELD> variables.
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Keyword arguments, then the environment, then the LTSERVE_CONFIG file (no .env or secrets files)."""
+        return init_settings, env_settings, _ConfigFile(settings_cls)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "ServiceSettings":
+        """The settings of this process: `overrides`, then LTSERVE_<FIELD> variables, then the LTSERVE_CONFIG file.
+
+        Args:
+            overrides: field values that win over every other source (tests, embedding).
 
         Raises:
-            ConfigError: the YAML file is missing or invalid, or a value is invalid (names the variable or key).
+            ConfigError: the YAML file is missing, not a mapping, or has an unknown key (the valid keys are
+                listed), or a value is invalid (the message names the variable, LTSERVE_<FIELD>, and the problem).
         """
-        env = dict(os.environ if environ is None else environ)
-        raw: dict[str, Any] = {}
-        source = "environment"
-        if env.get(ENV_PREFIX + "CONFIG"):
-            path = Path(env[ENV_PREFIX + "CONFIG"])
-            source = f"{path} and environment"
-            try:
-                raw = yaml.safe_load(path.read_text()) or {}
-            except FileNotFoundError:
-                raise ConfigError(f"LTSERVE_CONFIG={path}: file not found") from None
-            except (OSError, yaml.YAMLError) as exc:
-                raise ConfigError(f"LTSERVE_CONFIG={path}: cannot read it as YAML: {exc}") from None
-            if not isinstance(raw, dict):
-                raise ConfigError(f"LTSERVE_CONFIG={path}: expected a mapping of settings "
-                                  f"({', '.join(cls.model_fields)})")
-        for name in cls.model_fields:
-            value = env.get(ENV_PREFIX + name.upper())
-            if value is not None and value != "":
-                raw[name] = value
         try:
-            return cls.model_validate(raw)
+            return cls(**overrides)
         except ValidationError as exc:
-            lines = [f"invalid service settings ({source}):"]
-            for e in exc.errors():
-                key = str(e["loc"][0]) if e["loc"] else "?"
-                where = f"{ENV_PREFIX}{key.upper()} / {key}" if key in cls.model_fields else key
-                valid = "" if key in cls.model_fields else f" (valid: {', '.join(cls.model_fields)})"
-                lines.append(f"  {where}: {e['msg']}{valid}")
-            raise ConfigError("\n".join(lines)) from None
+            raise ConfigError(_explain(exc, overrides)) from None
+        except SettingsError as exc:  # a source could not parse a value (names the field)
+            raise ConfigError(f"invalid service settings: {exc}") from None
 
     def torch_options(self) -> dict[str, Any]:
         """The torch runner's options (used with backend "torch")."""
@@ -124,3 +135,61 @@ class ServiceSettings(BaseModel):
     def model_path(self) -> Path:
         """The model package folder, absolute (relative paths are resolved from the working directory)."""
         return self.model.expanduser().resolve()
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a settings field: "top_k" -> "LTSERVE_TOP_K"."""
+    return ENV_PREFIX + field.upper()
+
+
+class _ConfigFile(PydanticBaseSettingsSource):
+    """The YAML file named by the `config` field, as found by the sources above it (LTSERVE_CONFIG).
+
+    pydantic-settings' `YamlConfigSettingsSource` reads it; this wrapper finds its path, which is itself a setting,
+    and turns what that source would skip or pass on unexplained (a missing file, a list, unreadable YAML) into a
+    `ConfigError` naming the file.
+    """
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns the whole file
+
+    def __call__(self) -> dict[str, Any]:
+        value = self.current_state.get("config")
+        if value in (None, ""):
+            return {}
+        path = Path(value).expanduser()
+        where = f"{env_name('config')}={path}"
+        if not path.is_file():
+            raise ConfigError(f"{where}: file not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{where}: cannot read it as YAML: {exc}") from None
+        valid = ", ".join(f for f in self.settings_cls.model_fields if f != "config")
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a mapping of settings ({valid}), got {type(raw).__name__}")
+        if raw and "config" in raw:
+            raise ConfigError(f"{where}: key 'config' is not allowed in the file (it cannot name another file)")
+        return YamlConfigSettingsSource(self.settings_cls, yaml_file=path)()
+
+
+def _explain(exc: ValidationError, overrides: dict[str, Any]) -> str:
+    """A ValidationError of ServiceSettings as lines naming the variable (or the YAML key), where the value came
+    from, and the problem."""
+    env = {k.upper(): v for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX) and v != ""}
+    config = overrides.get("config") or env.get(env_name("config"))
+    fields = [f for f in ServiceSettings.model_fields if f != "config"]
+    lines = ["invalid service settings:"]
+    for e in exc.errors():
+        key = str(e["loc"][0]) if e["loc"] else "?"
+        if key in ServiceSettings.model_fields:
+            origin = ("argument" if key in overrides else "environment" if env_name(key) in env
+                      else f"{env_name('config')}={config}" if config else "default")
+            got = "" if key in _SECRET_FIELDS or "input" not in e else f" (got {e['input']!r})"
+            lines.append(f"  {env_name(key)} / {key} [{origin}]: {e['msg']}{got}")
+        elif e["type"] == "extra_forbidden":
+            where = f"{env_name('config')}={config}" if config and key not in overrides else "argument"
+            lines.append(f"  {where}: {unknown_choice('key', key, fields)}")
+        else:
+            lines.append(f"  {key}: {e['msg']}")
+    return "\n".join(lines)
