@@ -497,32 +497,90 @@ def test_bentoml_build_holds_only_serving_dependencies(tmp_path):
     assert (src / "models" / "fashion-lt" / "model.json").is_file() == (REPO / "models/fashion-lt/model.json").is_file()
 
 
-def test_api_methods_called_directly(package, images):
-    """The @bentoml.api methods (the Python entry point; HTTP is answered by the guard) run the same `answer`."""
-    code = f"""
-import asyncio, json
+HANDLER_SCRIPT = """
+import asyncio, json, sys
 from pathlib import Path
+from starlette.testclient import TestClient
 from ltserve.service import Classifier
 
-async def main():
-    svc = Classifier()
-    one = await svc.classify(image=Path({str(images['china'])!r}))
-    many = await svc.classify_batch(images=[Path({str(images['fashion_0'])!r})] * 3)
-    bad = await svc.classify(image=Path({__file__!r}))
-    print(json.dumps([one.status_code, json.loads(one.body), many.status_code, json.loads(many.body),
-                      bad.status_code, json.loads(bad.body)]))
+china, fashion, bad = (Path(p) for p in sys.argv[1:4])
+calls = [("classify", "image", [china]), ("classify_batch", "images", [fashion] * 3), ("classify", "image", [bad]),
+         ("classify_batch", "images", [fashion] * 5)]
 
-asyncio.run(main())
+
+async def direct():
+    svc = Classifier()  # a plain Python object: no server, no request
+    try:
+        out = []
+        for name, field, paths in calls:
+            result = await getattr(svc, name)(**{field: paths[0] if field == "image" else paths})
+            dump = result.model_dump(mode="json") if hasattr(result, "model_dump") else json.loads(result.body)
+            out.append([type(result).__name__, dump])
+        return out
+    finally:
+        svc.close()
+
+
+def post(client, name, field, paths):
+    r = client.post("/" + name, files=[(field, (p.name, p.read_bytes(), "application/octet-stream")) for p in paths])
+    return [r.status_code, r.json()]
+
+
+direct_results = asyncio.run(direct())
+with TestClient(Classifier.to_asgi()) as client:
+    http_results = [post(client, *call) for call in calls]
+    api = Classifier.apis["classify"]  # the handler HTTP runs: change it, in process, and ask again
+    original = api.func
+
+    async def changed(self, *args, **kwargs):
+        result = await original(self, *args, **kwargs)
+        return result.model_copy(update={"label": "changed:" + result.label})
+
+    api.func = changed
+    try:
+        changed_http = post(client, *calls[0])
+    finally:
+        api.func = original
+print(json.dumps({"direct": direct_results, "http": http_results, "changed": changed_http}))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
-                         env={**os.environ, "LTSERVE_MODEL": str(package), "LTSERVE_TOP_K": "3"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    s1, one, s2, many, s3, bad = json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_http_and_direct_calls_run_the_same_handler(package, images):
+    """One handler per route: HTTP (through the guard, `to_asgi()`) answers what a direct Python call of the
+    `@bentoml.api` method returns, status included, and a change to the method is what HTTP answers."""
+    out = subprocess.run([sys.executable, "-c", HANDLER_SCRIPT, str(images["china"]), str(images["fashion_0"]),
+                          __file__], capture_output=True, text=True, timeout=180, cwd=REPO,
+                         env={**os.environ, "LTSERVE_MODEL": str(package), "LTSERVE_TOP_K": "3",
+                              "LTSERVE_MAX_BATCH_IMAGES": "4", "LTSERVE_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    (t1, one), (t2, many), (t3, bad), (t4, over) = got["direct"]
+    status, changed = got["changed"]
+    assert status == 200 and changed == {**one, "label": "changed:" + one["label"]}, "HTTP did not run the method"
+    assert [t1, t2, t3, t4] == ["Prediction", "BatchResponse", "ErrorBody", "ErrorBody"]
     predictor = Predictor(package, threads=1)
-    assert s1 == 200 and s2 == 200 and s3 == 400
     assert_same(one, predictor.classify_bytes([images["china"].read_bytes()], top_k=3)[0])
     assert len(many["predictions"]) == 3 and many["predictions"][0] == many["predictions"][2]
-    assert bad["error"] == "invalid_image"
+    assert bad["error"] == "invalid_image" and over["error"] == "too_many_images"
+    assert [status for status, _ in got["http"]] == [200, 200, 400, 413]
+    assert [body for _, body in got["http"]] == [one, many, bad, over]  # the same answers
+
+
+def test_openapi_lists_the_upload_routes_with_the_prediction_schema(server):
+    doc = httpx.get(server.url + "/docs.json")
+    assert doc.status_code == 200, doc.text[:500]
+    paths = doc.json()["paths"]
+    prediction_fields = {"label", "class_index", "probability", "shot_group", "top_k"}
+    one = paths["/classify"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert set(one["required"]) == prediction_fields
+    batch = paths["/classify_batch"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert batch["required"] == ["predictions"] and batch["properties"]["predictions"]["type"] == "array"
+    item = batch["properties"]["predictions"]["items"]
+    ref = item.get("$ref", "").rsplit("/", 1)[-1]
+    assert ref == "Prediction" or set(item.get("required", [])) == prediction_fields, item
+    if ref:
+        assert set(doc.json()["components"]["schemas"]["Prediction"]["required"]) == prediction_fields
+    assert "multipart/form-data" in paths["/classify"]["post"]["requestBody"]["content"]
 
 
 def test_serve_load_benchmark_smoke(tmp_path):

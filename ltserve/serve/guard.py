@@ -1,31 +1,38 @@
-"""The request guard (ASGI middleware): everything a client can get wrong, answered 4xx with a JSON body before the
-model sees the request; and the service's one error body."""
+"""The request guard (ASGI middleware): everything a client can get wrong in the request itself, answered 4xx with
+a JSON body before BentoML parses it; and the service's one error body, `ErrorBody`."""
 
 from __future__ import annotations
 
 import hmac
 from typing import Any
 
+from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from ltserve.errors import InvalidInput
 from ltserve.serve.settings import BATCH_ROUTE, PROTECTED_ROUTES, UPLOAD_FIELDS, ServiceSettings
 
-current: dict[str, Any] = {}  # the service instance of this worker process, for the mounted ASGI routes
+
+class ErrorBody(BaseModel):
+    """The body of every 4xx answer of this service."""
+
+    error: str = Field(description="short machine-readable code, e.g. invalid_image, payload_too_large")
+    detail: str = Field(description="what is wrong and how to fix it")
 
 
 def error_response(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    """The one error body of this service: {"error": short code, "detail": what is wrong and how to fix it}."""
-    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+    """An `ErrorBody` as an HTTP answer (what the guard and the mounted routes send)."""
+    return JSONResponse(ErrorBody(error=error, detail=detail).model_dump(), status_code=status, headers=headers)
 
 
 _ERROR_CODES = {400: "invalid_image", 413: "image_too_large", 415: "unsupported_format"}
 
 
-def invalid_input_response(exc: InvalidInput) -> JSONResponse:
-    """Map ltserve's input errors (InvalidImage 400, ImageTooLarge 413, UnsupportedFormat 415) to JSON."""
-    return error_response(exc.status_code, _ERROR_CODES.get(exc.status_code, "invalid_input"), str(exc))
+def invalid_input_error(exc: InvalidInput) -> tuple[int, ErrorBody]:
+    """The HTTP status and body of ltserve's input errors (InvalidImage 400, ImageTooLarge 413,
+    UnsupportedFormat 415)."""
+    return exc.status_code, ErrorBody(error=_ERROR_CODES.get(exc.status_code, "invalid_input"), detail=str(exc))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -40,12 +47,15 @@ class _Reject(Exception):
 
 
 class RequestGuard:
-    """Checks API key, content type, body size and the multipart fields of the upload routes, then answers them.
+    """Checks API key, content type, body size and the multipart fields of the upload routes, then passes the
+    request on; it never answers a request that passed.
 
     The body is read here (counting streamed bytes against max_upload_bytes, whatever Content-Length says), parsed
-    once and checked; the files' bytes go to the service's `answer`. A string in a file field (BentoML would fetch
-    a URL given there) is refused, so nothing is ever fetched. Before the service instance exists, the checked body
-    is replayed to BentoML's own handler instead.
+    and checked: the upload field is present and holds files only (a string there is refused: BentoML would fetch
+    a URL given in a file field), no other field, one file for /classify (BentoML would silently keep the first).
+    The checked body is then replayed to BentoML, whose handler parses it into the `@bentoml.api` method's typed
+    arguments. What holds for every caller of the method, HTTP or Python (the batch cap, whether the bytes are an
+    image), is answered by the method itself.
     """
 
     def __init__(self, app: Any, settings: ServiceSettings) -> None:
@@ -62,12 +72,8 @@ class RequestGuard:
                 self._check_key(scope)
             if path in UPLOAD_FIELDS and scope.get("method") == "POST":
                 body = await self._read_body(scope, receive)
-                files = await self._check_form(scope, body, UPLOAD_FIELDS[path])
-                service = current.get("service")
-                if service is not None:  # answer here: see the module docstring (one parse, no temporary files)
-                    response = await service.answer(path, files)
-                    return await response(scope, receive, send)
-                receive = _replay(body)
+                await self._check_form(scope, body, UPLOAD_FIELDS[path])
+                receive = _replay(body, receive)
         except _Reject as r:
             headers = {"WWW-Authenticate": 'Bearer realm="ltserve"'} if r.status == 401 else None
             if r.status == 413:
@@ -103,8 +109,8 @@ class RequestGuard:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _check_form(self, scope: dict, body: bytes, field: str) -> list[bytes]:
-        """Parse the multipart body and check its fields; the uploaded files' bytes, in order."""
+    async def _check_form(self, scope: dict, body: bytes, field: str) -> None:
+        """Parse the multipart body and check its fields (the handler parses it again into typed arguments)."""
         from starlette.datastructures import UploadFile
         from starlette.formparsers import MultiPartException
 
@@ -118,8 +124,9 @@ class RequestGuard:
             raise _Reject(415, "unsupported_media_type", f"Content-Type {ctype or '(missing)'!r} is not accepted; send "
                                                          f"multipart/form-data with a file in field {field!r} "
                                                          f"({example})")
-        request = Request({k: v for k, v in scope.items() if k != "app"}, _replay(body))  # no "app": Starlette
-        try:                                                                       # then raises MultiPartException
+        # no "app" in the scope: Starlette then raises MultiPartException instead of an HTTPException
+        request = Request({k: v for k, v in scope.items() if k != "app"}, _replay(body, None))
+        try:
             form = await request.form(max_files=1000, max_fields=100)
         except MultiPartException as exc:
             status = 413 if "Too many files" in exc.message else 400
@@ -142,11 +149,6 @@ class RequestGuard:
             if field == "image" and len(files) > 1:
                 raise _Reject(400, "too_many_files", f"/classify takes one image, got {len(files)}; use "
                                                      f"{BATCH_ROUTE} with repeated field 'images'")
-            cap = self.settings.max_batch_images
-            if len(files) > cap:
-                raise _Reject(413, "too_many_images", f"{len(files)} images in one request; at most {cap} "
-                                                      "(LTSERVE_MAX_BATCH_IMAGES)")
-            return [await f.read() for f in files]
         finally:
             await form.close()
 
@@ -158,15 +160,17 @@ def _header(scope: dict, name: bytes) -> str:
     return ""
 
 
-def _replay(body: bytes) -> Any:
+def _replay(body: bytes, receive: Any) -> Any:
+    """An ASGI `receive` that gives the already-read body once, then waits on the connection's own `receive` (which
+    reports the client's disconnect, as ASGI servers do after the body); without one, a disconnect."""
     sent = False
 
-    async def receive() -> dict:
+    async def replay() -> dict:
         nonlocal sent
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return {"type": "http.disconnect"}
+        return await receive() if receive is not None else {"type": "http.disconnect"}
 
-    return receive
+    return replay
 
