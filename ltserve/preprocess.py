@@ -7,6 +7,8 @@ turn an image into model input everywhere, so there is no train/serve skew:
     to_model_input([uint8 arrays]) -> float32 NCHW, normalised with spec.mean / spec.std
 
 `decode(bytes, spec)` (bytes -> uint8 array) is the serving entry point built on `transform_image`.
+`IMAGE_FORMATS` is the one list of accepted image formats (Pillow name, file extensions, magic number): training's
+folder reader, evaluation, `ltserve predict` and the service all read it, so a model serves every format it trained on.
 NumPy and Pillow only: no torch.
 """
 
@@ -14,7 +16,8 @@ from __future__ import annotations
 
 import io
 import struct
-from typing import Literal, Sequence
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -77,10 +80,15 @@ class PreprocessSpec(BaseModel):
 def convert_mode(img: Image.Image, channels: int) -> Image.Image:
     """Convert any Pillow mode to 'L' (channels=1) or 'RGB' (channels=3), correctly.
 
-    Handles palette (with transparency), RGBA/LA (composited on white), CMYK, and 16/32-bit grey ('I;16', 'I', 'F',
-    scaled to 8 bits rather than clipped).
+    Handles palette (with transparency), RGBA/LA (composited on white), CMYK, CIELAB (TIFF), and 16/32-bit grey
+    ('I;16', 'I', 'F', scaled to 8 bits rather than clipped).
     """
     mode = img.mode
+    if mode == "LAB":  # Pillow has no built-in LAB -> RGB conversion; little CMS (bundled with Pillow) does it
+        from PIL import ImageCms
+
+        to_rgb = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
+        img, mode = ImageCms.applyTransform(img, to_rgb), "RGB"
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if mode.startswith("I;16") else max(float(arr.max()), 1.0)
@@ -164,15 +172,84 @@ def arrays_are_model_sized(arrays: np.ndarray, spec: PreprocessSpec) -> bool:
 DEFAULT_MAX_PIXELS = 40_000_000
 """Default pixel cap of `decode` (width * height, before decoding): 40 MP, more than any phone photo."""
 
-SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
-"""Pillow format names `decode` accepts (sniffed from the bytes, never from a file name or content type)."""
+
+def _is_jpeg(head: bytes) -> bool:
+    return head.startswith(b"\xff\xd8\xff")
+
+
+def _is_png(head: bytes) -> bool:
+    return head.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def _is_webp(head: bytes) -> bool:
+    return head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+
+
+def _is_bmp(head: bytes) -> bool:
+    return head.startswith(b"BM") and len(head) >= 26  # shorter than the smallest BMP headers (14 + 12 bytes)
+
+
+def _is_gif(head: bytes) -> bool:
+    return head.startswith((b"GIF87a", b"GIF89a"))
+
+
+def _is_tiff(head: bytes) -> bool:
+    # classic TIFF and BigTIFF, little- and big-endian
+    return head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"))
+
+
+def _is_pnm(head: bytes) -> bool:
+    # P1/P4 bitmap, P2/P5 grey map, P3/P6 pix map (plain text or binary), then whitespace; not PFM ("Pf", "PF")
+    return len(head) >= 3 and head[0:1] == b"P" and head[1] in b"123456" and head[2] in b" \t\r\n"
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """One image format ltserve reads, everywhere: training's image folders, evaluation, `ltserve predict`, the service.
+
+    Attributes:
+        pillow: Pillow's format name; bytes sniffed as this format are parsed by this Pillow plugin only.
+        title: how messages and documentation name it.
+        extensions: lower-case file name endings an image folder is read with (`ltserve.data.read_image_folder`).
+        sniff: True when the first 32 bytes of a file are this format's magic number.
+    """
+
+    pillow: str
+    title: str
+    extensions: tuple[str, ...]
+    sniff: Callable[[bytes], bool]
+
+
+IMAGE_FORMATS: tuple[ImageFormat, ...] = (
+    ImageFormat("JPEG", "JPEG", (".jpg", ".jpeg"), _is_jpeg),
+    ImageFormat("PNG", "PNG", (".png",), _is_png),
+    ImageFormat("WEBP", "WebP", (".webp",), _is_webp),
+    ImageFormat("BMP", "BMP", (".bmp",), _is_bmp),
+    ImageFormat("GIF", "GIF", (".gif",), _is_gif),
+    ImageFormat("TIFF", "TIFF", (".tif", ".tiff"), _is_tiff),
+    ImageFormat("PPM", "PNM", (".ppm", ".pgm", ".pbm", ".pnm"), _is_pnm),
+)
+"""The one list of accepted formats: sniffed from the bytes (never from a file name or content type) by `decode`;
+the extensions are how an image folder finds its files."""
+
+SUPPORTED_FORMATS: tuple[str, ...] = tuple(f.pillow for f in IMAGE_FORMATS)
+"""Pillow format names `decode` accepts."""
+
+IMAGE_EXTENSIONS: tuple[str, ...] = tuple(ext for f in IMAGE_FORMATS for ext in f.extensions)
+"""File name endings (lower case) of the accepted formats: what an image folder is read with."""
+
+FORMAT_NAMES = ", ".join(f.title for f in IMAGE_FORMATS[:-1]) + f" or {IMAGE_FORMATS[-1].title}"
+"""The accepted formats in words, for messages: "JPEG, PNG, WebP, BMP, GIF, TIFF or PNM"."""
+
+_TITLES = {f.pillow: f.title for f in IMAGE_FORMATS}
 
 # Magic numbers of image formats we recognise but do not accept (answered 415 rather than "not an image").
 _OTHER_IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
-    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "PSD"),
+    (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "PSD"),
     (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"), (b"qoif", "QOI"),
     (b"DDS ", "DDS"), (b"\x76\x2f\x31\x01", "OpenEXR"), (b"#?RADIANCE", "HDR"), (b"\xff\x0a", "JPEG XL"),
-    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"), (b"%!PS-Adobe", "EPS"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"), (b"%!PS-Adobe", "EPS"), (b"Pf\n", "PFM"), (b"PF\n", "PFM"),
+    (b"P7\n", "PAM"),
 )
 _HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF",
                 b"avif": "AVIF", b"avis": "AVIF"}
@@ -182,23 +259,13 @@ def sniff_format(data: bytes) -> str | None:
     """The Pillow format name of `data` from its magic number, if it is one `decode` accepts.
 
     Args:
-        data: the first bytes of a file (16 are enough).
+        data: the first bytes of a file (32 are enough).
 
     Returns:
-        "JPEG", "PNG", "WEBP", "BMP" or "GIF", or None for anything else.
+        one of `SUPPORTED_FORMATS` ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM"), or None for anything else.
     """
-    head = bytes(data[:16])
-    if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    if head.startswith((b"GIF87a", b"GIF89a")):
-        return "GIF"
-    if head.startswith(b"BM") and len(data) >= 26:
-        return "BMP"
-    return None
+    head = bytes(data[:32])
+    return next((f.pillow for f in IMAGE_FORMATS if f.sniff(head)), None)
 
 
 def _other_image_format(data: bytes) -> str | None:
@@ -209,8 +276,6 @@ def _other_image_format(data: bytes) -> str | None:
             return name
     if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
         return _HEIF_BRANDS[head[8:12]]
-    if len(head) >= 3 and head[0:1] == b"P" and head[1:2] in b"123456" and head[2:3] in b" \t\r\n":
-        return "PNM"
     text = head.lstrip().lower()
     if text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in bytes(data[:1024]).lower()):
         return "SVG"
@@ -224,15 +289,16 @@ def _draft_size(size: tuple[int, int], resize: int) -> tuple[int, int]:
     return max(1, -(-w * resize // short)), max(1, -(-h * resize // short))
 
 
-def open_image(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open, check and fully decode image bytes: the first frame, upright (EXIF orientation applied), any mode.
+def open_image(data: bytes, spec: PreprocessSpec | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open, check and fully decode image bytes: the first frame or page, upright (EXIF orientation applied).
 
-    The pixel limit is checked on the header's size before any pixel is decoded. JPEG DCT-domain downscaling
+    The format is sniffed from the bytes and only that format's Pillow plugin may parse them (`IMAGE_FORMATS`). The
+    pixel limit is checked on the header's size before any pixel is decoded. JPEG DCT-domain downscaling
     (`Image.draft`) is used only when `spec.allow_draft`, and never below `spec.resize` on the shorter side.
 
     Args:
         data: the encoded file.
-        spec: the preprocessing spec (resize and allow_draft are used here).
+        spec: the preprocessing spec (resize and allow_draft are used here); None: no draft (training's reader).
         max_pixels: cap on width * height.
 
     Returns:
@@ -240,51 +306,65 @@ def open_image(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_
 
     Raises:
         InvalidImage: empty, truncated, corrupt, or not an image (400).
-        UnsupportedFormat: a recognised image format other than JPEG, PNG, WebP, BMP, GIF (415).
+        UnsupportedFormat: a recognised image format other than JPEG, PNG, WebP, BMP, GIF, TIFF, PNM (415).
         ImageTooLarge: more than `max_pixels` pixels (413).
     """
     if not data:
-        raise InvalidImage("empty file: expected the bytes of a JPEG, PNG, WebP, BMP or GIF image")
+        raise InvalidImage(f"empty file: expected the bytes of a {FORMAT_NAMES} image")
     fmt = sniff_format(data)
     if fmt is None:
         other = _other_image_format(data)
         if other is not None:
-            raise UnsupportedFormat(f"{other} images are not supported; send one of "
-                                    f"{', '.join(SUPPORTED_FORMATS)} (convert it first)")
-        raise InvalidImage("not an image: the bytes are not JPEG, PNG, WebP, BMP or GIF "
-                           f"(they start with {bytes(data[:8])!r})")
+            raise UnsupportedFormat(f"{other} images are not supported; send one of {FORMAT_NAMES} "
+                                    "(convert it first)")
+        raise InvalidImage(f"not an image: the bytes are not {FORMAT_NAMES} (they start with {bytes(data[:8])!r})")
+    title = _TITLES[fmt]
     try:
         # formats=[fmt]: only the sniffed format's plugin may parse these bytes
         img = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as exc:  # Pillow's own cap (2 * Image.MAX_IMAGE_PIXELS) came first
-        raise ImageTooLarge(f"{fmt} image too large ({exc}); the limit is {max_pixels} pixels") from None
+        raise ImageTooLarge(f"{title} image too large ({exc}); the limit is {max_pixels} pixels") from None
     except UnidentifiedImageError:
-        raise InvalidImage(f"corrupt or truncated {fmt} file: its header cannot be read") from None
+        raise InvalidImage(f"corrupt or truncated {title} file: its header cannot be read") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
-        raise InvalidImage(f"corrupt or truncated {fmt} file: {exc}") from None
+        raise InvalidImage(f"corrupt or truncated {title} file: {exc}") from None
     w, h = img.size
     if w < 1 or h < 1:
-        raise InvalidImage(f"{fmt} image has an empty size {w}x{h}")
+        raise InvalidImage(f"{title} image has an empty size {w}x{h}")
     if w * h > max_pixels:
-        raise ImageTooLarge(f"{fmt} image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}; "
+        raise ImageTooLarge(f"{title} image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}; "
                             "send a smaller image")
     try:
-        if fmt == "JPEG" and spec.allow_draft:
+        if fmt == "JPEG" and spec is not None and spec.allow_draft:
             img.draft(None, _draft_size((w, h), spec.resize))
-        img.load()  # decodes the first frame (GIF, APNG, animated WebP)
+        img.load()  # decodes the first frame or page (GIF, APNG, animated WebP, multi-page TIFF)
+        if fmt == "PPM" and img.mode == "I":
+            img = _pnm16(img)
         img = ImageOps.exif_transpose(img)
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"{fmt} image too large ({exc}); the limit is {max_pixels} pixels") from None
+        raise ImageTooLarge(f"{title} image too large ({exc}); the limit is {max_pixels} pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
-        raise InvalidImage(f"corrupt or truncated {fmt} file: {exc}") from None
+        raise InvalidImage(f"corrupt or truncated {title} file: {exc}") from None
     return img
+
+
+def _pnm16(img: Image.Image) -> Image.Image:
+    """A PGM with maxval > 255 as mode 'I;16'.
+
+    Pillow returns it as 32-bit mode 'I' already scaled to 0..65535 (whatever the file's maxval), and `convert_mode`
+    scales mode 'I' by the image's own maximum (its range is unknown); marked 16-bit, it is scaled by 65535 like a
+    16-bit PNG or TIFF, so a mid-grey stays mid-grey.
+    """
+    arr = np.clip(np.asarray(img), 0, 65535).astype(np.uint16)
+    return Image.fromarray(arr)  # uint16 (H, W) is mode "I;16"
 
 
 def decode(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode image bytes into model-ready pixels: the serving and batch entry point.
 
-    JPEG, PNG, WebP, BMP and GIF (first frame); EXIF orientation applied; grey, palette, RGBA, CMYK and 16-bit
-    images converted by `convert_mode`; then `transform_image` (resize shorter side, centre crop).
+    JPEG, PNG, WebP, BMP, GIF, TIFF and PNM (`IMAGE_FORMATS`; the first frame or page); EXIF orientation applied;
+    grey, palette, RGBA, CMYK, CIELAB and 16-bit images converted by `convert_mode`; then `transform_image` (resize
+    shorter side, centre crop).
 
     Args:
         data: the encoded file.

@@ -162,7 +162,7 @@ class Classifier:
 
     @bentoml.api(route=CLASSIFY_ROUTE, output_spec=Prediction)  # the 200 schema: see the module docstring
     async def classify(self, image: Path, ctx: bentoml.Context = NO_REQUEST) -> Prediction | ErrorBody:
-        """Classify one image (multipart field `image`: JPEG, PNG, WebP, BMP or GIF): its top-k classes.
+        """Classify one image (multipart field `image`: JPEG, PNG, WebP, BMP, GIF, TIFF or PNM): its top-k classes.
 
         Args:
             image: the uploaded file (BentoML writes the upload to a request-scoped temporary file).

@@ -7,6 +7,7 @@ SIGINT where resuming is tested.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -69,7 +70,8 @@ def image_dir(tmp_path_factory, fashion_test):
         "bad/corrupt.png": ("InvalidImage", png[:40] + bytes(range(256)) * 2),
         "bad/notes.txt": ("InvalidImage", b"not an image at all\n"),
         "bad/empty.jpg": ("InvalidImage", b""),
-        "bad/scan.tif": ("UnsupportedFormat", b"II*\x00" + b"\x00" * 64),
+        "bad/scan.tif": ("InvalidImage", b"II*\x00" + b"\x00" * 64),  # a TIFF header and nothing after it
+        "bad/layers.psd": ("UnsupportedFormat", b"8BPS\x00\x01" + b"\x00" * 64),
     }
     for rel, (_, data) in bad.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -191,6 +193,32 @@ def test_folder_predictions_match_the_predictor_alone_and_bad_files_are_listed(f
     assert s["images_per_s"] > 0 and s["accuracy"] is None
     assert f"{N_GOOD} predicted, {len(image_dir['bad'])} failed" in proc.stdout
     assert "images/s" in proc.stdout and "predictions by shot group" in proc.stdout
+
+
+def test_folder_of_tiff_and_pnm_predicts_like_png(tmp_path, package, fashion_test):
+    """`ltserve predict` over .tif/.tiff/.pgm/.pbm files: the predictions of the same images sent as PNG."""
+    from ltserve.runtime import Predictor
+
+    images, _ = fashion_test
+    folder, pngs = tmp_path / "scans", []
+    for i in range(24):
+        ext = (".tif", ".tiff", ".pgm", ".ppm")[i % 4]
+        img = Image.fromarray(images[i]).convert("RGB" if ext == ".ppm" else "L")
+        folder.mkdir(exist_ok=True)
+        img.save(folder / f"{i:05d}{ext}", format="TIFF" if ext.startswith(".tif") else "PPM",
+                 **({"compression": "tiff_lzw"} if ext == ".tiff" else {}))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    out = tmp_path / "preds.jsonl"
+    proc = run_cli(folder, "--model", package, "--out", out, "--top-k", 3, "--workers", 1)
+    assert proc.returncode == 0, proc.stderr
+    rows = read_jsonl(out)
+    assert [Path(r["path"]).stem for r in rows] == [f"{i:05d}" for i in range(24)]
+    expected = Predictor(package, threads=1).classify_bytes(pngs, top_k=3)
+    for row, want in zip(rows, expected):
+        assert row["class_index"] == want.class_index, row["path"]
+        assert row["probability"] == pytest.approx(want.probability, abs=1e-6)
 
 
 def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(tmp_path, package, big_dir):

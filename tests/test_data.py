@@ -306,7 +306,7 @@ def test_read_split_list_malformed_line(tmp_path, line):
     _write_image(tmp_path / "a.png", 0)
     lst = tmp_path / "train.txt"
     lst.write_text(f"a.png 0\na.png 1\n{line}\n")
-    with pytest.raises(DataError, match=rf"train.txt:3: malformed line .*relative/path label"):
+    with pytest.raises(DataError, match=r"train.txt:3: malformed line .*relative/path label"):
         read_split_list(lst, tmp_path)
 
 
@@ -351,6 +351,32 @@ def test_read_image_folder(tmp_path):
         read_image_folder(tmp_path / "train")
     with pytest.raises(DataError, match=r"nowhere: image folder not found"):
         read_image_folder(tmp_path / "nowhere")
+
+
+def test_image_folder_of_tiff_and_pnm_reads_like_the_service(tmp_path):
+    """Training's folder reader takes every extension of the one format list, and loads the pixels `decode` sees."""
+    from ltserve import preprocess
+    from ltserve.data import readers
+
+    assert readers.IMAGE_EXTENSIONS is preprocess.IMAGE_EXTENSIONS
+    files = {"cat/a.tif": ("RGB", "TIFF", {"compression": "tiff_deflate"}), "cat/b.TIFF": ("L", "TIFF", {}),
+             "ant/c.ppm": ("RGB", "PPM", {}), "ant/d.pgm": ("L", "PPM", {}), "ant/e.pbm": ("1", "PPM", {}),
+             "ant/f.pnm": ("L", "PPM", {})}
+    for k, (rel, (mode, fmt, kw)) in enumerate(files.items()):
+        pixels = np.random.default_rng(k).integers(0, 256, (10, 12, 3), dtype=np.uint8)
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).convert(mode).save(tmp_path / rel, format=fmt, **kw)
+    # 16-bit mid-grey: scaled by the format's range (65535), not by the image's own maximum
+    Image.fromarray(np.full((10, 12), 32896, np.uint16)).save(tmp_path / "ant" / "g16.pgm", format="PPM")
+    paths, labels, names = read_image_folder(tmp_path)
+    assert names == ["ant", "cat"] and len(paths) == len(files) + 1
+    spec = preprocess.PreprocessSpec(resize=10, crop=10, mean=(0.5,) * 3, std=(0.5,) * 3, channels=3)
+    images = ImageSet(labels=labels, paths=paths)
+    for i, path in enumerate(paths):
+        served = preprocess.decode(Path(path).read_bytes(), spec)
+        assert np.array_equal(preprocess.transform_image(images.load(i), spec), served), path
+        if path.endswith("g16.pgm"):
+            assert (served == 128).all()
 
 
 def test_imageset_load_is_lazy_and_names_bad_files(tmp_path):

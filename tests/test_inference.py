@@ -365,6 +365,35 @@ def test_evaluate_shot_groups_limit_and_folders(lsq_package, fashion_png_list, t
     assert out.returncode == 2 and "splits are 'train' and 'test'" in out.stderr
 
 
+def write_tiff_or_pnm(path: Path, arr: np.ndarray) -> None:
+    """A grey image in the format its file name says: .tif raw TIFF, .tiff deflate TIFF, .pgm/.pnm binary PGM."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kw = {"format": "TIFF", "compression": "tiff_deflate"} if path.suffix == ".tiff" else \
+        {"format": "TIFF"} if path.suffix == ".tif" else {"format": "PPM"}
+    Image.fromarray(arr).save(path, **kw)
+
+
+def test_evaluate_image_folder_of_tiff_and_pnm(lsq_package, fashion_test, tmp_path):
+    """`ltserve evaluate PACKAGE --data FOLDER` of .tif/.tiff/.pgm/.pnm files: the logits of the same images as PNG."""
+    from ltserve.evaluate.package import evaluate_package
+
+    images, labels = fashion_test
+    names = json.loads((lsq_package / "model.json").read_text())["labels"]
+    for i in range(120):
+        rel = Path(names[labels[i]].replace("/", "_")) / f"{i:05d}"
+        write_tiff_or_pnm(tmp_path / "tiff_pnm" / rel.with_suffix((".tif", ".tiff", ".pgm", ".pnm")[i % 4]), images[i])
+        (tmp_path / "png" / rel.parent).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(tmp_path / "png" / rel.with_suffix(".png"))
+    out = ltserve("evaluate", str(lsq_package), "--data", str(tmp_path / "tiff_pnm"), "--out", str(tmp_path / "t.json"))
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert report["n"] == 120 and report["top1"] > 0.6
+    _, logits, lab = evaluate_package(lsq_package, str(tmp_path / "tiff_pnm"), progress=False)
+    ref_report, ref_logits, ref_lab = evaluate_package(lsq_package, str(tmp_path / "png"), progress=False)
+    assert np.array_equal(lab, ref_lab) and np.array_equal(logits, ref_logits)
+    assert report["top1"] == ref_report["top1"] and report["few"] == ref_report["few"]
+
+
 def test_batch_target_follows_measured_bucket_costs(lsq_package):
     p = Predictor(lsq_package, threads=1, max_batch_size=8)
     assert set(p.bucket_ms) == {1, 2, 4, 8} and all(t > 0 for t in p.bucket_ms.values())

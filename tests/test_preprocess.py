@@ -47,6 +47,95 @@ def test_every_format_decodes_like_pillow(photo, fmt, spec):
     assert np.abs(out.astype(int) - ref).mean() < (25 if fmt == "GIF" else 6)
 
 
+# (Pillow format, mode written, save options): uncompressed and compressed TIFF, and the three PNM kinds
+TIFF_PNM = {
+    "tiff": ("TIFF", "RGB", {}),
+    "tiff_deflate": ("TIFF", "RGB", {"compression": "tiff_deflate"}),
+    "tiff_lzw_grey": ("TIFF", "L", {"compression": "tiff_lzw"}),
+    "tiff_packbits": ("TIFF", "RGB", {"compression": "packbits"}),
+    "tiff_rgba": ("TIFF", "RGBA", {}),
+    "ppm": ("PPM", "RGB", {}),
+    "pgm": ("PPM", "L", {}),
+    "pbm": ("PPM", "1", {}),
+}
+
+
+@pytest.mark.parametrize("case", list(TIFF_PNM))
+@pytest.mark.parametrize("spec", [GREY, RGB], ids=["grey", "rgb"])
+def test_tiff_and_pnm_decode_to_the_same_pixels_as_png(photo, case, spec):
+    fmt, mode, kw = TIFF_PNM[case]
+    src = photo.convert(mode)
+    if mode == "RGBA":
+        src.putalpha(Image.linear_gradient("L").resize(src.size))
+    data = encode(src, fmt, **kw)
+    assert sniff_format(data) == fmt
+    if fmt == "PPM":
+        assert data[:2] == {"RGB": b"P6", "L": b"P5", "1": b"P4"}[mode]
+    out = decode(data, spec)
+    assert out.shape == (spec.crop, spec.crop, spec.channels)
+    assert np.array_equal(out, decode(encode(src, "PNG"), spec))
+
+
+def test_plain_text_pnm_decodes():
+    grey = np.array([[0, 64], [128, 255]], np.uint8)
+    spec = PreprocessSpec(resize=2, crop=2, mean=(0.5,), std=(0.5,), channels=1)
+    assert np.array_equal(decode(b"P2\n# a comment\n2 2\n255\n0 64\n128 255\n", spec)[..., 0], grey)
+    assert np.array_equal(decode(b"P1\n2 2\n0 1\n1 0\n", spec)[..., 0], [[255, 0], [0, 255]])  # 1 is black
+    rgb = decode(b"P3 2 1 255 255 0 0 0 0 255", PreprocessSpec(resize=1, crop=1, mean=(0.5,) * 3, std=(0.5,) * 3,
+                                                              channels=3))
+    assert rgb.shape == (1, 1, 3)
+
+
+def test_multipage_tiff_uses_the_first_page():
+    pages = [Image.new("L", (30, 30), v) for v in (10, 200, 90)]
+    buf = io.BytesIO()
+    pages[0].save(buf, format="TIFF", save_all=True, append_images=pages[1:], compression="tiff_deflate")
+    assert Image.open(io.BytesIO(buf.getvalue())).n_frames == 3
+    assert (decode(buf.getvalue(), GREY) == 10).all()
+
+
+def _pgm16(arr: np.ndarray, maxval: int) -> bytes:
+    """A binary 16-bit PGM (big-endian samples, as the format says) with the given maxval."""
+    return f"P5\n{arr.shape[1]} {arr.shape[0]}\n{maxval}\n".encode() + arr.astype(">u2").tobytes()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "TIFF-big-endian", "PGM", "PGM-maxval-1000"])
+def test_sixteen_bit_grey_tiff_and_pgm_scale_like_png(fmt):
+    arr = np.full((28, 28), 32896, np.uint16)  # 32896 / 65535 * 255 = 128.0
+    arr[:, 14:] = 65535
+    if fmt == "PGM":
+        data = _pgm16(arr, 65535)
+    elif fmt == "PGM-maxval-1000":  # 502 / 1000 * 255 = 128.01
+        data = _pgm16(np.where(arr == 65535, 1000, 502), 1000)
+    elif fmt == "TIFF-big-endian":
+        img = Image.new("I;16B", (28, 28))
+        img.frombytes(arr.astype(">u2").tobytes())
+        data = encode(img, "TIFF")
+        assert data.startswith(b"MM") and Image.open(io.BytesIO(data)).mode == "I;16B"
+    else:
+        data = encode(Image.fromarray(arr), fmt)
+    out = decode(data, GREY)[..., 0]
+    # the image's own maximum is 255: scaled by the format's range (65535 or maxval), not by that maximum
+    assert (out[:, :10] == 128).all() and (out[:, 18:] == 255).all(), fmt
+
+
+def test_uniform_sixteen_bit_pgm_keeps_its_grey():
+    # no pixel at the maximum: scaling by the image's own maximum would make this mid-grey image white
+    for maxval, value in ((65535, 32896), (4095, 2056)):  # 2056 / 4095 * 255 = 128.03
+        assert (decode(_pgm16(np.full((28, 28), value), maxval), GREY) == 128).all(), maxval
+
+
+def test_lab_tiff_converts_to_rgb():
+    from PIL import ImageCms
+
+    rgb = Image.new("RGB", (30, 30), (200, 100, 50))
+    to_lab = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB")
+    data = encode(ImageCms.applyTransform(rgb, to_lab), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "LAB"
+    spec = PreprocessSpec(resize=30, crop=30, mean=(0.5,) * 3, std=(0.5,) * 3, channels=3)
+    assert np.abs(decode(data, spec).astype(int) - [200, 100, 50]).max() <= 2
+
+
 def test_gif_first_frame(tmp_path):
     frames = [Image.new("L", (30, 30), v) for v in (10, 200, 90)]
     buf = io.BytesIO()
@@ -135,6 +224,29 @@ def test_pixel_limit_is_checked_before_decoding(size):
     assert not isinstance(err2.value, ImageTooLarge)
 
 
+def _tiff_claiming(width: int, height: int) -> bytes:
+    """A little-endian TIFF whose first IFD claims width x height 8-bit grey pixels but holds 64 bytes of them."""
+    n_tags = 9
+    data_offset = 8 + 2 + 12 * n_tags + 4
+    # (tag, type, count, value): SHORT (3) and LONG (4) values sit in the entry itself, little-endian
+    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+            (273, 4, 1, data_offset), (277, 3, 1, 1), (278, 4, 1, height), (279, 4, 1, 64)]
+    ifd = struct.pack("<H", n_tags) + b"".join(struct.pack("<HHII", *t) for t in tags) + struct.pack("<I", 0)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x80" * 64
+
+
+@pytest.mark.parametrize("size", [(100_000, 100_000), (5000, 4000)])
+def test_tiff_pixel_limit_is_checked_before_decoding(size):
+    with pytest.raises(ImageTooLarge, match="TIFF") as err:
+        decode(_tiff_claiming(*size), GREY, max_pixels=10_000_000)
+    assert err.value.status_code == 413
+    # the same file with a small size claim: decoding starts and finds the strip short (so the cap came first)
+    with pytest.raises(InvalidImage) as err2:
+        decode(_tiff_claiming(50, 40), GREY)
+    assert not isinstance(err2.value, ImageTooLarge)
+    assert decode(_tiff_claiming(8, 8), GREY).min() == 0x80  # and the forged header itself is a valid TIFF
+
+
 def test_pixel_limit_for_real_images(photo):
     data = encode(photo, "JPEG")
     with pytest.raises(ImageTooLarge, match="160x120"):
@@ -142,7 +254,7 @@ def test_pixel_limit_for_real_images(photo):
     assert decode(data, RGB, max_pixels=160 * 120).shape == (32, 32, 3)
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM"])
 def test_truncated_files_raise_invalid_image(photo, fmt):
     src = photo.convert("P") if fmt == "GIF" else photo
     data = encode(src, fmt)
@@ -161,9 +273,11 @@ def test_not_images_raise_invalid_image(data):
 
 
 def test_other_image_formats_are_unsupported(photo):
-    for fmt in ("TIFF", "ICO", "PPM"):
+    pfm = encode(photo.convert("F"), "PPM")  # Pillow writes mode F as PFM (floats): recognised, not accepted
+    assert pfm.startswith(b"Pf")
+    for data in (encode(photo, "ICO"), pfm, b"8BPS" + b"\0" * 60):
         with pytest.raises(UnsupportedFormat, match="not supported") as err:
-            decode(encode(photo, fmt), RGB)
+            decode(data, RGB)
         assert err.value.status_code == 415
     with pytest.raises(UnsupportedFormat, match="SVG"):
         decode(b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"></svg>', RGB)

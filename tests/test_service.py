@@ -368,8 +368,8 @@ def test_bad_inputs_answer_4xx_json_and_the_service_keeps_serving(server, images
     url, hits = url_target
     u = server.url + "/classify"
     jpeg = images["china"].read_bytes()
-    tiff = io.BytesIO()
-    Image.open(images["fashion_0"]).save(tiff, format="TIFF")
+    ico = io.BytesIO()
+    Image.open(images["fashion_0"]).save(ico, format="ICO")
     bomb = _bomb_png()
     assert len(bomb) < MAX_UPLOAD
     text_file = tmp_path / "notes.txt"
@@ -405,7 +405,7 @@ def test_bad_inputs_answer_4xx_json_and_the_service_keeps_serving(server, images
         ("streamed upload over the byte limit",
          post(content=(b"x" * 100_000 for _ in range(20)),
               headers={"Content-Type": "multipart/form-data; boundary=xyz"}), 413, "payload_too_large"),
-        ("unsupported format", post(files={"image": ("a.tiff", tiff.getvalue(), "image/tiff")}), 415,
+        ("unsupported format", post(files={"image": ("a.ico", ico.getvalue(), "image/x-icon")}), 415,
          "unsupported_format"),
         ("URL string in the file field", post(content=text_part("image", url), headers=TEXT_PART_TYPE), 400,
          "not_a_file"),
@@ -600,3 +600,13 @@ def test_serve_load_benchmark_smoke(tmp_path):
     assert result["environment"]["versions"]["bentoml"]
     assert (tmp_path / "results.md").read_text().count("inprocess/batched") == 2
     assert (tmp_path / "results.png").is_file()
+
+
+def test_tiff_upload_is_classified(server, predictor, images):
+    """A TIFF upload answers 200 with the prediction of the same image sent as PNG (TIFF is an accepted format)."""
+    tiff = io.BytesIO()
+    Image.open(images["fashion_3"]).save(tiff, format="TIFF", compression="tiff_deflate")
+    r = httpx.post(server.url + "/classify", files={"image": ("scan.tif", tiff.getvalue(), "image/tiff")},
+                   headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    assert_same(r.json(), predictor.classify_bytes([images["fashion_3"].read_bytes()], top_k=3)[0])

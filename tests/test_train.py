@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from ltserve.config import load_config
-from ltserve.errors import ConfigError, RunError
+from ltserve.errors import ConfigError, DataError, RunError
 from ltserve.heads import load_head
 from ltserve.fileio import sha256_file
 from ltserve.rundir import RunPaths, read_run
@@ -114,6 +114,54 @@ def test_existing_run_needs_resume_and_resume_needs_the_same_recipe(tmp_path):
     changed = _small(tmp_path, "train.epochs=2", "train.lr=0.05")
     with pytest.raises(RunError, match=r"train\.lr"):
         train(changed, tmp_path / "run", resume=True, evaluate=False)
+
+
+def _listing(root: Path) -> dict[str, str]:
+    """Every path under root with its sha256 (files) and modification time: what "untouched" means."""
+    return {str(p.relative_to(root)): (sha256_file(p) if p.is_file() else "dir") + f" {p.stat().st_mtime_ns}"
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("override, error", [
+    ("data.root=/nonexistent/fashion-mnist", DataError),  # a bad data root
+    ("data.longtail.n_max=7000", DataError),  # a data error: Fashion-MNIST has 6000 training images per class
+    ("model.backbone=resnet_nope", ConfigError),  # invalid recipes found only when the model is built
+    ("model.pretrained=/nonexistent/weights.safetensors", ConfigError),
+])
+def test_refused_training_creates_nothing(tmp_path, override, error):
+    from ltserve.train import train
+
+    with pytest.raises(error):
+        train(_small(tmp_path, override), tmp_path / "runs" / "new", evaluate=False)
+    assert not (tmp_path / "runs").exists()  # no run-folder skeleton, not even the parent
+    (tmp_path / "empty").mkdir()  # an --out the user made beforehand stays empty
+    with pytest.raises(error):
+        train(_small(tmp_path, override), tmp_path / "empty", evaluate=False)
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_refused_cli_train_leaves_no_folder_and_an_existing_run_untouched(tmp_path, capsys):
+    from ltserve.cli import main
+    from ltserve.train import train
+
+    out = tmp_path / "runs" / "shop"
+    argv = ["train", str(REPO / "configs" / "tiny.yaml"), "--out", str(out), "--set", "data.source=imagefolder",
+            "--set", f"data.root={tmp_path / 'no-such-folder'}"]
+    assert main(argv) == 2
+    assert "no-such-folder" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+    run = tmp_path / "run"
+    cfg = _small(tmp_path, "train.epochs=2")
+    train(cfg, run, stop_after_epochs=1, evaluate=False)
+    before = _listing(run)
+    with pytest.raises(DataError):
+        train(_small(tmp_path, "train.epochs=2", "data.root=/nonexistent/fashion-mnist"), run, resume=True)
+    with pytest.raises(RunError, match=r"train\.lr"):
+        train(_small(tmp_path, "train.epochs=2", "train.lr=0.05"), run, resume=True)
+    with pytest.raises(RunError, match="--resume"):
+        train(cfg, run)
+    assert _listing(run) == before
+    assert train(cfg, run, resume=True, evaluate=False).finished  # and it still resumes
 
 
 def test_cli_override_sampler_and_step_schedule(tmp_path, capsys):

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from ltserve.errors import DataError
+from ltserve.errors import DataError, InvalidInput
+from ltserve.preprocess import open_image
 
 @dataclass
 class ImageSet:
@@ -56,6 +57,11 @@ class ImageSet:
     def load(self, i: int) -> Image.Image:
         """Image `i` as a decoded Pillow image (EXIF orientation applied; mode as stored: L, RGB, RGBA, ...).
 
+        Files go through `ltserve.preprocess.open_image`, the decoder evaluation and serving use: the same accepted
+        formats (`IMAGE_FORMATS`, sniffed from the bytes), the same first page, the same 16-bit handling and pixel
+        cap (`DEFAULT_MAX_PIXELS`), so a model never trains on a file that it would refuse or read differently when
+        served.
+
         Raises:
             DataError: the file is missing or not a decodable image (the message names the file and list line).
         """
@@ -66,14 +72,14 @@ class ImageSet:
             return Image.fromarray(np.ascontiguousarray(arr))
         path = self.paths[i]  # type: ignore[index]
         try:
-            with Image.open(path) as img:
-                img.load()
-                # exif_transpose returns a copy when it rotates; otherwise keep the loaded image.
-                out = ImageOps.exif_transpose(img)
-                return out if out is not img else img.copy()
+            data = Path(path).read_bytes()
         except FileNotFoundError:
             raise DataError(f"{self.describe(i)}: image file not found; fix the path or the list/folder") from None
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        except OSError as exc:
+            raise DataError(f"{self.describe(i)}: cannot read the file ({exc.strerror or exc})") from None
+        try:
+            return open_image(data, None)
+        except InvalidInput as exc:
             raise DataError(f"{self.describe(i)}: cannot read the image ({exc}); replace the file or remove it "
                             "from the list/folder") from None
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ltserve.errors import DataError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+from ltserve.preprocess import IMAGE_EXTENSIONS  # the formats evaluation and serving decode: one list
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 

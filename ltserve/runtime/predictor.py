@@ -122,7 +122,7 @@ class Predictor:
     # -- the four steps ----------------------------------------------------------------------------------------------
 
     def decode(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-        """JPEG/PNG/WebP/BMP/GIF bytes -> uint8 (crop, crop, C) with this package's spec (`preprocess.decode`)."""
+        """Image bytes (JPEG, PNG, WebP, BMP, GIF, TIFF, PNM) -> uint8 (crop, crop, C) with this package's spec."""
         return decode(data, self.spec, max_pixels)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
