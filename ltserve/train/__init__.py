@@ -63,7 +63,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, *, stop_after_epoc
 
     Args:
         cfg: the resolved recipe.
-        out: run directory (created). An existing run needs `resume=True`.
+        out: run directory, created only once the recipe, the data and the model have been checked (a refused run
+            creates nothing; an existing run is not touched). An existing run needs `resume=True`.
         resume: continue from the newest valid checkpoint in `out/checkpoint/` (from scratch when there is none).
             The recipe must match the checkpoint's, except num_workers, eval_batch_size, device and rebalance.
         stop_after_epochs: stop once this many epochs are done in total (a deliberate interruption: the run stays
@@ -107,10 +108,10 @@ def _train(cfg: Config, paths: RunPaths, resume: bool, stop_after_epochs: int | 
     if tc.batch_size % dist.world_size:
         raise ConfigError(f"train.batch_size {tc.batch_size} is the global batch and must divide by the "
                           f"{dist.world_size} processes")
-    check_out_folder(paths, resume)  # every rank checks, so none waits on a failed rank 0
-    if dist.is_main:
-        paths.make()
-    dist.barrier()
+    # Everything that can refuse the run (the out folder, the data, the model and its weights, the resumed
+    # recipe) is checked before the run folder is created: a refused `ltserve train` leaves nothing behind.
+    # Every rank checks, so that no rank waits at a barrier for a rank 0 that has failed.
+    check_out_folder(paths, resume)
     seed_everything(tc.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -131,6 +132,9 @@ def _train(cfg: Config, paths: RunPaths, resume: bool, stop_after_epochs: int | 
         log.info("resuming %s from epoch %d/%d", paths.root, start_epoch, tc.epochs)
     elif resume:
         log.info("%s: no checkpoint to resume from; starting at epoch 0", paths.checkpoint)
+    if dist.is_main:  # rank 0 writes the run; the others wait until its folders exist
+        paths.make()
+    dist.barrier()
     net: nn.Module = nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
     log.info("training %s on %s: %s, %d classes, %d images, %d steps/epoch x %d epochs, sampler %s, world %d",
