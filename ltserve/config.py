@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from ltserve.errors import ConfigError, unknown_choice
@@ -31,13 +31,49 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+LONGTAIL_ORDERS = ("index", "random", "reversed")
+"""The keyword values of `data.longtail.order`; the other value is a list of class names, head to tail."""
+
+
 class LongTailConfig(_Section):
-    """Make a long-tailed training set from a balanced one: n_i = floor(n_max * rho^(-i/(C-1)))."""
+    """Make a long-tailed training set from a balanced one: the i-th class of `order` keeps
+    n_i = floor(n_max * rho^(-i/(C-1))) images.
+
+    order: "index" (class 0 largest, class C-1 smallest), "reversed" (class C-1 largest), "random" (a permutation
+    seeded by data.split_seed), or the class names head to tail (which classes are rare is the user's choice);
+    every class named exactly once, checked against the data set's classes when it is read.
+    """
 
     rho: float = Field(100.0, ge=1.0, description="imbalance ratio n_max / n_min")
     n_max: int = Field(1000, ge=1, description="images kept for the largest class")
-    order: Literal["index", "random"] = "index"
+    order: Literal["index", "random", "reversed"] | list[str] = Field(
+        "index", description="index | reversed | random | class names, head (most images) to tail")
     val_per_class: int = Field(20, ge=0, description="balanced val images per class, from images train did not use")
+
+    @field_validator("order", mode="before")
+    @classmethod
+    def _check_order(cls, value: Any) -> Any:
+        # one message that names the field and the choices, instead of pydantic's error per union member
+        field = "data.longtail.order"
+        if isinstance(value, str):
+            if value not in LONGTAIL_ORDERS:
+                raise PydanticCustomError("section", "{msg}", {"msg": unknown_choice(
+                    field, value, LONGTAIL_ORDERS) + "; or list the class names, head to tail"})
+            return value
+        if not isinstance(value, (list, tuple)) or not value:
+            raise PydanticCustomError("section", "{msg}", {"msg": f"{field}: expected one of "
+                                      f"{', '.join(LONGTAIL_ORDERS)} or a non-empty list of class names, head to "
+                                      f"tail (got {value!r})"})
+        # label numbers name the classes of a split list without a names file; YAML reads them as ints
+        names = [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        if not all(isinstance(n, str) and n for n in names):
+            raise PydanticCustomError("section", "{msg}", {"msg": f"{field}: class names must be non-empty strings "
+                                      f"(got {value!r})"})
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise PydanticCustomError("section", "{msg}", {"msg": f"{field}: {', '.join(map(repr, repeated))} named "
+                                      "more than once; name every class exactly once, head to tail"})
+        return names
 
 
 class DataConfig(_Section):

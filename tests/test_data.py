@@ -33,7 +33,7 @@ from ltserve.data import (
 )
 from ltserve.data import __main__ as data_cli
 from ltserve.data import fashion_mnist
-from ltserve.errors import DataError
+from ltserve.errors import ConfigError, DataError
 
 # `make test` runs `make data` first: the files are present (Debian's package, or the download in the user cache).
 # A missing data set fails here loudly rather than skipping the tests that read it.
@@ -81,6 +81,63 @@ def test_make_longtail_random_order_permutes_classes():
         assert sorted(per_class.tolist(), reverse=True) == counts
         seen.add(tuple(per_class.tolist()))
     assert len(seen) > 1, "the class order must depend on the seed"
+
+
+def test_make_longtail_reversed_and_explicit_orders():
+    labels = _balanced_labels(50, 4)
+    counts = [50, 20, 8, 3]
+    train, _ = make_longtail(labels, counts, "reversed", seed=0)
+    assert np.bincount(labels[train], minlength=4).tolist() == [3, 8, 20, 50]  # class C-1 is the largest
+    train, _ = make_longtail(labels, counts, [2, 0, 3, 1], seed=0)  # class indices, head to tail
+    assert np.bincount(labels[train], minlength=4).tolist() == [20, 3, 50, 8]
+    with pytest.raises(ValueError, match="permutation"):
+        make_longtail(labels, counts, [0, 1, 1, 2], seed=0)
+
+
+FM = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def _fm_longtail(order) -> DataConfig:
+    return DataConfig(source="fashion-mnist", max_test_images=100,
+                      longtail={"rho": 100, "n_max": 300, "val_per_class": 5, "order": order})
+
+
+def test_load_splits_longtail_order_reversed_and_by_class_name():
+    counts = longtail_counts(300, 100, 10)
+    assert counts == [300, 179, 107, 64, 38, 23, 13, 8, 5, 3]
+    index = load_splits(_fm_longtail("index"))
+    assert index.class_counts().tolist() == counts
+    reversed_ = load_splits(_fm_longtail("reversed"))
+    assert reversed_.class_counts().tolist() == counts[::-1]  # Ankle boot (class 9) is the head class
+    # the user says which classes are rare: head to tail, every class once
+    order = ["Bag", "Sneaker", "Trouser", "Dress", "Coat", "Sandal", "Ankle boot", "Pullover", "T-shirt/top", "Shirt"]
+    named = load_splits(_fm_longtail(order))
+    assert {FM[j]: int(n) for j, n in enumerate(named.class_counts())} == dict(zip(order, counts))
+    assert named.class_names == FM  # the labels keep their meaning; only the counts move
+    assert np.bincount(named.val.labels, minlength=10).tolist() == [5] * 10
+    fingerprints = {s.fingerprint for s in (index, reversed_, named, load_splits(_fm_longtail("random")))}
+    assert len(fingerprints) == 4  # the fingerprint changes with the order
+    assert load_splits(_fm_longtail(order)).fingerprint == named.fingerprint  # and only with it
+
+
+def test_longtail_order_errors_name_the_field_the_bad_names_and_the_valid_ones():
+    from ltserve.config import load_config
+
+    wrong = ["Bag", "Sneaker", "Trousers", "Dress", "Coat", "Sandal", "Ankle boot", "Pullover", "T-shirt", "Shirt"]
+    with pytest.raises(DataError, match=r"data\.longtail\.order") as err:
+        load_splits(_fm_longtail(wrong))
+    msg = str(err.value)
+    assert "'Trousers'" in msg and "'T-shirt'" in msg  # the unknown names
+    assert "'Trouser'" in msg and "'T-shirt/top'" in msg  # the classes they leave out
+    assert all(name in msg for name in FM)  # the valid names
+    with pytest.raises(DataError, match=r"data\.longtail\.order.*missing.*'Shirt'"):
+        load_splits(_fm_longtail(FM[:9]))
+    with pytest.raises(ConfigError, match=r"data\.longtail\.order.*'Bag'.*more than once"):
+        load_config(None, ["data.longtail={rho: 10, n_max: 100}", "data.longtail.order=[Bag, Coat, Bag]"])
+    with pytest.raises(ConfigError, match=r"data\.longtail\.order 'reverse' is not one of index, random, reversed"):
+        load_config(None, ["data.longtail={rho: 10, n_max: 100}", "data.longtail.order=reverse"])
+    cfg = load_config(None, ["data.longtail={rho: 10, n_max: 100}", "data.longtail.order=[2, 0, 1]"])
+    assert cfg.data.longtail.order == ["2", "0", "1"]  # label numbers name the classes of a list without names
 
 
 def test_make_longtail_too_few_images():

@@ -1,6 +1,7 @@
 """The long-tail maker and the seeded splits: which images of a pool go to train, val and test (NumPy only).
 
     longtail_counts(n_max, rho, C)        n_i = floor(n_max * rho^(-i/(C-1))), the CIFAR-LT protocol
+    longtail_order(order, class_names)    data.longtail.order (a keyword or class names) as make_longtail takes it
     make_longtail(labels, counts, order)  draw that many images of each class
     stratified_split / balanced_draw / stratified_subsample
 """
@@ -8,7 +9,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Sequence
 
 import numpy as np
 
@@ -40,27 +41,67 @@ def longtail_counts(n_max: int, rho: float, num_classes: int) -> list[int]:
     return [int(np.floor(n_max * inv ** (i / (num_classes - 1)) * (1 + 1e-12))) for i in range(num_classes)]
 
 
-def make_longtail(labels: np.ndarray, counts: list[int] | np.ndarray, order: Literal["index", "random"] = "index",
+def longtail_order(order: str | Sequence[str], class_names: Sequence[str]) -> str | list[int]:
+    """`data.longtail.order` in the form `make_longtail` takes: a keyword unchanged, class names as class indices.
+
+    Args:
+        order: "index", "random", "reversed", or class names from head (most images) to tail.
+        class_names: the data set's C class names, in label order.
+
+    Returns:
+        the keyword, or C class indices, head to tail.
+
+    Raises:
+        DataError: the list names a class the data set does not have, or leaves a class out (the message names the
+            field, the bad and the missing names, and the valid ones).
+    """
+    if isinstance(order, str):
+        return order
+    index = {name: j for j, name in enumerate(class_names)}
+    unknown = [n for n in order if n not in index]
+    missing = [n for n in class_names if n not in set(order)]
+    if unknown or missing:
+        problems = [f"not classes of this data set: {', '.join(map(repr, unknown))}"] if unknown else []
+        problems += [f"missing: {', '.join(map(repr, missing))}"] if missing else []
+        raise DataError(f"data.longtail.order: {'; '.join(problems)}; name every class exactly once, head (most "
+                        f"images) to tail; the classes are {', '.join(map(repr, class_names))}")
+    return [index[n] for n in order]
+
+
+def make_longtail(labels: np.ndarray, counts: list[int] | np.ndarray, order: str | Sequence[int] = "index",
                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Draw a long-tailed subset: class j keeps `counts[rank(j)]` images chosen at random (seeded).
 
     Args:
         labels: (N,) int labels of the balanced pool.
         counts: C counts by rank (largest first), e.g. from `longtail_counts`.
-        order: "index": class i gets counts[i]; "random": a seeded permutation of the classes gets the counts.
-        seed: seeds both the class order and the draw within each class.
+        order: which class gets which count. "index": class i gets counts[i]; "reversed": class C-1-i gets
+            counts[i] (class C-1 largest); "random": a seeded permutation of the classes gets the counts; or C class
+            indices, head to tail: order[i] gets counts[i] (`longtail_order` turns class names into these).
+        seed: seeds the "random" class order and the draw within each class.
 
     Returns:
         (train_idx, unused_idx): sorted int64 indices into `labels`; together they cover the pool exactly once.
 
     Raises:
         DataError: a class has fewer images than its count.
+        ValueError: an unknown keyword, or indices that are not a permutation of 0..C-1.
     """
     labels = np.asarray(labels, dtype=np.int64)
     num_classes = len(counts)
     rng = np.random.default_rng(seed)
-    # "random": class perm[i] gets the i-th largest count, so which classes are rare is itself seeded.
-    perm = np.arange(num_classes) if order == "index" else rng.permutation(num_classes)
+    # perm[i] is the class that gets the i-th largest count. Only "random" draws from rng here, so the other orders
+    # draw the same images within each class as "index" does for the same count.
+    if isinstance(order, str):
+        if order not in ("index", "random", "reversed"):
+            raise ValueError(f"order {order!r} is not one of index, random, reversed, or a list of class indices")
+        perm = {"index": np.arange(num_classes), "reversed": np.arange(num_classes)[::-1]}.get(order)
+        if perm is None:
+            perm = rng.permutation(num_classes)
+    else:
+        perm = np.asarray(order, dtype=np.int64)
+        if sorted(perm.tolist()) != list(range(num_classes)):
+            raise ValueError(f"order {list(order)} is not a permutation of the {num_classes} class indices")
     count_of_class = np.zeros(num_classes, dtype=np.int64)
     count_of_class[perm] = np.asarray(counts, dtype=np.int64)
     keep: list[np.ndarray] = []

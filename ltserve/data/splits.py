@@ -27,8 +27,8 @@ import numpy as np
 
 from ltserve.data.fashion_mnist import FASHION_MNIST_CLASSES, find_fashion_mnist, read_fashion_mnist
 from ltserve.data.imageset import ImageSet, Splits
-from ltserve.data.longtail import (balanced_draw, longtail_counts, make_longtail, stratified_split,
-                                   stratified_subsample)
+from ltserve.data.longtail import (balanced_draw, longtail_counts, longtail_order, make_longtail,
+                                   stratified_split, stratified_subsample)
 from ltserve.data.readers import read_image_folder, read_names_file, read_split_list
 from ltserve.errors import DataError
 
@@ -80,7 +80,7 @@ def _train_val_indices(labels: np.ndarray, cfg: "DataConfig", names: list[str],
             raise DataError(f"data.longtail: rho {lt.rho} with n_max {lt.n_max} leaves class(es) with 0 images "
                             f"(counts {counts}); lower rho or raise n_max")
         try:
-            train_idx, unused_idx = make_longtail(labels, counts, lt.order, cfg.split_seed)
+            train_idx, unused_idx = make_longtail(labels, counts, longtail_order(lt.order, names), cfg.split_seed)
         except DataError as exc:
             raise DataError(f"{where}: {exc}") from None
         if need_val and lt.val_per_class > 0:
