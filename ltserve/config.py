@@ -116,7 +116,10 @@ class ModelConfig(_Section):
     """The backbone (pooled features) and its linear head."""
 
     backbone: str = "resnet8_cifar"
-    pretrained: str | None = Field(None, description="local weights file: .safetensors, or .pth (weights_only)")
+    pretrained: str | None = Field(None, description="local weights file (.safetensors, or .pth read with "
+                                   "weights_only), or a hub name: hf-hub:ORG/NAME[@REVISION] or a timm pretrained tag "
+                                   "(e.g. resnet18.a1_in1k), downloaded once into huggingface_hub's cache "
+                                   "(safetensors only)")
     trainable: Literal["all", "last_block"] = "all"
     drop_rate: float = 0.0
 

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ltserve.errors import ConfigError, RunError, unknown_choice
+from ltserve.features.hub import HUB_NAME_FORMS, download_weights, hub_weights
 from ltserve.rundir import Run, open_run
 
 log = logging.getLogger(__name__)
@@ -109,14 +110,17 @@ def create_backbone(name: str, in_chans: int = 3, pretrained: str | Path | None 
     Args:
         name: one of `BACKBONES` or a timm architecture name.
         in_chans: input channels (1 for grey images).
-        pretrained: a local weights file (.safetensors, or .pth/.pt read with `torch.load(weights_only=True)`).
+        pretrained: a local weights file (.safetensors, or .pth/.pt read with `torch.load(weights_only=True)`), or
+            a hub name (`hf-hub:ORG/NAME[@REVISION]` or a timm pretrained tag such as `resnet18.a1_in1k`) whose
+            safetensors file is downloaded into huggingface_hub's cache (`ltserve.features.hub`).
         drop_rate: dropout on the pooled features.
 
     Returns:
         a module with `num_features`, `forward_features`, `forward_head(x, pre_logits=True) -> (N, num_features)`.
 
     Raises:
-        ConfigError: unknown name (lists ltserve's names and how to list timm's), or unreadable weights.
+        ConfigError: unknown name (lists ltserve's names and how to list timm's), unreadable weights, or a hub
+            that cannot be reached for weights not yet in the cache.
     """
     if name in BACKBONES:
         model = BACKBONES[name](in_chans, drop_rate)
@@ -126,16 +130,16 @@ def create_backbone(name: str, in_chans: int = 3, pretrained: str | Path | None 
         if not timm.is_model(name):
             raise ConfigError(unknown_choice("model.backbone", name, list(BACKBONES))
                               + " (or any timm architecture: python -c 'import timm; print(timm.list_models())')")
-        # pretrained=False: weights never come from a hub; load_pretrained reads a local file without unpickling
+        # pretrained=False: timm's own loader may unpickle .pth files; load_pretrained reads safetensors itself
         model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, drop_rate=drop_rate)
     if pretrained:
         load_pretrained(model, pretrained)
     return model
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path, name: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise ConfigError(f"model.pretrained: {path} not found")
+        raise ConfigError(f"model.pretrained: {name}: no such file, and not {HUB_NAME_FORMS}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -144,28 +148,38 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConfigError(f"model.pretrained: cannot read {path} ({exc}); give a .safetensors file or a .pth holding "
+        raise ConfigError(f"model.pretrained: cannot read {name} ({exc}); give a .safetensors file or a .pth holding "
                           "a plain state dict (loaded with weights_only=True, no pickled objects)") from exc
     for key in ("state_dict", "model", "state_dict_ema"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict):
-        raise ConfigError(f"model.pretrained: {path} does not hold a state dict")
+        raise ConfigError(f"model.pretrained: {name} does not hold a state dict")
     if all(k.startswith("module.") for k in state):  # DataParallel/DDP prefix, stripped whole (not filtered)
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
-    """Load local weights into `model`, reporting missing and unexpected keys instead of hiding them.
+    """Load weights into `model`, reporting missing and unexpected keys instead of hiding them.
 
     Classifier weights in the file (fc.*, head.*, classifier.*) show up as unexpected: ltserve's head is separate.
 
+    Args:
+        model: the backbone.
+        path: a local file, or a hub name (`ltserve.features.hub`: downloaded once, then read from the cache; hub
+            weights are safetensors only).
+
     Returns:
         (missing keys, unexpected keys).
+
+    Raises:
+        ConfigError: unreadable weights, shapes that do not fit the model, or a hub problem (see `download_weights`).
     """
-    state = _read_state_dict(Path(path))
+    hub = hub_weights(str(path))
+    file = download_weights(hub) if hub is not None else Path(path)
+    state = _read_state_dict(file, str(path))
     own = model.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if mismatched:
