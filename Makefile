@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 EXTRAS ?= cpu,train,dev
 DEMO_SERVE ?= 1
+DEMO_FRESH ?= 0
 DEMO_RUN   ?= runs/demo
 DEMO_MODEL ?= runs/demo-model
 PORT   ?= 3000
@@ -36,9 +37,10 @@ test: install data
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # Train -> rebalance -> heads table -> export the best head -> serve (DEMO_SERVE=0 stops before serving).
+# An existing $(DEMO_RUN) is resumed (a finished stage 1 is not trained again); DEMO_FRESH=1 starts it over.
 demo: install data
 	$(BIN)/python -m ltserve.demo --run $(DEMO_RUN) --model $(DEMO_MODEL) --port $(PORT) \
-	  $(if $(filter 0,$(DEMO_SERVE)),--no-serve,)
+	  $(if $(filter 0,$(DEMO_SERVE)),--no-serve,) $(if $(filter 1,$(DEMO_FRESH)),--fresh,)
 
 # The committed default model served by `bentoml serve` on a fresh clone (seeded; model.json records this command).
 default-model: install data

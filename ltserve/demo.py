@@ -2,7 +2,11 @@
 
 train (configs/fashion_lt.yaml) -> rebalance (every head) -> heads table -> export the best head by val accuracy
 -> `bentoml serve` on it, checked with one real request, and a `curl` example printed.
-`make default-model` runs the same with `--no-serve --fresh` into models/fashion-lt (the committed default model).
+
+An existing run folder is resumed: stage 1 continues from its last checkpoint (an interrupted demo loses at most an
+epoch), or has nothing left to train when finished; stage 2, the evaluation and the export run again. `--fresh`
+deletes the run first and trains from scratch. `make default-model` runs the same with `--no-serve --fresh` into
+models/fashion-lt (the committed default model).
 """
 
 from __future__ import annotations
@@ -31,22 +35,38 @@ def _stage(name: str, timings: dict[str, float], fn, *args, **kwargs):
 
 def build(config: Path, run_dir: Path, model_dir: Path, fresh: bool, overrides: list[str],
           command: str = "make demo") -> dict[str, float]:
-    """Train, rebalance, evaluate and export; returns the wall time of each stage in seconds.
+    """Train (or resume), rebalance, evaluate and export; returns the wall time of each stage in seconds.
 
-    `command` is what the package's provenance records as the command that made it.
+    Args:
+        config, overrides: the recipe and its `--set` overrides.
+        run_dir: the run folder; an existing run there is resumed unless `fresh`.
+        model_dir: the package folder (replaced).
+        fresh: delete `run_dir` first and train from scratch.
+        command: what the package's provenance records as the command that made it.
+
+    Raises:
+        RunError: the existing run was trained with a different recipe (the message says to use --fresh).
     """
     from ltserve.config import load_config
     from ltserve.evaluate import best_head, evaluate_run, heads_table
     from ltserve.export import export_package
     from ltserve.rebalance import rebalance
-    from ltserve.rundir import open_run
+    from ltserve.errors import RunError
+    from ltserve.rundir import RunPaths, open_run
     from ltserve.train import train
 
     timings: dict[str, float] = {}
-    if fresh or run_dir.exists():
+    if fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
     cfg = load_config(config, overrides)
-    _stage("stage 1: joint training", timings, train, cfg, run_dir)
+    paths = RunPaths(run_dir)
+    if paths.run_json.is_file() or any(paths.checkpoint.glob("epoch-*.json")):
+        print(f"resuming the run in {run_dir} (--fresh starts it over)", flush=True)
+    try:
+        # resume=True also starts from scratch when there is no run yet
+        _stage("stage 1: joint training", timings, train, cfg, run_dir, resume=True)
+    except RunError as exc:
+        raise RunError(f"{exc}; or start the demo over with --fresh (deletes {run_dir})") from None
     run = open_run(run_dir)
     _stage("stage 2: rebalance", timings, rebalance, run)
     results = _stage("evaluate every head (test split)", timings, evaluate_run, run, "test")
@@ -96,13 +116,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=Path("runs/demo-model"))
     parser.add_argument("--port", type=int, default=3000)
     parser.add_argument("--no-serve", action="store_true", help="stop after export (for scripts)")
-    parser.add_argument("--fresh", action="store_true", help="delete the run directory first")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete the run directory first (default: resume the run there, if any)")
     parser.add_argument("--command", default="make demo", help="the command recorded in the package's provenance")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    from ltserve.errors import LtserveError
+
     t0 = time.perf_counter()
-    timings = build(args.config, args.run, args.model, args.fresh, args.overrides, args.command)
+    try:
+        timings = build(args.config, args.run, args.model, args.fresh, args.overrides, args.command)
+    except LtserveError as exc:  # a user-fixable problem: the message says what to do, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     total = time.perf_counter() - t0
     print("\nwall time per stage: " + ", ".join(f"{k}: {v:.0f} s" for k, v in timings.items()))
     print(f"total wall time (after installation): {total:.0f} s\n\nmodel package: {args.model}\n"

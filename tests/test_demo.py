@@ -66,3 +66,47 @@ def test_demo_trains_rebalances_exports_and_serves(tmp_path):
     except httpx.HTTPError:
         still_up = False
     assert not still_up, "the demo's server outlived the demo"
+
+
+def test_demo_resumes_the_existing_run_and_fresh_starts_over(tmp_path, capsys):
+    """Without --fresh an existing run is resumed (an interrupted stage 1 continues from its checkpoint, a finished one
+    is not trained again) and stage 2, evaluation and export run again; --fresh deletes the run first."""
+    from ltserve.config import load_config
+    from ltserve.demo import main
+    from ltserve.fileio import sha256_file
+    from ltserve.rundir import read_run
+    from ltserve.train import train
+
+    run, model = tmp_path / "demo", tmp_path / "demo-model"
+    overrides = ["train.epochs=2", "data.longtail.n_max=100", "data.longtail.val_per_class=5",
+                 "data.max_test_images=100"]
+    argv = ["--config", str(REPO / "configs" / "tiny.yaml"), *[a for o in overrides for a in ("--set", o)],
+            "--run", str(run), "--model", str(model), "--no-serve"]
+    train(load_config(REPO / "configs" / "tiny.yaml", overrides), run, stop_after_epochs=1, evaluate=False)
+    created = read_run(run).created
+    (run / "note.txt").write_text("the user's file in the run folder")
+
+    def checkpoint() -> dict[str, tuple[str, int]]:
+        return {p.name: (sha256_file(p), p.stat().st_mtime_ns) for p in sorted((run / "checkpoint").iterdir())}
+
+    assert main(argv) == 0  # stage 1 continues from epoch 1
+    info = read_run(run)
+    assert info.finished and info.epochs_done == 2 and info.created == created
+    assert [e["epoch"] for e in info.train_metrics["epochs"]] == [1, 2]
+    assert "resuming" in capsys.readouterr().out
+    before, package_stamp = checkpoint(), (model / "model.json").stat().st_mtime_ns
+    assert list(before) == ["epoch-0002.json", "epoch-0002.safetensors"]
+
+    assert main(argv) == 0  # finished: reused, not trained again; stage 2 and export run again
+    assert read_run(run).created == created and checkpoint() == before
+    assert (model / "model.json").stat().st_mtime_ns != package_stamp
+    assert (run / "note.txt").is_file()
+    capsys.readouterr()
+    assert main([*argv, "--set", "train.lr=0.05"]) == 2  # another recipe cannot resume this run
+    assert "train.lr" in (err := capsys.readouterr().err) and "--fresh" in err and checkpoint() == before
+
+    assert main([*argv, "--fresh"]) == 0  # deleted first, trained again from scratch
+    assert not (run / "note.txt").exists()
+    after = checkpoint()
+    assert list(after) == list(before) and all(after[k][1] != before[k][1] for k in after)
+    assert read_run(run).finished
