@@ -296,6 +296,7 @@ def test_model_json_records_labels_head_preprocess_and_provenance(packages, tiny
     assert v["inputs"]["data_fingerprint"] == info.data_fingerprint
     assert v["fp32"]["top1_agreement"] >= v["fp32"]["min_top1_agreement"]
     assert v["graph"]["head_ops"] == ["Gemm"]
+    assert v["warnings"] == []  # no tiny lws scale in a healthy package
     assert load_package(packages["ncm"]).verification["graph"]["head_ops"] == [*NORMALISATION_OPS, "Gemm"]
     lws = load_package(packages["synth/lws+la"])
     assert lws.head.params["scales"] == pytest.approx({"min": 0.7, "mean": 1.05, "max": 1.4})
@@ -350,6 +351,35 @@ def test_a_head_that_disagrees_with_its_parameters_writes_nothing(synth_run, cop
     with pytest.raises(PackageError, match="unfolded"):
         export_package(run, "tau_norm", out, progress=False)
     assert list((tmp_path / "models").iterdir()) == []  # no package, no temporary folder left behind
+
+
+def _with_scales(run: Path, name: str, f: np.ndarray) -> None:
+    """Rewrite heads/<name> (lws or lws+la) as if stage 2 had learnt the scales f (C,), folded consistently."""
+    heads = RunPaths(run).heads
+    h, joint = load_head(heads, name), load_head(heads, "joint")
+    old = h.extras["scales"].astype(np.float64)
+    bias = h.bias.astype(np.float64) + (f - old) * joint.bias  # lws+la keeps its - tau_la log pi; joint has no prior
+    save_head(CalibratedHead(f[:, None] * joint.weight, bias, name, temperature=h.temperature, meta=h.meta,
+                             extras={**h.extras, "scales": f.astype(np.float32)}), heads)
+
+
+def test_lws_scales_non_positive_refuse_the_export_and_tiny_ones_are_recorded(tiny_rebalanced_run, copy_run,
+                                                                               tmp_path):
+    run = copy_run(tiny_rebalanced_run)
+    f = load_head(RunPaths(run).heads, "lws").extras["scales"].astype(np.float64)
+    negative = f.copy()
+    negative[8] = -0.79  # what the paper's parameterisation learnt for a one-image class (rho 400)
+    _with_scales(run, "lws+la", negative)
+    with pytest.raises(PackageError, match=r"head 'lws\+la'.*non-positive.*'Bag' \(class 8, f=-0.79\)"):
+        export_package(run, "lws+la", tmp_path / "neg", progress=False, verify_images=32)
+    assert not (tmp_path / "neg").exists()
+    tiny = f.copy()
+    tiny[9] = 1e-3 * f.max()
+    _with_scales(run, "lws", tiny)
+    meta = export_package(run, "lws", tmp_path / "tiny", progress=False, verify_images=32)
+    (warning,) = load_package(tmp_path / "tiny").verification["warnings"]
+    assert "'Ankle boot' (class 9" in warning and meta.verification["warnings"] == [warning]
+    assert load_package(tmp_path / "tiny").head.params["scales"]["min"] == pytest.approx(tiny.min(), rel=1e-6)
 
 
 def test_cli_exports_the_best_head_and_refuses_bad_arguments(synth_run, tmp_path, capsys):

@@ -161,6 +161,8 @@ def test_lws_with_unit_scales_is_joint(synth):
 
     j = synth["joint"]
     module = scaled_linear(j.weight, j.bias)
+    assert [name for name, _ in module.named_parameters()] == ["log_scales"]  # f = exp(s): positive by construction
+    assert torch.equal(module.log_scales.detach(), torch.zeros(C))
     assert torch.equal(module.scales.detach(), torch.ones(C))
     vx = synth["val"][0]
     out = module(torch.as_tensor(vx)).detach().numpy()
@@ -174,6 +176,95 @@ def test_lws_formula_scales_weight_and_bias(synth):
     vx = synth["val"][0]
     np.testing.assert_allclose(head.logits(vx), f * joint_logits(synth, vx), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(head.bias, f * synth["joint"].bias, rtol=1e-6)
+
+
+TAIL_COUNTS = [200, 100, 40, 10, 1]
+
+
+def one_image_tail(seed: int) -> dict:
+    """Non-negative (post-ReLU-like) features of 5 classes, the rarest with ONE training image, and a joint head
+    fitted to them by instance-balanced softmax regression, which leaves the rarest class's logit negative on its
+    own image: the case in which plain LWS scales turn negative (Fashion-MNIST-LT, rho 400)."""
+    rng = np.random.default_rng(seed)
+    c, d = len(TAIL_COUNTS), 8
+    means = np.abs(rng.normal(size=(c, d)))
+
+    def draw(labels: np.ndarray) -> np.ndarray:
+        return np.maximum(means[labels] + rng.normal(size=(len(labels), d)) * 0.5, 0).astype(np.float32)
+
+    y = np.repeat(np.arange(c), TAIL_COUNTS)
+    x = draw(y)
+    vy = np.repeat(np.arange(c), 20)
+    vx = draw(vy)
+    w, b = np.zeros((c, d)), np.zeros(c)
+    for _ in range(300):  # full-batch gradient descent on the softmax cross-entropy, weight decay 1e-2
+        z = x @ w.T + b
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        p[np.arange(len(y)), y] -= 1
+        w -= 0.5 * (p.T @ x / len(y) + 1e-2 * w)
+        b -= 0.5 * p.mean(0)
+    joint = CalibratedHead(weight=w, bias=b, method="joint")
+    assert (x[y == c - 1] @ w[-1] + b[-1] < 0).all()  # the rarest class scores below 0 on its own image
+    return {"x": x, "y": y, "val": (vx, vy), "joint": joint}
+
+
+def plain_scales(data: dict, lws: LWS) -> np.ndarray:
+    """The paper's parameterisation, f learnt directly (initialised to 1), trained by the same loop as LWS."""
+    import torch
+    from torch import nn
+
+    joint = data["joint"]
+
+    class PlainScales(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("weight", torch.as_tensor(joint.weight))
+            self.register_buffer("bias", torch.as_tensor(joint.bias))
+            self.scales = nn.Parameter(torch.ones(len(joint.bias)))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.scales * (x @ self.weight.T + self.bias)
+
+    state, _ = lws.fit_module(PlainScales(), data["x"], data["y"], joint, data["val"])
+    return state["scales"].numpy()
+
+
+@pytest.mark.parametrize("seed,tiny", [(2, []), (1, [4])])
+def test_lws_scales_stay_positive_where_plain_scales_turn_negative(seed, tiny, caplog):
+    data = one_image_tail(seed)
+    lws = LWS(epochs=5, lr=0.2, batch_size=32, device="cpu", progress=False)
+    assert plain_scales(data, lws)[-1] < 0  # the defect, reproduced: the one-image class gets a negative scale
+    with caplog.at_level("WARNING", logger="ltserve.heads.lws"):
+        head = lws.fit(data["x"], data["y"], data["joint"], val=data["val"])
+    f = head.extras["scales"].astype(np.float64)
+    assert (f > 0).all() and np.isfinite(f).all() and not np.allclose(f, 1.0)
+    # still folded as W'_j = f_j W_j, b'_j = f_j b_j
+    joint = data["joint"]
+    np.testing.assert_allclose(head.weight, f[:, None] * joint.weight, rtol=1e-5)
+    np.testing.assert_allclose(head.bias, f * joint.bias, rtol=1e-5)
+    vx = data["val"][0]
+    np.testing.assert_allclose(head.logits(vx), HEADS.get("lws").reference(head, joint, vx, TAIL_COUNTS),
+                               rtol=1e-4, atol=1e-4)
+    # a tiny scale (below TINY_SCALE x the largest) is warned about and recorded; a healthy head has no warning
+    from ltserve.heads.lws import TINY_SCALE, scale_check
+
+    check = head.meta["scale_check"]
+    assert check == scale_check(f) and check["tiny"] == tiny and check["non_positive"] == []
+    assert all(f[j] < TINY_SCALE * f.max() for j in tiny)
+    assert head.meta["warnings"] == check["warnings"] and bool(head.meta["warnings"]) == bool(tiny)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == len(check["warnings"]) and all(f"class {j} " in " ".join(warned) for j in tiny)
+    json.dumps(head.meta)
+
+
+def test_scale_check_flags_non_positive_and_tiny_scales():
+    from ltserve.heads.lws import scale_check
+
+    check = scale_check(np.array([2.0, 1.0, 0.05, -0.3, 0.0]), ["a", "b", "c", "d", "e"])
+    assert check["non_positive"] == [3, 4] and check["tiny"] == [2] and len(check["warnings"]) == 2
+    assert "'d' (class 3, f=-0.3)" in check["warnings"][0] and "'c' (class 2, f=0.05)" in check["warnings"][1]
+    assert scale_check(np.array([1.0, 0.2]))["warnings"] == []
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
@@ -473,6 +564,21 @@ def test_errors_name_the_fix(tmp_path, tiny_run, copy_run):
     with pytest.raises(ConfigError, match="2 weights for 10 classes"):
         rebalance(run, heads="ncm", target_prior=str(bad), progress=False)
     assert not (run / "heads" / "ncm.json").exists()  # failed before fitting anything
+
+
+def test_lws_on_the_real_run_learns_positive_scales(tiny_rebalanced_run):
+    from ltserve.features.cache import cached_features
+    from ltserve.heads.lws import scale_check
+
+    heads = tiny_rebalanced_run / "heads"
+    joint, lws = load_head(heads, "joint"), load_head(heads, "lws")
+    f = lws.extras["scales"].astype(np.float64)
+    assert (f > 0).all() and not np.allclose(f, 1.0)
+    assert lws.meta["scale_check"] == scale_check(f)
+    np.testing.assert_allclose(lws.weight, f[:, None] * joint.weight, rtol=1e-5)
+    assert load_head(heads, "lws+la").extras["scales"].tolist() == lws.extras["scales"].tolist()
+    vx, vy = cached_features(tiny_rebalanced_run, "val")
+    assert lws.meta["val"]["top1"] == pytest.approx(float(np.mean(lws.logits(vx).argmax(1) == vy)))
 
 
 def test_few_shot_accuracy_rises_over_joint(tiny_rebalanced_run):

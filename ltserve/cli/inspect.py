@@ -83,6 +83,7 @@ def describe(meta: ModelJson) -> list[str]:
                       f"images: max |ONNX - unfolded| {v['fp32']['max_abs_diff']:.3g} (tolerance "
                       f"{v['fp32']['tolerance']:.3g}, {v['fp32'].get('compared', '')}), top-1 agreement "
                       f"{v['fp32']['top1_agreement']:.4f}"]
+    lines += [f"  warning: {w}" for w in v.get("warnings", [])]
     if "fp16" in v:
         lines.append(f"  fp16: top-1 agreement with fp32 {v['fp16']['top1_agreement_vs_fp32']:.4f}, accuracy change "
                      + ", ".join(f"{k} {d * 100:+.1f}" for k, d in v["fp16"]["accuracy_change"].items()

@@ -5,13 +5,13 @@
     fold.py       the exported module: backbone -> (ncm: centring + L2) -> one Gemm holding (W / T, b / T)
     graph.py      torch.export -> ONNX (symbolic batch), the head sub-graph check, fp16 conversion
     reference.py  verification images (the run's test split) and the unfolded head's logits (the registry)
-    verify.py     ONNX Runtime vs unfolded (fp32), fp16 vs fp32 per shot group, pt2 vs ONNX
+    verify.py     ONNX Runtime vs unfolded (fp32), fp16 vs fp32 per shot group, pt2 vs ONNX, lws scales
 
 Every folded head therefore has exactly the node count of the joint export; ncm adds its four normalisation nodes
 (Sub, ReduceL2, Clip, Div). Verification is part of export and a package that fails it is never written (it is
 built in a temporary folder beside the target and moved into place at the end). `model.json` records the head's
 parameters, its val and test metrics (test computed from the cached features when no evaluation recorded it), the
-verification and provenance.
+verification (with `warnings`, e.g. tiny lws scales; non-positive ones refuse the export) and provenance.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from ltserve.evaluate.selection import recorded_metrics
 from ltserve.export.fold import FoldedClassifier
 from ltserve.export.graph import MIN_OPSET, check_model, export_onnx, to_fp16
 from ltserve.export.reference import backbone_features, unfolded_logits, verification_images
-from ltserve.export.verify import VERIFY_IMAGES, per_row_constant, verify_fp16, verify_onnx, write_pt2
+from ltserve.export.verify import (VERIFY_IMAGES, check_scales, per_row_constant, verify_fp16, verify_onnx,
+                                  write_pt2)
 from ltserve.features.backbones import load_run_backbone
 from ltserve.heads import HEADS, CalibratedHead
 from ltserve.package import MODEL_JSON, HeadInfo, ModelJson, ShotThresholds, graph_info, write_package
@@ -185,13 +186,17 @@ def _build(run: Run, head_name: str, out_dir: Path, tmp: Path, fp16: bool, opset
     """Export, verify and describe into `tmp`; raise on the first failed check."""
     head, joint, backbone = _load(run, head_name)
     info, cfg = run.info, run.config
+    warnings = check_scales(head, info.class_names)  # before the slow steps: non-positive scales refuse the export
+    for message in warnings:
+        log.warning("%s: head %s: %s", run.root, head_name, message)
     x, labels, split, fingerprint = verification_images(cfg.data.model_dump_json(), cfg.preprocess.model_dump_json(),
                                                         n_images)
     if fingerprint != info.data_fingerprint:
         log.warning("data fingerprint %s differs from the run's %s: verifying on the data set as it is now",
                     fingerprint, info.data_fingerprint)
     ref = unfolded_logits(head, joint, backbone_features(backbone, x), info.class_counts)
-    verification: dict[str, Any] = {"inputs": {"split": split, "images": int(len(x)), "data_fingerprint": fingerprint}}
+    verification: dict[str, Any] = {"inputs": {"split": split, "images": int(len(x)), "data_fingerprint": fingerprint},
+                                    "warnings": warnings}
     bar.update()
 
     t0 = time.perf_counter()

@@ -6,14 +6,17 @@ fp32 per shot group, and the reloaded `model.pt2` against the ONNX logits. Thres
   batch 1 and batch 7 give the same rows as the full batch (a frozen batch dimension fails here);
 - fp16: float16 weights, float32 input and output; top-1 agreement with fp32 and the change of the Many / Medium /
   Few / All accuracy on the same images, and the file size;
-- pt2: `torch.export.load` of the saved program vs the ONNX logits.
+- pt2: `torch.export.load` of the saved program vs the ONNX logits;
+- lws scales (lws, lws+la): a non-positive scale refuses the export (a head fitted before ltserve kept scales
+  positive: it reverses that class's logits); a tiny one (`ltserve.heads.lws.TINY_SCALE`) is logged and listed in
+  `verification["warnings"]`, so the package says what its head does to those classes.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +24,7 @@ import torch
 from ltserve.errors import PackageError
 from ltserve.export.graph import INPUT_NAME, OUTPUT_NAME, check_head_subgraph, check_model
 from ltserve.heads import CalibratedHead
+from ltserve.heads.lws import scale_check
 from ltserve.metrics import SHOT_GROUPS, classification_report
 from ltserve.rundir import RunInfo
 
@@ -156,4 +160,20 @@ def verify_onnx(path: Path, head: CalibratedHead, x: np.ndarray, labels: np.ndar
     verification["fp32"], logits = verify_fp32(path, x, ref, per_row_constant(head))
     verification["accuracy"] = group_accuracy(logits, labels, info)
     return logits
+
+
+def check_scales(head: CalibratedHead, class_names: Sequence[str]) -> list[str]:
+    """The warnings about a head's lws scales (extras["scales"], f (C,)); [] for a head without scales.
+
+    Raises:
+        PackageError: a scale is <= 0, naming the head, the classes and the fix.
+    """
+    if "scales" not in head.extras:
+        return []
+    check = scale_check(head.extras["scales"], class_names)
+    if check["non_positive"]:
+        raise PackageError(f"heads/{head.method}.safetensors: head {head.method!r} cannot be exported: "
+                           f"{check['warnings'][0]}; re-fit it with `ltserve rebalance RUN --heads {head.method}` "
+                           "(scales are now kept positive) or export another head")
+    return list(check["warnings"])
 
