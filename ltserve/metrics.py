@@ -70,18 +70,20 @@ def group_accuracy(per_class: np.ndarray, groups: Sequence[ShotGroup]) -> dict[s
 
 def classification_report(
     logits: np.ndarray, labels: np.ndarray, class_counts: Sequence[int], many_threshold: int = 100,
-    few_threshold: int = 20,
+    few_threshold: int = 20, *, temperature: float | None = None,
 ) -> dict:
     """Every number ltserve reports for one head on one split.
 
     Args:
-        logits: (N, C) float.
+        logits: (N, C) float, calibrated (already divided by the head's temperature).
         labels: (N,) int.
         class_counts: training count of each class (C,), for the shot groups.
+        temperature: the calibration temperature T the logits were divided by; when given, the report also holds
+            ece_raw, the ECE before calibration (of softmax(logits * T)).
 
     Returns:
-        dict with top1, top5, balanced_accuracy, many, medium, few (None when empty), ece, per_class (list, NaN as
-        None), n (images).
+        dict with top1, top5, balanced_accuracy, many, medium, few (None when empty), ece_raw (only when
+        `temperature` is given), ece (15 equal-width bins), per_class (list, NaN as None), n (images).
     """
     labels = np.asarray(labels, dtype=np.int64)
     num_classes = logits.shape[1]
@@ -94,6 +96,8 @@ def classification_report(
         "top5": topk_accuracy(logits, labels, 5),
         "balanced_accuracy": float(np.nanmean(pc)),
         **groups,
+        **({} if temperature is None else
+           {"ece_raw": expected_calibration_error(softmax(np.asarray(logits, np.float64) * temperature), labels)}),
         "ece": expected_calibration_error(softmax(logits), labels),
         "per_class": [None if np.isnan(v) else float(v) for v in pc],
     }

@@ -76,6 +76,31 @@ def test_every_head_side_by_side_and_jsonl_predictions(tiny_run, copy_run, tmp_p
     assert list(only["heads"]) == ["tau_norm"]
 
 
+def test_heads_table_shows_the_ece_before_and_after_calibration_on_val_and_test(tiny_run, copy_run):
+    from ltserve.metrics import expected_calibration_error, softmax
+
+    run = copy_run(tiny_run)
+    paths = RunPaths(run)
+    joint = load_head(paths.heads, "joint")
+    save_head(CalibratedHead(weight=joint.weight, bias=joint.bias, method="crt", temperature=2.5), paths.heads)
+    for split in ("val", "test"):
+        results = evaluate_run(run, split, plots=False)
+        feats, labels = cached_features(run, split)
+        md = (paths.eval / f"{split}.md").read_text()
+        assert "| Balanced | ECE raw | ECE |" in md
+        for name in ("joint", "crt"):
+            head = load_head(paths.heads, name)
+            got = results["heads"][name]
+            raw = expected_calibration_error(softmax(head.uncalibrated_logits(feats)), labels)
+            cal = expected_calibration_error(softmax(head.logits(feats)), labels)
+            assert got["ece_raw"] == pytest.approx(raw, abs=1e-6) and got["ece"] == pytest.approx(cal, abs=1e-6)
+            row = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
+            assert row.endswith(f"| {raw:.3f} | {cal:.3f} |"), row
+        assert results["heads"]["crt"]["ece_raw"] != pytest.approx(results["heads"]["crt"]["ece"])
+    # a report without the head's temperature has no raw ECE: shown as n/a, not as a number
+    assert heads_table({"x": {"top1": 0.5, "ece": 0.1}}).splitlines()[2].endswith("| n/a | 0.100 |")
+
+
 def test_empty_shot_group_is_reported_as_empty(tiny_run, copy_run):
     run = copy_run(tiny_run)
     paths = RunPaths(run)

@@ -370,17 +370,55 @@ def test_fit_temperature_recovers_a_known_temperature():
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_temperature_keeps_argmax_and_lowers_val_nll(name, synth):
+def test_temperature_keeps_argmax_and_never_raises_val_ece_or_nll(name, synth):
     head = fit(name, synth)
     vx, vy = synth["val"]
     cal = calibrate(head, vx, vy)
-    assert cal.temperature != 1.0
     np.testing.assert_array_equal(cal.logits(vx).argmax(1), head.logits(vx).argmax(1))
     info = cal.meta["calibration"]
+    assert info["fitted_temperature"] != 1.0
+    assert info["applied"] == (info["val_ece_fitted"] < info["val_ece_before"])
+    assert cal.temperature == info["temperature"] == (info["fitted_temperature"] if info["applied"] else 1.0)
+    assert info["val_ece_after"] <= info["val_ece_before"]
     assert info["val_nll_after"] <= info["val_nll_before"] + 1e-9
-    assert {"val_ece_before", "val_ece_after", "temperature"} <= set(info)
     w, b = cal.folded()
     np.testing.assert_allclose(w, head.weight / cal.temperature, rtol=1e-6)
+
+
+def identity_head(num_classes: int) -> CalibratedHead:
+    """A head whose logits are its input features: calibrating it on (logits, labels) calibrates those logits."""
+    return CalibratedHead(weight=np.eye(num_classes), bias=np.zeros(num_classes), method="crt")
+
+
+def test_calibration_is_applied_when_it_lowers_val_ece():
+    rng = np.random.default_rng(1)
+    true_logits = rng.normal(size=(4000, 5)) * 2.0
+    p = np.exp(true_logits) / np.exp(true_logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(5, p=row) for row in p])
+    cal = calibrate(identity_head(5), true_logits * 3.0, labels)  # 3x over-confident
+    info = cal.meta["calibration"]
+    assert info["applied"] and cal.temperature == info["fitted_temperature"] == pytest.approx(3.0, rel=0.1)
+    assert info["val_ece_after"] == info["val_ece_fitted"] < info["val_ece_before"]
+    assert info["decision"].startswith("applied T = ")
+
+
+def test_calibration_keeps_t1_when_the_nll_fit_would_raise_val_ece():
+    """Calibrated logits (conf 0.95, 95 % right) plus 3 confidently wrong images: the NLL-optimal T (~1.28) softens
+    everything to spare those 3, and the ECE of the other 1000 rises; T = 1 is kept."""
+    margin = np.log(0.95 / 0.05)
+    logits = np.r_[np.tile([margin, 0.0], (1000, 1)), np.tile([40.0, 0.0], (3, 1))]
+    labels = np.r_[np.zeros(950, np.int64), np.ones(53, np.int64)]
+    head = identity_head(2)
+    cal = calibrate(head, logits, labels)
+    assert cal.temperature == 1.0
+    info = cal.meta["calibration"]
+    assert info["fitted_temperature"] == pytest.approx(1.28, abs=0.01)
+    assert info["val_nll_fitted"] < info["val_nll_before"]  # the fit did what it optimises ...
+    assert info["val_ece_fitted"] > info["val_ece_before"]  # ... and made the ECE worse
+    assert info["temperature"] == 1.0 and not info["applied"]
+    assert (info["val_ece_after"], info["val_nll_after"]) == (info["val_ece_before"], info["val_nll_before"])
+    assert info["decision"].startswith("kept T = 1")
+    np.testing.assert_array_equal(cal.logits(logits), head.logits(logits))
 
 
 def test_target_prior_uniform_train_and_file(synth, tmp_path):

@@ -55,6 +55,34 @@ def test_tiny_run_lowers_the_loss_and_writes_a_loadable_run(tiny_run, tiny_confi
     assert not [p for p in paths.root.rglob("*") if p.suffix in (".pt", ".pth", ".pkl", ".pickle")]
 
 
+def test_joint_head_is_calibrated_on_val_at_the_end_of_training(tiny_run):
+    """Like every stage-2 head, the joint head gets a temperature fitted on val (kept only when it lowers the val
+    ECE), and the end-of-training summary reports the ECE before and after it."""
+    from ltserve.features.cache import cached_features
+    from ltserve.heads.calibrate import fit_temperature
+    from ltserve.metrics import expected_calibration_error, softmax
+
+    info = read_run(tiny_run)
+    joint = load_head(RunPaths(tiny_run).heads, "joint")
+    assert "calibration" in joint.meta, "stage 1 left the joint head uncalibrated"
+    cal = joint.meta["calibration"]
+    vx, vy = cached_features(tiny_run, "val")
+    raw = joint.uncalibrated_logits(vx)
+    assert cal["fitted_temperature"] == pytest.approx(fit_temperature(raw, vy), rel=1e-6)
+    assert cal["fitted_temperature"] != 1.0
+    assert joint.temperature == cal["temperature"] == (cal["fitted_temperature"] if cal["applied"] else 1.0)
+    assert cal["val_ece_before"] == pytest.approx(expected_calibration_error(softmax(raw), vy))
+    assert cal["val_ece_after"] <= cal["val_ece_before"]
+    summary = info.train_metrics["eval"]
+    assert summary["val"]["joint"]["ece_raw"] == pytest.approx(cal["val_ece_before"], abs=1e-6)
+    assert summary["val"]["joint"]["ece"] == pytest.approx(cal["val_ece_after"], abs=1e-6)
+    tx, ty = cached_features(tiny_run, "test")
+    assert summary["test"]["joint"]["ece_raw"] == pytest.approx(
+        expected_calibration_error(softmax(joint.uncalibrated_logits(tx)), ty), abs=1e-6)
+    assert summary["test"]["joint"]["ece"] == pytest.approx(
+        expected_calibration_error(softmax(joint.logits(tx)), ty), abs=1e-6)
+
+
 def test_joint_head_on_backbone_features_reproduces_the_trained_classifier(tiny_run):
     """backbone.safetensors + heads/joint give the logits of the model that was trained (decoupled checkpoint)."""
     import torch
@@ -75,7 +103,9 @@ def test_joint_head_on_backbone_features_reproduces_the_trained_classifier(tiny_
     model.fc.bias.data = torch.from_numpy(head.bias)
     with torch.no_grad():
         logits = model(torch.from_numpy(to_model_input(list(images.arrays[..., None]), cfg.preprocess))).numpy()
-    np.testing.assert_allclose(head.logits(feats), logits, rtol=1e-5, atol=1e-5)
+    # the saved layer is the trained one; its calibration temperature (fitted after training) only divides it
+    np.testing.assert_allclose(head.uncalibrated_logits(feats), logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(head.logits(feats) * head.temperature, logits, rtol=1e-5, atol=1e-5)
 
 
 def _small(tmp_path: Path, *extra: str):
@@ -97,6 +127,8 @@ def test_resume_after_interruption_gives_bit_identical_weights(tmp_path):
 
     resumed = train(cfg, tmp_path / "resumed", resume=True, evaluate=False)
     assert resumed.finished and resumed.epochs_done == 3
+    assert "eval" not in resumed.train_metrics  # not evaluated, but the joint head is calibrated on val all the same
+    assert "calibration" in load_head(tmp_path / "resumed" / "heads", "joint").meta
     for rel in ("backbone.safetensors", "heads/joint.safetensors"):
         a, b = (tmp_path / "straight" / rel).read_bytes(), (tmp_path / "resumed" / rel).read_bytes()
         assert a == b, f"{rel} differs after resume"

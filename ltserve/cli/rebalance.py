@@ -9,7 +9,7 @@ from ltserve.heads import HEADS
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Fit the heads, then print every head's val metrics and what val chose."""
+    """Fit the heads, then print every head's val metrics (ECE before and after calibration) and what val chose."""
     parser = argparse.ArgumentParser(
         prog="ltserve rebalance",
         description="Stage 2: re-balance the classifier of a trained run on its cached features. Writes "
@@ -42,6 +42,7 @@ def cli(argv: list[str] | None = None) -> int:
         rows[name] = {**rows[name], "chosen": chosen_value(heads[name].meta), "temperature": heads[name].temperature}
     print(f"\nval metrics of {args.run_dir} (Many/Medium/Few: mean per-class accuracy by training count; "
           "All: top-1)\n")
-    print(heads_table(rows, columns=("many", "medium", "few", "top1"), extra=("chosen", "temperature")))
+    print(heads_table(rows, columns=("many", "medium", "few", "top1", "ece_raw", "ece"),
+                      extra=("chosen", "temperature")))
     print(f"\nheads written to {run.paths.heads}: {', '.join(heads)}")
     return 0

@@ -170,7 +170,7 @@ def evaluate_package(model_dir: str | Path, data: str, root: str | None = None, 
     logits = predict_imageset(predictor, ev.images, batch_size=batch_size, progress=progress)
     labels = ev.images.labels
     report = classification_report(logits, labels, meta.class_counts, meta.shot_thresholds.many,
-                                   meta.shot_thresholds.few)
+                                   meta.shot_thresholds.few, temperature=meta.head.temperature)
     # the package's recorded shot groups are the definition (they came from the training counts at export)
     report.update(group_accuracy(per_class_accuracy(logits.argmax(1), labels, len(meta.labels)), meta.shot_groups))
     report["all"] = report["top1"]

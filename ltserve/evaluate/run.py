@@ -1,7 +1,8 @@
 """`evaluate_run(run, split)`: every head of a run side by side on val or test, from the feature cache.
 
-For each head in `heads/`: top-1, top-5, Many/Medium/Few/All, balanced accuracy, ECE and per-class accuracy
-(`ltserve.metrics.classification_report` on `head.logits(features)`). Written to `eval/<split>.json` and
+For each head in `heads/`: top-1, top-5, Many/Medium/Few/All, balanced accuracy, ECE before and after the head's
+calibration temperature (ece_raw, ece) and per-class accuracy (`ltserve.metrics.classification_report` on
+`head.logits(features)`). Written to `eval/<split>.json` and
 `eval/<split>.md`, with PNGs (unless `plots=False`):
 
     eval/<split>_per_class.png       per-class accuracy of every head against the training count, head to tail
@@ -45,7 +46,7 @@ def evaluate_run(run: Run | str | Path, split: str = "test", predictions: str | 
     Returns:
         {"run", "split", "n", "class_names", "class_counts", "groups" (class -> shot group), "group_sizes",
          "many_threshold", "few_threshold", "backbone_sha256", "data_fingerprint", "created", "files",
-         "heads": {head: classification_report + "temperature"}}.
+         "heads": {head: classification_report (with ece_raw, before calibration) + "temperature"}}.
 
     Raises:
         RunError: not a run, no such split, or an unknown/missing head (the message lists the available ones).
@@ -68,7 +69,7 @@ def evaluate_run(run: Run | str | Path, split: str = "test", predictions: str | 
         head = run.head(name)
         logits[name] = head.logits(features)
         report = classification_report(logits[name], labels, info.class_counts, info.many_threshold,
-                                       info.few_threshold)
+                                       info.few_threshold, temperature=head.temperature)
         results["heads"][name] = {**report, "temperature": head.temperature}
     eval_dir = run.paths.eval
     results["files"] = {"json": str(eval_dir / f"{split}.json"), "markdown": str(eval_dir / f"{split}.md")}

@@ -55,8 +55,9 @@ def _computed(run: Run, name: str) -> dict[str, Any]:
     x, y = cached_features(run, "val")
     info = run.info
     log.info("%s has no recorded val metrics; computed them on %d cached val features", name, len(y))
-    return classification_report(run.head(name).logits(x), y, info.class_counts, info.many_threshold,
-                                 info.few_threshold)
+    head = run.head(name)
+    return classification_report(head.logits(x), y, info.class_counts, info.many_threshold, info.few_threshold,
+                                 temperature=head.temperature)
 
 
 def best_of(scores: dict[str, dict[str, Any]]) -> tuple[str, str]:

@@ -1,7 +1,7 @@
 """The results tables: one Markdown renderer, and the heads table every report prints.
 
     markdown_table(header, rows)        the renderer (benchmarks use it too)
-    heads_table(results)                one row per head: Many | Medium | Few | All | Top-5 | Balanced | ECE
+    heads_table(results)                one row per head: Many | Medium | Few | All | Top-5 | Balanced | ECE raw | ECE
     format_markdown(results)            a run's whole eval/<split>.md
     chosen_value(meta)                  what val chose for a head, in words
 """
@@ -15,9 +15,13 @@ import numpy as np
 
 from ltserve.metrics import format_percent
 
-HEAD_COLUMNS = ("many", "medium", "few", "top1", "top5", "balanced_accuracy", "ece")
+HEAD_COLUMNS = ("many", "medium", "few", "top1", "top5", "balanced_accuracy", "ece_raw", "ece")
 TITLES = {"many": "Many", "medium": "Medium", "few": "Few", "top1": "All", "top5": "Top-5",
-          "balanced_accuracy": "Balanced", "ece": "ECE", "chosen": "chosen on val", "temperature": "T"}
+          "balanced_accuracy": "Balanced", "ece_raw": "ECE raw", "ece": "ECE", "chosen": "chosen on val",
+          "temperature": "T"}
+"""Column titles. "ECE raw" is the ECE before the head's calibration temperature, "ECE" after it (the head's
+probabilities as served); a head that kept T = 1 (calibration did not lower its val ECE) shows the same number."""
+ECE_KEYS = ("ece_raw", "ece")
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -28,7 +32,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _cell(key: str, value: Any) -> str:
-    if key == "ece":
+    if key in ECE_KEYS:
         return "n/a" if value is None else f"{value:.3f}"
     if key in TITLES and key not in ("chosen", "temperature"):
         return format_percent(value)
@@ -37,7 +41,8 @@ def _cell(key: str, value: Any) -> str:
 
 def heads_table(results: Mapping[str, Mapping[str, Any]], columns: Sequence[str] = HEAD_COLUMNS,
                 extra: Sequence[str] = ()) -> str:
-    """One row per head: accuracies in % ("empty" for an empty shot group), ECE with 3 digits.
+    """One row per head: accuracies in % ("empty" for an empty shot group), ECE raw and ECE with 3 digits ("n/a" when
+    a report has none, e.g. no ece_raw in a report made without the head's temperature).
 
     Args:
         results: {head name: a classification_report-like dict}; rows in the given order.

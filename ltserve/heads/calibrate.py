@@ -2,16 +2,25 @@
 
 The val NLL of softmax(z / T) is convex in beta = 1 / T (a log-sum-exp of a linear function of beta minus a linear
 term), so a golden-section search over log T on a bracket finds the minimum without scipy.
+
+T minimises the NLL, but what the tables report (and what a user of the probabilities sees) is the ECE, and the
+two disagree when a few confidently wrong val images dominate the NLL: the NLL-optimal T then flattens every other
+prediction and the ECE rises (crt on a rho 400 Fashion-MNIST-LT run: test ECE 0.036 -> 0.090). So the fitted T is
+kept only when it lowers the val ECE; otherwise the head keeps T = 1. Both ECEs, both NLLs and the decision are
+recorded in meta["calibration"].
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 
 from ltserve.heads.head import CalibratedHead
 from ltserve.metrics import expected_calibration_error, softmax
+
+log = logging.getLogger(__name__)
 
 T_MIN, T_MAX = 1e-2, 1e2
 
@@ -54,7 +63,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, t_min: float = T_MIN
 
 
 def calibrate(head: CalibratedHead, val_features: np.ndarray, val_labels: np.ndarray) -> CalibratedHead:
-    """Fit the head's temperature on val and record ECE and NLL before and after in meta["calibration"].
+    """Fit the head's temperature on val; keep it only when it lowers the val ECE (else T = 1).
 
     Args:
         head: any head (its current temperature is replaced, not compounded).
@@ -62,12 +71,24 @@ def calibrate(head: CalibratedHead, val_features: np.ndarray, val_labels: np.nda
         val_labels: (N,) val labels.
 
     Returns:
-        the same head with `temperature` set (weights unchanged; export folds W / T and b / T).
+        the same head with `temperature` set (weights unchanged; export folds W / T and b / T) and
+        meta["calibration"] = {temperature (the one applied), fitted_temperature (the val-NLL minimiser), applied,
+        decision (in words), val_ece_before / _fitted / _after, val_nll_before / _fitted / _after} ("before": T = 1,
+        "fitted": T = fitted_temperature, "after": the applied T).
     """
-    raw = head.transform(val_features) @ head.weight.T + head.bias
-    t = fit_temperature(raw, val_labels)
-    before = expected_calibration_error(softmax(raw), val_labels)
-    after = expected_calibration_error(softmax(raw / t), val_labels)
-    info = {"temperature": t, "val_ece_before": before, "val_ece_after": after,
-            "val_nll_before": nll(raw, val_labels), "val_nll_after": nll(raw, val_labels, t)}
+    labels = np.asarray(val_labels, dtype=np.int64)
+    raw = head.uncalibrated_logits(val_features)
+    fitted = fit_temperature(raw, labels)
+    ece = {"before": expected_calibration_error(softmax(raw), labels),
+           "fitted": expected_calibration_error(softmax(raw / fitted), labels)}
+    loss = {"before": nll(raw, labels), "fitted": nll(raw, labels, fitted)}
+    applied = ece["fitted"] < ece["before"]
+    t = fitted if applied else 1.0
+    ece["after"], loss["after"] = (ece["fitted"], loss["fitted"]) if applied else (ece["before"], loss["before"])
+    change = f"val ECE {ece['before']:.4f} -> {ece['fitted']:.4f}"
+    decision = (f"applied T = {fitted:.4g}: {change}" if applied
+                else f"kept T = 1: the NLL-fitted T = {fitted:.4g} does not lower the val ECE ({change})")
+    log.info("%s: calibration %s", head.method, decision)
+    info = {"temperature": t, "fitted_temperature": fitted, "applied": applied, "decision": decision,
+            **{f"val_ece_{k}": v for k, v in ece.items()}, **{f"val_nll_{k}": v for k, v in loss.items()}}
     return head.with_temperature(t, calibration=info)

@@ -112,7 +112,7 @@ class Stage2:
     def val_report(self, head: CalibratedHead) -> dict[str, Any]:
         info = self.run.info
         return classification_report(head.logits(self.val_x), self.val_y, self.counts, info.many_threshold,
-                                     info.few_threshold)
+                                     info.few_threshold, temperature=head.temperature)
 
     def provenance(self, name: str) -> dict[str, Any]:
         entry, info = HEADS.get(name), self.run.info

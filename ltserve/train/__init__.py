@@ -19,8 +19,11 @@ Decisions worth knowing:
   DataLoader seeds) are saved in every checkpoint and restored on `--resume`, so on CPU an interrupted and resumed
   run ends with bit-identical weights.
 - At the end, the trained backbone (still in memory) extracts the features of train, val and test into the run's
-  feature cache, and the joint head is scored on val and test from them: stage 2 and `ltserve evaluate` then start
-  from the cache without reading the data set or rebuilding the backbone.
+  feature cache, the joint head gets its calibration temperature on val (`ltserve.heads.calibrate`, as every
+  stage-2 head does; `rebalance.calibrate` switches it off for both stages), and it is scored on val and test from
+  them: stage 2 and `ltserve evaluate` then start from the cache without reading the data set or rebuilding the
+  backbone. With `evaluate=False` only the val features are extracted, for the calibration. Stage 2 never rewrites
+  the joint head.
 - Evaluation uses exactly `ltserve.preprocess.transform_image` + `to_model_input` (the serving path); training
   augmentation ends in the same `to_model_input` normalisation.
 - With `model.trainable: last_block`, BatchNorm layers that have no trainable parameter stay in eval mode (their
@@ -35,6 +38,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch import nn
@@ -44,6 +48,8 @@ from ltserve.data import Splits, load_splits
 from ltserve.errors import ConfigError
 from ltserve.features.backbones import Classifier
 from ltserve.features.cache import cached_features, remember_splits
+from ltserve.heads import CalibratedHead
+from ltserve.heads.calibrate import calibrate
 from ltserve.metrics import classification_report
 from ltserve.rundir import Run, RunInfo, RunPaths, read_run
 from ltserve.train.checkpoint import (check_resume_config, gather_rng, latest_checkpoint, restore_checkpoint,
@@ -54,7 +60,7 @@ from ltserve.train.run_files import check_out_folder, created_at, export_run, jo
 
 log = logging.getLogger(__name__)
 
-SUMMARY_KEYS = ("top1", "top5", "many", "medium", "few", "balanced_accuracy", "ece", "n")
+SUMMARY_KEYS = ("top1", "top5", "many", "medium", "few", "balanced_accuracy", "ece_raw", "ece", "n")
 
 
 def train(cfg: Config, out: str | Path, resume: bool = False, *, stop_after_epochs: int | None = None,
@@ -69,8 +75,9 @@ def train(cfg: Config, out: str | Path, resume: bool = False, *, stop_after_epoc
             The recipe must match the checkpoint's, except num_workers, eval_batch_size, device and rebalance.
         stop_after_epochs: stop once this many epochs are done in total (a deliberate interruption: the run stays
             resumable; used by tests and time-boxed jobs).
-        evaluate: at the end, cache the features of every split with the trained backbone and score the joint head
-            on val and test (`train_metrics["eval"]`).
+        evaluate: at the end, cache the features of every split with the trained backbone and score the (calibrated)
+            joint head on val and test (`train_metrics["eval"]`). The joint head's temperature is fitted on val
+            either way (unless `rebalance.calibrate` is false or there is no val split).
         progress: show progress bars (on a terminal).
 
     Returns:
@@ -168,38 +175,55 @@ def _train(cfg: Config, paths: RunPaths, resume: bool, stop_after_epochs: int | 
 def _finish_on_main(cfg: Config, paths: RunPaths, model: Classifier, splits: Splits, history: list[dict],
                     info: RunInfo | None, evaluate: bool, progress: bool, created: str, dist: Dist,
                     device: torch.device) -> RunInfo:
-    """Rank 0 after the last epoch: cache features and score the joint head (when the run is complete), and write
-    the final run.json."""
+    """Rank 0 after the last epoch: cache features, calibrate and score the joint head (when the run is complete),
+    and write the final run.json and heads/joint.*."""
     metrics = _train_metrics(history, dist, device)
     if info is None:  # nothing left to train (resumed a finished run, or stop_after_epochs already reached)
         info = export_run(paths, model, cfg, splits, len(history), metrics, finished=False, created=created)
     if len(history) < cfg.train.epochs:
         log.info("stopped after epoch %d/%d; continue with --resume", len(history), cfg.train.epochs)
         return info
-    if evaluate:
-        metrics["eval"] = _end_of_training_eval(Run(paths, info, cfg), model, progress, device)
-    info = export_run(paths, model, cfg, splits, len(history), metrics, finished=True, created=created)
+    evaluation, joint = _end_of_training(Run(paths, info, cfg), model, evaluate, progress, device)
+    if evaluation is not None:
+        metrics["eval"] = evaluation
+    info = export_run(paths, model, cfg, splits, len(history), metrics, finished=True, created=created, joint=joint)
     log.info("finished %s: %d epochs in %.1f s (%.0f img/s)", paths.root, len(history), metrics["train_seconds"],
              metrics["images_per_second"])
     return info
 
 
-def _end_of_training_eval(run: Run, model: Classifier, progress: bool,
-                          device: torch.device) -> dict[str, dict[str, Any]]:
-    """Features of every split through the trained backbone (into the cache), and the joint head's val and test
-    summary. {split: {"joint": {top1, top5, many, medium, few, balanced_accuracy, ece, n}}}."""
-    info = run.info
-    joint = joint_head(model, run.config, info.epochs_done, info.backbone.sha256, info.data_fingerprint)
+def _end_of_training(run: Run, model: Classifier, evaluate: bool, progress: bool,
+                     device: torch.device) -> tuple[dict[str, dict[str, Any]] | None, CalibratedHead]:
+    """The final joint head, calibrated on val, and (with `evaluate`) its val and test summary.
+
+    The trained backbone extracts the features of every split into the cache (only val without `evaluate`: the
+    calibration needs them); the joint head's temperature is fitted on val and kept only when it lowers the val ECE
+    (`ltserve.heads.calibrate`; skipped with `rebalance.calibrate: false` or without a val split).
+
+    Returns:
+        ({split: {"joint": {top1, top5, many, medium, few, balanced_accuracy, ece_raw, ece, n}}} for val and test,
+        or None without `evaluate`; the joint head to save).
+    """
+    info, cfg = run.info, run.config
+    joint = joint_head(model, cfg, info.epochs_done, info.backbone.sha256, info.data_fingerprint)
+    features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for split in ("train", "val", "test") if evaluate else ("val",):
+        if info.split_sizes.get(split, 0) > 0:
+            x, y = cached_features(run, split, device=device, backbone=model.backbone, progress=progress)
+            if split != "train":  # train's are only cached, for stage 2: not held in memory here
+                features[split] = (x, y)
+    if cfg.rebalance.calibrate and "val" in features:
+        joint = calibrate(joint, *features["val"])
+    if not evaluate:
+        return None, joint
     out: dict[str, dict[str, Any]] = {}
-    for split in ("train", "val", "test"):
-        if info.split_sizes.get(split, 0) == 0:
-            continue
-        x, y = cached_features(run, split, device=device, backbone=model.backbone, progress=progress)
-        if split != "train":
+    for split in ("val", "test"):
+        if split in features:
+            x, y = features[split]
             report = classification_report(joint.logits(x), y, info.class_counts, info.many_threshold,
-                                           info.few_threshold)
+                                           info.few_threshold, temperature=joint.temperature)
             out[split] = {"joint": {k: report.get(k) for k in SUMMARY_KEYS}}
-    return out
+    return out, joint
 
 
 def _train_metrics(history: list[dict], dist: Dist, device: torch.device) -> dict[str, Any]:
