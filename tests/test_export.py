@@ -382,6 +382,44 @@ def test_lws_scales_non_positive_refuse_the_export_and_tiny_ones_are_recorded(ti
     assert load_package(tmp_path / "tiny").head.params["scales"]["min"] == pytest.approx(tiny.min(), rel=1e-6)
 
 
+def test_test_metrics_are_recorded_whatever_the_command_order(tiny_rebalanced_run, copy_run, tmp_path):
+    """train -> rebalance -> export (no `ltserve evaluate`) records test metrics computed from the cached test
+    features; with eval/test.json the recorded numbers are used, and the same; a head re-fitted after the
+    evaluation is computed again, not copied from the stale eval/test.json."""
+    from ltserve.evaluate import evaluate_run
+    from ltserve.features.cache import cached_features
+    from ltserve.rebalance import rebalance
+
+    run = copy_run(tiny_rebalanced_run)
+    paths = RunPaths(run)
+    shutil.rmtree(paths.eval, ignore_errors=True)
+    info = read_run(run)
+    tx, ty = cached_features(run, "test")
+
+    def check(metrics: dict, source: str) -> None:
+        assert "test" in metrics, f"model.json has no test metrics: {sorted(metrics)}"
+        head = load_head(paths.heads, "tau_norm")
+        want = classification_report(head.logits(tx), ty, info.class_counts, info.many_threshold, info.few_threshold)
+        got = metrics["test"]
+        for key in ("top1", "many", "medium", "few", "balanced_accuracy", "top5", "ece"):
+            assert got[key] == pytest.approx(want[key], abs=1e-9), key
+        assert got["n"] == len(ty) == 1000 and got["source"].startswith(source)
+
+    meta = export_package(run, "tau_norm", tmp_path / "no-eval", progress=False, verify_images=32)
+    check(meta.metrics, "computed at export")
+    assert load_package(tmp_path / "no-eval").metrics == meta.metrics
+    assert meta.metrics["val"]["source"] == "heads/tau_norm.json"
+
+    recorded = evaluate_run(run, "test", plots=False)["heads"]["tau_norm"]
+    meta = export_package(run, "tau_norm", tmp_path / "after-eval", progress=False, verify_images=32)
+    check(meta.metrics, "eval/test.json")
+    assert {k: v for k, v in meta.metrics["test"].items() if k != "source"} == recorded
+
+    rebalance(run, heads="tau_norm", tau=1.5, progress=False)  # eval/test.json now describes the old head
+    meta = export_package(run, "tau_norm", tmp_path / "refit", progress=False, verify_images=32)
+    check(meta.metrics, "computed at export")
+
+
 def test_cli_exports_the_best_head_and_refuses_bad_arguments(synth_run, tmp_path, capsys):
     from ltserve.cli import main
 

@@ -26,6 +26,7 @@ from ltserve.evaluate.selection import best_head
 from ltserve.evaluate.tables import format_markdown
 from ltserve.features.cache import backbone_sha256, cached_features
 from ltserve.fileio import atomic_write_text, write_json
+from ltserve.heads import head_sha256
 from ltserve.metrics import SHOT_GROUPS, classification_report, shot_groups
 from ltserve.rundir import Run, open_run, utc_now
 
@@ -46,7 +47,8 @@ def evaluate_run(run: Run | str | Path, split: str = "test", predictions: str | 
     Returns:
         {"run", "split", "n", "class_names", "class_counts", "groups" (class -> shot group), "group_sizes",
          "many_threshold", "few_threshold", "backbone_sha256", "data_fingerprint", "created", "files",
-         "heads": {head: classification_report (with ece_raw, before calibration) + "temperature"}}.
+         "heads": {head: `head_report`: classification_report (with ece_raw, before calibration), "temperature",
+         "head_sha256"}}.
 
     Raises:
         RunError: not a run, no such split, or an unknown/missing head (the message lists the available ones).
@@ -66,11 +68,8 @@ def evaluate_run(run: Run | str | Path, split: str = "test", predictions: str | 
     }
     logits: dict[str, np.ndarray] = {}
     for name in names:
-        head = run.head(name)
-        logits[name] = head.logits(features)
-        report = classification_report(logits[name], labels, info.class_counts, info.many_threshold,
-                                       info.few_threshold, temperature=head.temperature)
-        results["heads"][name] = {**report, "temperature": head.temperature}
+        logits[name] = run.head(name).logits(features)
+        results["heads"][name] = head_report(run, name, features, labels, logits[name])
     eval_dir = run.paths.eval
     results["files"] = {"json": str(eval_dir / f"{split}.json"), "markdown": str(eval_dir / f"{split}.md")}
     atomic_write_text(eval_dir / f"{split}.md", format_markdown(results))
@@ -80,6 +79,29 @@ def evaluate_run(run: Run | str | Path, split: str = "test", predictions: str | 
         results["files"]["predictions"] = str(write_predictions(predictions, labels, logits))
     write_json(eval_dir / f"{split}.json", results)
     return results
+
+
+def head_report(run: Run, name: str, features: np.ndarray, labels: np.ndarray,
+                logits: np.ndarray | None = None) -> dict[str, Any]:
+    """One head's numbers on one split: what `eval/<split>.json` holds per head, and what export records when no
+    evaluation did.
+
+    Args:
+        run: the run.
+        name: the head.
+        features: (N, D) the split's cached features.
+        labels: (N,) its labels.
+        logits: (N, C) the head's logits on `features` when already computed.
+
+    Returns:
+        `classification_report` (with ece_raw) + "temperature" + "head_sha256" (the head files it was computed on,
+        `ltserve.heads.head_sha256`, so a later reader can tell whether the head has changed since).
+    """
+    head, info = run.head(name), run.info
+    logits = head.logits(features) if logits is None else logits
+    report = classification_report(logits, labels, info.class_counts, info.many_threshold, info.few_threshold,
+                                   temperature=head.temperature)
+    return {**report, "temperature": head.temperature, "head_sha256": head_sha256(run.paths.heads, name)}
 
 
 def _heads_to_evaluate(run: Run, heads: Sequence[str] | None) -> list[str]:

@@ -31,6 +31,7 @@ from torch import nn
 
 from ltserve.config import config_hash
 from ltserve.errors import ConfigError, PackageError, RunError, unknown_choice
+from ltserve.evaluate.run import head_report
 from ltserve.evaluate.selection import recorded_metrics
 from ltserve.export.fold import FoldedClassifier
 from ltserve.export.graph import MIN_OPSET, check_model, export_onnx, to_fp16
@@ -38,7 +39,8 @@ from ltserve.export.reference import backbone_features, unfolded_logits, verific
 from ltserve.export.verify import (VERIFY_IMAGES, check_scales, per_row_constant, verify_fp16, verify_onnx,
                                   write_pt2)
 from ltserve.features.backbones import load_run_backbone
-from ltserve.heads import HEADS, CalibratedHead
+from ltserve.features.cache import cached_features
+from ltserve.heads import HEADS, CalibratedHead, head_sha256
 from ltserve.package import MODEL_JSON, HeadInfo, ModelJson, ShotThresholds, graph_info, write_package
 from ltserve.progress import progress_bar
 from ltserve.rundir import Run, open_run
@@ -68,15 +70,43 @@ def head_params(head: CalibratedHead) -> dict[str, Any]:
 
 
 def head_metrics(run: Run, head: CalibratedHead) -> dict[str, Any]:
-    """A head's recorded metrics: val from its meta (or eval/val.json), test from eval/test.json when present."""
+    """The head's val and test numbers for model.json, whatever ran before export.
+
+    For each split the run has: val from the head's meta["val"] (stage 2 writes it with the head); else the head's
+    entry in `eval/<split>.json` when it was computed on these very head files (its `head_sha256`: not re-fitted
+    since); else computed here from the run's cached features (`ltserve.evaluate.run.head_report`, the numbers
+    `ltserve evaluate` would write). So `train -> rebalance -> export` records test metrics without an evaluation in
+    between, and a stale evaluation is never copied.
+
+    Returns:
+        {"val": report, "test": report} (a split with nothing recorded and no images in the run is left out); each
+        report is a classification report (top1, top5, many, medium, few, balanced_accuracy, ece_raw, ece,
+        per_class, n, ...) plus "source": where it came from.
+    """
     out: dict[str, Any] = {}
-    val = head.meta.get("val") if isinstance(head.meta.get("val"), dict) else recorded_metrics(run, "val", head.method)
-    if val is not None:
-        out["val"] = val
-    test = recorded_metrics(run, "test", head.method)
-    if test is not None:
-        out["test"] = test
+    for split in ("val", "test"):
+        metrics = _split_metrics(run, head, split)
+        if metrics is not None:
+            out[split] = metrics
     return out
+
+
+def _split_metrics(run: Run, head: CalibratedHead, split: str) -> dict[str, Any] | None:
+    name = head.method
+    meta_val = head.meta.get("val")
+    if split == "val" and isinstance(meta_val, dict):
+        return {**meta_val, "source": f"heads/{name}.json"}
+    recorded = recorded_metrics(run, split, name)
+    if recorded is not None and recorded.get("head_sha256") == head_sha256(run.paths.heads, name):
+        return {**recorded, "source": f"eval/{split}.json"}
+    if not run.info.split_sizes.get(split):
+        return None  # the run has no such split: nothing to compute on
+    if recorded is not None:
+        log.info("%s: the %s entry was not computed on the current heads/%s.* (re-fitted since, or written by an "
+                 "older ltserve); computing the %s metrics from the cached features", run.paths.eval / f"{split}.json",
+                 name, name, split)
+    x, y = cached_features(run, split)  # type: ignore[arg-type]
+    return {**head_report(run, name, x, y), "source": f"computed at export from the cached {split} features"}
 
 
 def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:

@@ -12,9 +12,9 @@ A foundation: NumPy and pydantic at import; config, evaluation and export read t
 (`ltserve.rebalance`) runs the methods on a run's cached features.
 """
 
-from ltserve.heads.files import list_heads, load_head, save_head
+from ltserve.heads.files import head_sha256, list_heads, load_head, save_head
 from ltserve.heads.head import L2_EPS, PRIOR_KEY, CalibratedHead, apply_target_prior, raw_bias, strip_target_prior
 from ltserve.heads.registry import HEADS, HeadMethod, Registry
 
 __all__ = ["HEADS", "L2_EPS", "PRIOR_KEY", "CalibratedHead", "HeadMethod", "Registry", "apply_target_prior",
-           "list_heads", "load_head", "raw_bias", "save_head", "strip_target_prior"]
+           "head_sha256", "list_heads", "load_head", "raw_bias", "save_head", "strip_target_prior"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -68,3 +69,19 @@ def list_heads(heads_dir: str | Path) -> list[str]:
     heads_dir = Path(heads_dir)
     return [h for h in HEADS.names()
             if (heads_dir / f"{h}.safetensors").is_file() and (heads_dir / f"{h}.json").is_file()]
+
+
+def head_sha256(heads_dir: str | Path, method: str) -> str:
+    """Hex sha256 of `heads/<method>.safetensors` followed by `heads/<method>.json`: which head file a number was
+    computed on (any re-fit or re-calibration changes it).
+
+    Raises:
+        RunError: a file is missing.
+    """
+    h = hashlib.sha256()
+    for p in (Path(heads_dir) / f"{method}.safetensors", Path(heads_dir) / f"{method}.json"):
+        if not p.is_file():
+            raise RunError(f"{p}: head {method!r} not found")
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
