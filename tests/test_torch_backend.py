@@ -121,6 +121,75 @@ def test_corrupted_pt2_fails_its_sha256_check(pt2_package, tmp_path):
         TorchRunner(pkg, device="cpu")
 
 
+@pytest.fixture(scope="module")
+def png_dir(tmp_path_factory) -> Path:
+    """24 Fashion-MNIST test images as PNG files."""
+    from PIL import Image
+
+    from ltserve.data import find_fashion_mnist, read_idx
+
+    root = tmp_path_factory.mktemp("pngs")
+    for i, img in enumerate(read_idx(find_fashion_mnist() / "t10k-images-idx3-ubyte.gz")[:24]):
+        Image.fromarray(img).save(root / f"{i:03d}.png")
+    return root
+
+
+def ray_torch_predict(images: Path, model: Path, out: Path) -> subprocess.CompletedProcess:
+    """`ltserve predict --engine ray --backend torch` (CPU, fp32: comparable with ONNX Runtime on any machine)."""
+    args = [images, "--model", model, "--out", out, "--engine", "ray", "--backend", "torch", "--torch-device", "cpu",
+            "--torch-precision", "fp32", "--ray-num-cpus", 2, "--workers", 1, "--batch-size", 16, "--no-progress"]
+    return subprocess.run([sys.executable, "-m", "ltserve.cli", "predict", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_ray_engine_runs_the_torch_backend_in_its_actors(pt2_package, png_dir, tmp_path):
+    """--backend reaches every Ray actor: without model.pt2 the actors fail with the torch backend's own error
+    (shown as the local engine shows it); with it, the same classes as ONNX Runtime."""
+    from ltserve.runtime import Predictor
+
+    onnx_only = _without_pt2(pt2_package, tmp_path / "onnx-only")
+    proc = ray_torch_predict(png_dir, onnx_only, tmp_path / "none.jsonl")
+    assert proc.returncode == 2, f"the torch backend never ran: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "model.pt2: not found" in last and "--model-format onnx,pt2" in last
+    assert "in a Ray Predictor actor" in last
+
+    proc = ray_torch_predict(png_dir, pt2_package, tmp_path / "torch.jsonl")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = sorted((json.loads(line) for line in (tmp_path / "torch.jsonl").read_text().splitlines()),
+                  key=lambda r: r["path"])
+    assert len(rows) == 24
+    want = Predictor(pt2_package, providers=["cpu"], threads=2).classify_bytes(
+        [Path(r["path"]).read_bytes() for r in rows], top_k=5)
+    assert [r["class_index"] for r in rows] == [p.class_index for p in want]
+    assert [r["probability"] for r in rows] == pytest.approx([p.probability for p in want], abs=1e-4)
+
+
+def test_actor_error_reads_the_ltserve_error_back_from_rays_text():
+    from ltserve.batch.ray_engine import actor_error
+
+    text = ("The actor died because of an error raised in its creation task, ray::MapWorker(...)\n"
+            "Traceback (most recent call last):\n  ...\nltserve.errors.PackageError: /m/model.pt2: not found; re-export")
+    err = actor_error(RuntimeError(text))
+    assert isinstance(err, PackageError)
+    assert str(err) == "/m/model.pt2: not found; re-export (in a Ray Predictor actor)"
+    assert actor_error(RuntimeError("The actor died unexpectedly before finishing this task.")) is None
+    assert actor_error(RuntimeError("ltserve.errors.NotAnError: x")) is None
+
+
+def test_batch_torch_options_reach_the_runner_and_need_the_torch_backend(pt2_package, png_dir, tmp_path):
+    from ltserve.batch.job import run_predict
+    from ltserve.batch.options import PredictOptions
+
+    opts = PredictOptions(inputs=[str(png_dir)], model=pt2_package, out=tmp_path / "p.jsonl", workers=0,
+                          progress=False, backend="torch", torch_options={"device": "cpu", "precision": "fp16"})
+    with pytest.raises(ConfigError, match="precision 'fp16' needs a CUDA device"):  # raised by TorchRunner
+        run_predict(opts)
+    opts.backend = "onnxruntime"
+    with pytest.raises(ConfigError, match="add --backend torch"):
+        run_predict(opts)
+
+
 def test_bad_device_and_precision_are_config_errors(pt2_package):
     import torch
 

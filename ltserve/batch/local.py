@@ -23,7 +23,7 @@ def run_local(items: Sequence[Item], opts: PredictOptions, meta: ModelJson, outp
     # the workers start (and decode the first chunks) while the Predictor loads and warms up
     with DecodePool([it.file for it in items], meta.preprocess, workers, chunk, opts.max_pixels) as pool:
         predictor = Predictor(opts.model, providers=opts.providers, threads=opts.threads,
-                              max_batch_size=opts.batch_size, backend=opts.backend)
+                              max_batch_size=opts.batch_size, backend=opts.backend, torch_options=opts.torch_options)
         output.ready()
 
         def run_batch(n: int) -> None:

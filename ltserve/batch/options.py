@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ltserve.errors import ConfigError, unknown_choice
 from ltserve.preprocess import DEFAULT_MAX_PIXELS
@@ -34,6 +35,7 @@ class PredictOptions:
     threads: int | None = None
     providers: str | None = None
     backend: str = "onnxruntime"
+    torch_options: dict[str, Any] | None = None  # the torch runner's device, precision, cuda_graphs, compile
     max_pixels: int = DEFAULT_MAX_PIXELS
     part_rows: int = 100_000
     chunk_size: int | None = None
@@ -76,4 +78,7 @@ def check_options(o: PredictOptions) -> None:
         raise ConfigError("--resume continues the existing output and --overwrite replaces it: pass one of them")
     if o.workers is not None and o.workers < 0:
         raise ConfigError(f"--workers must be >= 0 (0 decodes in the main process), got {o.workers}")
+    if o.torch_options and o.backend != "torch":
+        raise ConfigError(f"--torch-device / --torch-precision ({o.torch_options}) set the torch backend, but "
+                          f"--backend is {o.backend}; add --backend torch or drop them")
 

@@ -1,7 +1,8 @@
 """`ltserve predict --engine ray`: the batch job as Ray Data stages, on a local Ray instance or a cluster.
 
     items -> from_items(idx, file) -> map_batches(decode_batch)   CPU tasks: read + `decode`, bad files marked
-                                   -> map_batches(RayPredictor)   actors, one Predictor each (concurrency, num_gpus)
+                                   -> map_batches(RayPredictor)   actors, one Predictor each (concurrency, num_gpus,
+                                                                  --backend and the torch options, as the local engine)
                                    -> iter_batches on the driver  -> the same writers, resume and summary as local
 
 The prediction rows (a few hundred bytes each) stream back to this process and go through the local engine's
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -31,7 +33,8 @@ from ltserve.batch.decode import DecodedChunk, decode_files
 from ltserve.batch.inputs import Item
 from ltserve.batch.options import PredictOptions
 from ltserve.batch.output import Output, error_row, prediction_row
-from ltserve.errors import MissingDependency
+from ltserve import errors
+from ltserve.errors import LtserveError, MissingDependency
 from ltserve.package import ModelJson
 from ltserve.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec
 
@@ -81,14 +84,17 @@ class RayPredictor:
     Args:
         model_dir: the model package (readable by the actor's node).
         top_k, batch_size, providers, threads: as `ltserve predict`.
+        backend: "onnxruntime" or "torch" (`--backend`): the same runner as the local engine's, in every actor.
+        torch_options: the torch runner's device, precision, cuda_graphs, compile (`PredictOptions.torch_options`).
     """
 
     def __init__(self, model_dir: str, top_k: int, batch_size: int, providers: str | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, backend: str = "onnxruntime",
+                 torch_options: dict[str, Any] | None = None) -> None:
         from ltserve.runtime import Predictor
 
-        self.predictor = Predictor(model_dir, providers=providers, threads=threads,
-                                              max_batch_size=batch_size)
+        self.predictor = Predictor(model_dir, providers=providers, threads=threads, max_batch_size=batch_size,
+                                   backend=backend, torch_options=torch_options)
         self.top_k = top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -101,6 +107,29 @@ class RayPredictor:
             preds = p.postprocess(p.predict(p.preprocess(list(batch["image"][ok]))), self.top_k)
             prediction[np.flatnonzero(ok)] = [x.model_dump_json() for x in preds]
         return {"idx": batch["idx"], "prediction": prediction, "error": batch["error"], "reason": batch["reason"]}
+
+
+_ACTOR_ERROR = re.compile(r"^ltserve\.errors\.(\w+): (.+)$", re.M)
+
+
+def actor_error(exc: BaseException) -> LtserveError | None:
+    """The ltserve error that killed a Predictor actor, re-raised here with its own class and message.
+
+    Ray keeps only the text of an error raised while an actor is created (`ActorDiedError` holds the formatted
+    traceback, not the exception), so the last `ltserve.errors.<Class>: <message>` line of that text is read back.
+    A missing model.pt2 with `--backend torch`, or a bad provider, then reads as it does with the local engine.
+
+    Returns:
+        the error, or None when `exc` carries no ltserve error (a Ray or system failure: raise `exc` itself).
+    """
+    found = _ACTOR_ERROR.findall(str(exc))
+    if not found:
+        return None
+    name, message = found[-1]
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, LtserveError)):
+        return None
+    return cls(f"{message} (in a Ray Predictor actor)")
 
 
 def _init_ray(ray: Any, opts: PredictOptions) -> bool:
@@ -136,24 +165,36 @@ def run_ray(items: Sequence[Item], opts: PredictOptions, meta: ModelJson, output
         # predict: `concurrency` actors, each building one Predictor; num_gpus per actor
         ds = ds.map_batches(RayPredictor, fn_constructor_kwargs={
             "model_dir": os.path.abspath(opts.model), "top_k": opts.top_k, "batch_size": opts.batch_size,
-            "providers": opts.providers, "threads": opts.threads},
+            "providers": opts.providers, "threads": opts.threads, "backend": opts.backend,
+            "torch_options": opts.torch_options},
             batch_size=opts.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=opts.concurrency), num_gpus=opts.num_gpus or None)
         output.ready()
-        labels = meta.labels
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            rows, errors = [], []
-            for i, pred, kind, why in zip(batch["idx"], batch["prediction"], batch["error"], batch["reason"]):
-                item = items[int(i)]
-                if kind:
-                    errors.append(error_row(item, str(kind), str(why)))
-                else:
-                    rows.append(prediction_row(item, json.loads(pred), labels))
-            if errors:
-                output.errors(errors)
-            if rows:
-                output.rows(rows)
-            output.flush(len(batch["idx"]))
+        try:
+            _collect(ds, items, meta, output)
+        except Exception as exc:
+            err = actor_error(exc)
+            if err is None:
+                raise
+            raise err from exc
     finally:
         if started:
             ray.shutdown()
+
+
+def _collect(ds: Any, items: Sequence[Item], meta: ModelJson, output: Output) -> None:
+    """Stream the prediction rows back from the Ray dataset into the local writers."""
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        rows, failed = [], []
+        for i, pred, kind, why in zip(batch["idx"], batch["prediction"], batch["error"], batch["reason"]):
+            item = items[int(i)]
+            if kind:
+                failed.append(error_row(item, str(kind), str(why)))
+            else:
+                rows.append(prediction_row(item, json.loads(pred), meta.labels))
+        if failed:
+            output.errors(failed)
+        if rows:
+            output.rows(rows)
+        output.flush(len(batch["idx"]))
+

@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", help="ONNX Runtime providers, comma separated (cpu, cuda, ...)")
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                    help="onnxruntime (default), or torch for the package's model.pt2 on a GPU machine without "
-                        "onnxruntime-gpu (export with --model-format onnx,pt2)")
+                        "onnxruntime-gpu (export with --model-format onnx,pt2); both engines, every ray actor")
+    p.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="--backend torch: where model.pt2 runs (default auto: CUDA when torch sees a GPU)")
+    p.add_argument("--torch-precision", choices=("auto", "fp32", "fp16"), default="auto",
+                   help="--backend torch: fp32 or fp16 weights (default auto: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject larger images (width*height)")
     p.add_argument("--part-rows", type=int, default=100_000, help="rows per Parquet part file (default 100000)")
     p.add_argument("--concurrency", type=int, default=1, help="ray: Predictor actors (default 1)")
@@ -63,7 +67,8 @@ def cli(argv: list[str] | None = None) -> int:
         inputs=args.inputs, model=args.model, out=args.out, format=args.out_format, top_k=args.top_k,
         batch_size=args.batch_size, workers=args.workers, root=args.root, errors=args.errors, resume=args.resume,
         overwrite=args.overwrite, engine=args.engine, threads=args.threads, providers=args.providers,
-        backend=args.backend, max_pixels=args.max_pixels, part_rows=args.part_rows, concurrency=args.concurrency,
+        backend=args.backend, torch_options=torch_options(args.torch_device, args.torch_precision),
+        max_pixels=args.max_pixels, part_rows=args.part_rows, concurrency=args.concurrency,
         num_gpus=args.num_gpus,
         ray_num_cpus=args.ray_num_cpus, progress=not args.no_progress)
     # SIGTERM (batch schedulers, `kill`) stops like Ctrl-C: written rows are kept and --resume continues
@@ -80,6 +85,13 @@ def cli(argv: list[str] | None = None) -> int:
     if args.summary_json:
         write_json(args.summary_json, summary)
     return 1 if summary["failed"] else 0
+
+
+def torch_options(device: str, precision: str) -> dict[str, str] | None:
+    """The torch runner's options from --torch-device / --torch-precision; None when both are left at auto."""
+    if (device, precision) == ("auto", "auto"):
+        return None
+    return {"device": device, "precision": precision}
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
