@@ -151,12 +151,6 @@ class Run:
         """Drop the heads read so far (after a stage wrote new ones)."""
         self._heads.clear()
 
-    def update(self, info: RunInfo) -> "Run":
-        """Write `info` as run.json and keep it."""
-        write_run(self.paths.root, info)
-        self.info = info
-        return self
-
 
 def open_run(run: "Run | str | Path") -> Run:
     """A `Run` as is, or the run directory at a path, read and validated.
