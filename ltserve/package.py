@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -55,11 +55,17 @@ class FileEntry(_Strict):
     bytes: int
 
 
+Precision = Literal["fp32", "fp16", "int8"]
+"""The stored weights: float32, float16, or int8 (QDQ: static int8 weights and uint8 activations). The graph's input
+and output are float32 in every case."""
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
 class GraphInfo(_Strict):
     opset: int
     nodes: int
     op_counts: dict[str, int] = Field(default_factory=dict)
-    precision: Literal["fp32", "fp16"] = "fp32"
+    precision: Precision = "fp32"
 
 
 class ModelJson(_Strict):
@@ -148,7 +154,7 @@ def onnx_opset(model: Any) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def graph_info(model: Any, precision: Literal["fp32", "fp16"] = "fp32") -> GraphInfo:
+def graph_info(model: Any, precision: Precision = "fp32") -> GraphInfo:
     """Opset, node count, op counts (sorted by op name) and precision of an ONNX ModelProto (no onnx import here)."""
     ops = Counter(n.op_type for n in model.graph.node)
     return GraphInfo(opset=onnx_opset(model), nodes=len(model.graph.node), op_counts=dict(sorted(ops.items())),

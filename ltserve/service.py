@@ -2,7 +2,7 @@
 
     POST /classify        multipart field `image`  -> Prediction (top-k)
     POST /classify_batch  repeated field `images`  -> {"predictions": [Prediction, ...]} (at most max_batch_images)
-    GET  /model           labels, shot groups, head, metrics, provenance, runtime
+    GET  /model           precision, labels, shot groups, head, metrics, verification, provenance, runtime
     GET  /livez /readyz /metrics (Prometheus: BentoML's, plus predictions per shot group and batch sizes run)
 
 Configuration: `ServiceSettings` (ltserve.serve.settings), read once at import from LTSERVE_<FIELD> environment

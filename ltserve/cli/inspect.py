@@ -61,6 +61,40 @@ def _fmt_value(value: Any) -> str:
     return str(value)
 
 
+_GROUPS = {"many": "Many", "medium": "Medium", "few": "Few", "top1": "All"}
+
+
+def precision_lines(verification: dict[str, Any]) -> list[str]:
+    """fp16 / int8 against fp32 (the export summary and `ltserve inspect`): agreement, each group's accuracy
+    fp32 -> reduced with the change in points and its bound, and for int8 the calibration sample and the nodes kept
+    in float."""
+    lines = []
+    for precision in ("fp16", "int8"):
+        r = verification.get(precision)
+        if not r:
+            continue
+        bounds = r.get("max_accuracy_drop")
+        groups = []
+        for key, label in _GROUPS.items():
+            before, after = r.get("accuracy_fp32", {}).get(key), r.get("accuracy", r.get("accuracy_fp16", {})).get(key)
+            if before is None or after is None:
+                continue
+            limit = bounds.get(key) if isinstance(bounds, dict) else bounds
+            groups.append(f"{label} {before * 100:.1f} -> {after * 100:.1f} ({(after - before) * 100:+.2f}"
+                          + (f", bound -{limit * 100:.2f})" if limit is not None else ")"))
+        lines.append(f"{precision} vs fp32 on the same {r.get('images', '?')} images: top-1 agreement "
+                     f"{r['top1_agreement_vs_fp32']:.4f}; " + ", ".join(groups))
+        if precision == "int8":
+            c, st = r["calibration"], r["settings"]
+            lines.append(f"  calibrated on {c['images']} {c['split']} images ({c['per_class_min']}-"
+                         f"{c['per_class_max']} per class over {c['classes']} classes, seed {c['seed']}, "
+                         f"{c['method']}); {st['format']}, {st['weights']} weights"
+                         f"{' (7-bit)' if st.get('reduce_range') else ''}, {st['activations']} activations")
+            kept = ", ".join(f"{f['node']} ({f['op']}, {f['why']})" for f in r["float_nodes"]) or "none"
+            lines.append(f"  kept in float: {kept}; accepted at attempt {len(r['attempts'])}")
+    return lines
+
+
 def describe(meta: ModelJson) -> list[str]:
     """The human-readable summary of a package's model.json, one string per line."""
     lines = [f"model package {meta.name!r} (schema {meta.schema_version})", "",
@@ -84,10 +118,7 @@ def describe(meta: ModelJson) -> list[str]:
                       f"{v['fp32']['tolerance']:.3g}, {v['fp32'].get('compared', '')}), top-1 agreement "
                       f"{v['fp32']['top1_agreement']:.4f}"]
     lines += [f"  warning: {w}" for w in v.get("warnings", [])]
-    if "fp16" in v:
-        lines.append(f"  fp16: top-1 agreement with fp32 {v['fp16']['top1_agreement_vs_fp32']:.4f}, accuracy change "
-                     + ", ".join(f"{k} {d * 100:+.1f}" for k, d in v["fp16"]["accuracy_change"].items()
-                                 if d is not None))
+    lines += [f"  {line}" for line in precision_lines(v)]
     p = meta.preprocess
     lines += ["", f"preprocess: resize {p.resize} ({p.interpolation}), centre crop {p.crop}, {p.channels} channel(s), "
                   f"mean {list(p.mean)}, std {list(p.std)}{', JPEG draft allowed' if p.allow_draft else ''}",

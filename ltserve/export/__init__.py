@@ -1,11 +1,15 @@
 """Fold a head into one Gemm and export a verified model package: `model.onnx` (+ `model.pt2`) and `model.json`.
 
-    export_package(run, head, out_dir)       (`ltserve export runs/NAME --head HEAD --out models/NAME`)
+    export_package(run, head, out_dir, precision="fp32" | "fp16" | "int8")
+        (`ltserve export runs/NAME --head HEAD --out models/NAME [--precision int8]`)
 
     fold.py       the exported module: backbone -> (ncm: centring + L2) -> one Gemm holding (W / T, b / T)
     graph.py      torch.export -> ONNX (symbolic batch), the head sub-graph check, fp16 conversion
+    quantize.py   int8: class-balanced calibration on training images, static QDQ quantisation, the int8 head
+                  check, sensitivity ranking and retries
     reference.py  verification images (the run's test split) and the unfolded head's logits (the registry)
-    verify.py     ONNX Runtime vs unfolded (fp32), fp16 vs fp32 per shot group, pt2 vs ONNX, lws scales
+    verify.py     ONNX Runtime vs unfolded (fp32), fp16 / int8 vs fp32 per shot group (one comparison), pt2 vs ONNX,
+                  lws scales
 
 Every folded head therefore has exactly the node count of the joint export; ncm adds its four normalisation nodes
 (Sub, ReduceL2, Clip, Div). Verification is part of export and a package that fails it is never written (it is
@@ -36,6 +40,7 @@ from ltserve.evaluate.selection import recorded_metrics
 from ltserve.export.fold import FoldedClassifier
 from ltserve.export.graph import MIN_OPSET, check_model, export_onnx, to_fp16
 from ltserve.export.reference import backbone_features, unfolded_logits, verification_images
+from ltserve.export.quantize import DEFAULT_KEEP_FLOAT, Int8Inputs, Int8Options, build_int8
 from ltserve.export.verify import (VERIFY_IMAGES, check_scales, per_row_constant, verify_fp16, verify_onnx,
                                   write_pt2)
 from ltserve.features.backbones import load_run_backbone
@@ -48,8 +53,13 @@ from ltserve.rundir import Run, open_run
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "pt2")
+PRECISIONS = ("fp32", "fp16", "int8")
+INT8_VERIFY_IMAGES = 2000
+"""int8's default verification sample: its bounds are a point or less per shot group, and with 256 images a few-shot
+group of two classes holds ~50 images, where one flipped image moves its accuracy by 2 points."""
 
-__all__ = ["FORMATS", "VERIFY_IMAGES", "export_package", "head_params", "parse_formats"]
+__all__ = ["DEFAULT_KEEP_FLOAT", "FORMATS", "INT8_VERIFY_IMAGES", "Int8Options", "PRECISIONS", "VERIFY_IMAGES",
+           "export_package", "head_params", "parse_formats"]
 
 
 def head_params(head: CalibratedHead) -> dict[str, Any]:
@@ -138,9 +148,9 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_package(run: Run | str | Path, head: str, out_dir: str | Path, fp16: bool = False,
+def export_package(run: Run | str | Path, head: str, out_dir: str | Path, precision: str = "fp32",
                    opset: int | None = None, formats: str | Sequence[str] = ("onnx",), *,
-                   verify_images: int = VERIFY_IMAGES, command: str | None = None,
+                   verify_images: int | None = None, int8: Int8Options | None = None, command: str | None = None,
                    progress: bool = True) -> ModelJson:
     """Fold `head` of a run, export it and write a verified model package to `out_dir`.
 
@@ -148,10 +158,14 @@ def export_package(run: Run | str | Path, head: str, out_dir: str | Path, fp16: 
         run: a run (a `Run`, or its directory) with backbone.safetensors, run.json and heads/<head>.* (and joint).
         head: a registered head name (`ltserve.heads.HEADS`).
         out_dir: the package folder (created; an older package there is replaced once the new one is verified).
-        fp16: store float16 weights (float32 input and output).
+        precision: "fp32"; "fp16" (float16 weights); or "int8" (static QDQ quantisation calibrated on a
+            class-balanced sample of training images, refused when few-shot or All accuracy drops past
+            `int8`'s bounds). Input and output stay float32 in every case.
         opset: ONNX opset (>= 18); None uses the exporter's default.
-        formats: "onnx" or "onnx,pt2" (pt2: also a torch.export program, `model.pt2`).
-        verify_images: how many test-split images the checks run on (stratified, every class represented).
+        formats: "onnx" or "onnx,pt2" (pt2: also a torch.export program, `model.pt2`, always fp32).
+        verify_images: how many test-split images the checks run on (stratified, every class represented);
+            None: VERIFY_IMAGES (256), INT8_VERIFY_IMAGES (2000) for int8.
+        int8: calibration, bounds and retries of int8 (None: `Int8Options()`); ignored for other precisions.
         command: the command line recorded in provenance (default: this process's argv).
         progress: show a progress bar over the steps (on a terminal).
 
@@ -159,24 +173,31 @@ def export_package(run: Run | str | Path, head: str, out_dir: str | Path, fp16: 
         the written ModelJson.
 
     Raises:
-        ConfigError: unknown head or format, unsupported opset.
-        RunError: the run or the head is missing or inconsistent.
-        PackageError: a check failed (nothing is written), or out_dir is something other than a model package.
+        ConfigError: unknown head, format or precision, unsupported opset.
+        RunError: the run or the head is missing or inconsistent (or, for int8, its data set is not on disk).
+        PackageError: a check failed (nothing is written; for int8 the message holds the per-group table), or
+            out_dir is something other than a model package.
     """
     t_start = time.perf_counter()
     run, out_dir = open_run(run), Path(out_dir)
     if head not in HEADS:
         raise ConfigError(unknown_choice("--head", head, HEADS.names()))
     formats = parse_formats(formats)
+    if precision not in PRECISIONS:
+        raise ConfigError(unknown_choice("--precision", precision, PRECISIONS))
+    if verify_images is None:
+        verify_images = INT8_VERIFY_IMAGES if precision == "int8" else VERIFY_IMAGES
     if opset is not None and opset < MIN_OPSET:
         raise ConfigError(f"--opset {opset}: the exporter writes opset {MIN_OPSET} or newer; choose >= {MIN_OPSET}")
     _check_target(out_dir)
-    steps = ["load", "export", "verify", *(["fp16"] if fp16 else []), *(["pt2"] if "pt2" in formats else []), "write"]
+    steps = ["load", "export", "verify", *([precision] if precision != "fp32" else []),
+             *(["pt2"] if "pt2" in formats else []), "write"]
     bar = progress_bar(total=len(steps), desc=f"export {head}", unit="step", enabled=progress)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        meta = _build(run, head, out_dir, tmp, fp16, opset, formats, verify_images, command, bar, t_start)
+        meta = _build(run, head, out_dir, tmp, precision, opset, formats, verify_images, int8 or Int8Options(),
+                      command, bar, t_start)
         _move_into_place(tmp, out_dir)
     except PackageError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -211,8 +232,9 @@ def _load(run: Run, head_name: str) -> tuple[CalibratedHead, CalibratedHead, nn.
     return head, joint, backbone
 
 
-def _build(run: Run, head_name: str, out_dir: Path, tmp: Path, fp16: bool, opset: int | None,
-           formats: tuple[str, ...], n_images: int, command: str | None, bar: Any, t_start: float) -> ModelJson:
+def _build(run: Run, head_name: str, out_dir: Path, tmp: Path, precision: str, opset: int | None,
+           formats: tuple[str, ...], n_images: int, int8: Int8Options, command: str | None, bar: Any,
+           t_start: float) -> ModelJson:
     """Export, verify and describe into `tmp`; raise on the first failed check."""
     head, joint, backbone = _load(run, head_name)
     info, cfg = run.info, run.config
@@ -230,20 +252,24 @@ def _build(run: Run, head_name: str, out_dir: Path, tmp: Path, fp16: bool, opset
     bar.update()
 
     t0 = time.perf_counter()
-    fp32_path = tmp / ("model.fp32.onnx" if fp16 else "model.onnx")
+    fp32_path = tmp / ("model.fp32.onnx" if precision != "fp32" else "model.onnx")
     program = export_onnx(FoldedClassifier(backbone, head).eval(), x, fp32_path, opset)
     export_s = time.perf_counter() - t0
     bar.update()
 
     onnx_logits = verify_onnx(fp32_path, head, x, labels, ref, info, verification)
     bar.update()
-    precision = "fp32"
-    if fp16:
-        precision = "fp16"
+    if precision == "fp16":
         to_fp16(fp32_path, tmp / "model.onnx", verification["graph"])
         check_model(tmp / "model.onnx")
         verification["fp16"] = verify_fp16(tmp / "model.onnx", fp32_path, x, labels, onnx_logits, ref,
                                            per_row_constant(head), info)
+    elif precision == "int8":
+        g = verification["graph"]
+        normalisation = [n for n, op in zip(g["head_nodes"], g["head_ops"]) if op != "Gemm"]
+        verification["int8"] = build_int8(run, head, Int8Inputs(fp32_path, split, x, labels, onnx_logits, ref,
+                                                                normalisation), tmp / "model.onnx", int8)
+    if precision != "fp32":
         fp32_path.unlink()
         bar.update()
     if "pt2" in formats:

@@ -1,12 +1,14 @@
-"""The checks a package passes before it is written: ONNX Runtime against the unfolded head (fp32), fp16 against
-fp32 per shot group, and the reloaded `model.pt2` against the ONNX logits. Thresholds and measured values go into
-`model.json` (`verification`); a failed check raises PackageError and nothing is written.
+"""The checks a package passes before it is written: ONNX Runtime against the unfolded head (fp32), fp16 or int8
+against fp32 per shot group, and the reloaded `model.pt2` against the ONNX logits. Thresholds and measured values go
+into `model.json` (`verification`); a failed check raises PackageError and nothing is written.
 
 - fp32: max |ONNX - unfolded| <= FP32_RTOL * max(1, max |unfolded|) and top-1 agreement >= MIN_TOP1_AGREEMENT;
   batch 1 and batch 7 give the same rows as the full batch (a frozen batch dimension fails here);
-- fp16: float16 weights, float32 input and output; top-1 agreement with fp32 and the change of the Many / Medium /
-  Few / All accuracy on the same images, and the file size;
-- pt2: `torch.export.load` of the saved program vs the ONNX logits;
+- fp16 and int8 (`compare_precision`, one comparison with per-precision `PrecisionBounds`): float32 input and
+  output; top-1 agreement with fp32 and the change of the Many / Medium / Few / All accuracy on the same images, and
+  the file size. fp16: agreement >= 0.98, no group drops more than 3 points. int8: few-shot and All drops bounded
+  (default 1.0 and 0.5 points), agreement reported;
+- pt2: `torch.export.load` of the saved program vs the ONNX logits.
 - lws scales (lws, lws+la): a non-positive scale refuses the export (a head fitted before ltserve kept scales
   positive: it reverses that class's logits); a tiny one (`ltserve.heads.lws.TINY_SCALE`) is logged and listed in
   `verification["warnings"]`, so the package says what its head does to those classes.
@@ -15,6 +17,7 @@ fp32 per shot group, and the reloaded `model.pt2` against the ONNX logits. Thres
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +28,7 @@ from ltserve.errors import PackageError
 from ltserve.export.graph import INPUT_NAME, OUTPUT_NAME, check_head_subgraph, check_model
 from ltserve.heads import CalibratedHead
 from ltserve.heads.lws import scale_check
-from ltserve.metrics import SHOT_GROUPS, classification_report
+from ltserve.metrics import SHOT_GROUPS, classification_report, shot_groups
 from ltserve.rundir import RunInfo
 
 VERIFY_IMAGES = 256
@@ -90,14 +93,61 @@ def verify_fp32(path: Path, x: np.ndarray, ref: np.ndarray, per_row: bool) -> tu
     return report, logits
 
 
+ACCURACY_KEYS = ("top1", "balanced_accuracy", *SHOT_GROUPS)
+GROUP_LABELS = {"top1": "All", "balanced_accuracy": "Balanced", "many": "Many", "medium": "Medium", "few": "Few"}
+
+
 def group_accuracy(logits: np.ndarray, labels: np.ndarray, info: RunInfo) -> dict[str, float | None]:
+    """Top-1, balanced and Many / Medium / Few accuracy (fractions; None for a group with no image)."""
     rep = classification_report(logits, labels, info.class_counts, info.many_threshold, info.few_threshold)
-    return {k: rep[k] for k in ("top1", "balanced_accuracy", *SHOT_GROUPS)}
+    return {k: rep[k] for k in ACCURACY_KEYS}
 
 
-def verify_fp16(path: Path, fp32_path: Path, x: np.ndarray, labels: np.ndarray, fp32_logits: np.ndarray,
-                 ref: np.ndarray, per_row: bool, info: RunInfo) -> dict[str, Any]:
-    """fp16 vs fp32 on the same images: top-1 agreement, Many/Medium/Few/All accuracy change, size; float32 I/O."""
+@dataclass(frozen=True)
+class PrecisionBounds:
+    """What a reduced-precision graph (fp16, int8) must keep against the fp32 graph on the verification images.
+
+    Attributes:
+        max_drop: accuracy key ("many", "medium", "few", "top1", "balanced_accuracy") -> the largest allowed drop
+            (fraction: 0.01 = 1.0 point); keys left out are reported, not checked.
+        min_top1_agreement: the least share of images with the fp32 top-1 (None: reported, not checked).
+        max_size_ratio: the largest file size relative to the fp32 graph (None: reported, not checked).
+    """
+
+    max_drop: dict[str, float]
+    min_top1_agreement: float | None
+    max_size_ratio: float | None
+
+
+FP16_BOUNDS = PrecisionBounds(max_drop={k: FP16_MAX_GROUP_DROP for k in ACCURACY_KEYS},
+                              min_top1_agreement=FP16_MIN_TOP1_AGREEMENT, max_size_ratio=FP16_MAX_SIZE_RATIO)
+def int8_bounds(max_few_drop: float, max_all_drop: float) -> PrecisionBounds:
+    """int8: few-shot and All accuracy drops bounded (the tail is what compression hurts first); agreement with
+    fp32 and size reported, not checked (a few flips that cost no accuracy are no reason to refuse, and the size
+    grows with every layer a retry keeps in float)."""
+    return PrecisionBounds(max_drop={"few": max_few_drop, "top1": max_all_drop}, min_top1_agreement=None,
+                           max_size_ratio=None)
+
+
+def compare_precision(precision: str, path: Path, fp32_path: Path, x: np.ndarray, labels: np.ndarray,
+                      fp32_logits: np.ndarray, ref: np.ndarray, per_row: bool, info: RunInfo,
+                      bounds: PrecisionBounds) -> dict[str, Any]:
+    """A reduced-precision graph against the fp32 graph on the same images: the one comparison fp16 and int8 share.
+
+    Args:
+        precision: "fp16" or "int8" (names the report).
+        path, fp32_path: the two graphs.
+        x: verification images (N, C, H, W) float32; labels: (N,).
+        fp32_logits: the fp32 graph's logits on x (N, K); ref: the unfolded head's (N, K) float64.
+        per_row: compare to `ref` up to a per-row constant (euclidean ncm).
+        info: the run (class counts, shot thresholds).
+        bounds: what must hold.
+
+    Returns:
+        the report for model.json: agreement, Many / Medium / Few / All accuracy of both and the change
+        (fractions; None for an empty group), images per group, sizes, the bounds, "passed" and "failures"
+        (one sentence per failed check). Raising is the caller's choice (int8 may retry).
+    """
     import onnx
 
     model = onnx.load(str(path))
@@ -105,26 +155,39 @@ def verify_fp16(path: Path, fp32_path: Path, x: np.ndarray, labels: np.ndarray, 
     logits = _run(_session(path), x)
     diff, _, _ = _compare(logits, ref, per_row_constant=per_row)
     agree = float(np.mean(logits.argmax(axis=1) == fp32_logits.argmax(axis=1)))
-    acc32, acc16 = group_accuracy(fp32_logits, labels, info), group_accuracy(logits, labels, info)
-    change = {k: (None if acc32[k] is None else acc16[k] - acc32[k]) for k in acc32}
-    ratio = path.stat().st_size / fp32_path.stat().st_size
-    report = {"top1_agreement_vs_fp32": agree, "min_top1_agreement": FP16_MIN_TOP1_AGREEMENT,
-              "accuracy_fp32": acc32, "accuracy_fp16": acc16, "accuracy_change": change,
-              "max_accuracy_drop": FP16_MAX_GROUP_DROP, "max_abs_diff_vs_unfolded": diff,
-              "bytes_fp32": fp32_path.stat().st_size, "bytes_fp16": path.stat().st_size, "size_ratio": ratio,
-              "max_size_ratio": FP16_MAX_SIZE_RATIO}
-    errors = []
+    acc32, acc = group_accuracy(fp32_logits, labels, info), group_accuracy(logits, labels, info)
+    change = {k: (None if acc32[k] is None or acc[k] is None else acc[k] - acc32[k]) for k in acc32}
+    size, size32 = path.stat().st_size, fp32_path.stat().st_size
+    groups = np.asarray(shot_groups(info.class_counts, info.many_threshold, info.few_threshold))[labels]
+    failures = []
     if io_types != {onnx.TensorProto.FLOAT}:
-        errors.append("input and output must stay float32")
-    if agree < FP16_MIN_TOP1_AGREEMENT:
-        errors.append(f"top-1 agreement with fp32 {agree:.4f} < {FP16_MIN_TOP1_AGREEMENT}")
-    drops = {k: v for k, v in change.items() if v is not None and v < -FP16_MAX_GROUP_DROP}
-    if drops:
-        errors.append(f"accuracy drops {drops} exceed {FP16_MAX_GROUP_DROP}")
-    if ratio > FP16_MAX_SIZE_RATIO:
-        errors.append(f"fp16 file is {ratio:.2f} x the fp32 size (> {FP16_MAX_SIZE_RATIO})")
-    if errors:
-        raise PackageError(f"{path.name}: fp16 verification failed: " + "; ".join(errors))
+        failures.append("input and output must stay float32")
+    if bounds.min_top1_agreement is not None and agree < bounds.min_top1_agreement:
+        failures.append(f"top-1 agreement with fp32 {agree:.4f} < {bounds.min_top1_agreement}")
+    for key, limit in bounds.max_drop.items():
+        if change.get(key) is not None and change[key] < -limit - 1e-12:
+            failures.append(f"{GROUP_LABELS[key]} accuracy drops {-change[key] * 100:.2f} points "
+                            f"(> {limit * 100:.2f})")
+    if bounds.max_size_ratio is not None and size / size32 > bounds.max_size_ratio:
+        failures.append(f"{precision} file is {size / size32:.2f} x the fp32 size (> {bounds.max_size_ratio})")
+    return {"precision": precision, "images": int(len(x)),
+            "images_per_group": {g: int((groups == g).sum()) for g in SHOT_GROUPS},
+            "top1_agreement_vs_fp32": agree, "min_top1_agreement": bounds.min_top1_agreement,
+            "accuracy_fp32": acc32, "accuracy": acc, "accuracy_change": change, "max_accuracy_drop": bounds.max_drop,
+            "max_abs_diff_vs_unfolded": diff, "bytes_fp32": size32, "bytes": size, "size_ratio": size / size32,
+            "max_size_ratio": bounds.max_size_ratio, "passed": not failures, "failures": failures}
+
+
+def verify_fp16(path: Path, fp32_path: Path, x: np.ndarray, labels: np.ndarray, fp32_logits: np.ndarray,
+                ref: np.ndarray, per_row: bool, info: RunInfo) -> dict[str, Any]:
+    """fp16 vs fp32 (`compare_precision` with `FP16_BOUNDS`).
+
+    Raises:
+        PackageError: a check failed.
+    """
+    report = compare_precision("fp16", path, fp32_path, x, labels, fp32_logits, ref, per_row, info, FP16_BOUNDS)
+    if not report["passed"]:
+        raise PackageError(f"{path.name}: fp16 verification failed: " + "; ".join(report["failures"]))
     return report
 
 

@@ -89,8 +89,9 @@ class Predictor:
         self.providers: list[str] = list(self.runner.providers)
         self.threads: int | None = self.runner.info().get("threads")
         self.warmup_s = self._warm_up()
-        logger.info("loaded %s (%s, %d classes) on %s, batch buckets %s, warm-up %.2f s", self.model_dir,
-                    self.meta.name, self.num_classes, self.providers[0], self.buckets, self.warmup_s)
+        logger.info("loaded %s (%s, %s, %d classes) on %s, batch buckets %s, warm-up %.2f s", self.model_dir,
+                    self.meta.name, self.meta.graph.precision, self.num_classes, self.providers[0], self.buckets,
+                    self.warmup_s)
 
     @property
     def on_accelerator(self) -> bool:
@@ -168,7 +169,8 @@ class Predictor:
         return self.classify([self.decode(d, max_pixels) for d in data], top_k)
 
     def info(self) -> dict[str, Any]:
-        """What the package and this runner are: labels, shot groups, head, metrics, provenance, runtime."""
+        """What the package and this runner are: precision, labels, shot groups, head, metrics, provenance,
+        runtime."""
         m = self.meta
         runner = self.runner.info()
         runtime = {"backend": self.backend, "providers": self.providers, "threads": self.threads, **({"torch": runner} if self.backend == "torch" else {}),
@@ -176,6 +178,8 @@ class Predictor:
                    "bucket_ms": {str(b): round(t, 4) for b, t in self.bucket_ms.items()}}
         return {
             "name": m.name,
+            # what runs: model.onnx's weights (fp32, fp16, int8), or the torch runner's (model.pt2 is always fp32)
+            "precision": m.graph.precision if self.backend == "onnxruntime" else runner.get("precision"),
             "labels": m.labels,
             "class_counts": m.class_counts,
             "shot_groups": m.shot_groups,
