@@ -3,6 +3,7 @@
     python -m benchmarks.accuracy                                  # Fashion-MNIST-LT, rho 100 and 50, 3 seeds each
     python -m benchmarks.accuracy --config configs/X.yaml --data ROOT [--seeds 0,1,2] [--epochs N]
     python -m benchmarks.accuracy --smoke                          # configs/tiny.yaml, 1 seed, 1 epoch: seconds
+    python -m benchmarks.accuracy --int8 best                      # int8 vs fp32 on the embedded default, 3 seeds
 
 Default protocol (configs/fashion_lt.yaml, `--epochs` fixed for every run): Fashion-MNIST-LT at imbalance rho = 100
 (n_max = 1000: 2,478 training images) and rho = 50 (n_max = 500: 1,411 images), long tail drawn per seed
@@ -14,6 +15,14 @@ Budget: about 30 minutes on 2 CPU cores for the default (6 runs of ~5 minutes).
 
 With `--data ROOT` the recipe's `data.root` is set to ROOT and the recipe's own data settings are used as they are
 (one setting; `--set` overrides apply to every run).
+
+`--int8 HEADS` (best, all, or names) measures what int8 costs per shot group instead (results in
+`accuracy_int8/`): the embedded default as shipped (configs/fashion_lt.yaml: rho 100, its 60 epochs), and per seed
+the heads are exported twice by `ltserve.export.export_package`, fp32 and `--precision int8` (its defaults:
+calibration on 256 class-balanced training images, bounds, retries), and both packages are evaluated through the
+Predictor on the whole test split (`ltserve.evaluate.package.evaluate_package`, the serving path). Reported per seed
+and as mean +- std: Many / Medium / Few / All of both and the change, top-1 agreement, and what export decided
+(attempts, nodes kept in float, or the refusal). Budget: about 3 minutes per seed on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import numpy as np
 from benchmarks.common import add_common_args, markdown_table, output_dir, write_results
 
 NAME = "accuracy"
+INT8_NAME = "accuracy_int8"
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmarks.accuracy")
 
@@ -131,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="config override applied to every run (repeatable)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the run directories (default: tmp, "
                         "deleted after each run)")
+    parser.add_argument("--int8", default=None, metavar="HEADS",
+                        help="measure int8 vs fp32 packages of these heads instead (best, all, or comma-separated "
+                        "names) on the recipe as shipped; results in accuracy_int8/")
     return parser
 
 
@@ -145,6 +158,12 @@ def plan(args: argparse.Namespace) -> tuple[Path, list[tuple[str, list[str]]], l
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [0, 1, 2]
         epochs = args.epochs or (None if args.data else DEFAULT_EPOCHS)
     common = list(args.overrides) + ([f"train.epochs={epochs}"] if epochs else [])
+    if args.int8 and not args.smoke:  # the embedded default as shipped: its own rho, n_max and epochs
+        epochs = args.epochs
+        common = list(args.overrides) + ([f"train.epochs={epochs}"] if epochs else [])
+        settings = [(f"{Path(config).stem} on {args.data}" if args.data else f"{Path(config).stem} as shipped",
+                     [f"data.root={args.data}"] if args.data else [])]
+        return Path(config), [(name, ov + common) for name, ov in settings], seeds
     if args.data:
         settings = [(f"{Path(config).stem} on {args.data}", [f"data.root={args.data}"])]
     elif args.smoke:
@@ -159,6 +178,8 @@ def plan(args: argparse.Namespace) -> tuple[Path, list[tuple[str, list[str]]], l
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.int8:
+        return main_int8(args)
     from tqdm import tqdm
 
     out = output_dir(args, NAME)
@@ -193,6 +214,178 @@ def main(argv: list[str] | None = None) -> int:
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# int8 vs fp32 packages (--int8)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def int8_cost(run_dir: Path, heads: str, data_root: str | None) -> list[dict[str, Any]]:
+    """Export each head fp32 and int8 and evaluate both packages on the whole test split through the Predictor.
+
+    Returns:
+        one row per head: {"head", "fp32": {many, medium, few, top1}, "int8": {...} or None, "change": {...},
+        "agreement", "int8_export": {"attempts", "float_nodes", "calibration_images"} or {"refused": message}}.
+    """
+    from ltserve.errors import PackageError
+    from ltserve.evaluate import best_head
+    from ltserve.evaluate.package import evaluate_package
+    from ltserve.export import export_package
+    from ltserve.heads import HEADS
+
+    names = [best_head(run_dir)] if heads == "best" else (HEADS.names() if heads == "all" else heads.split(","))
+    rows = []
+    for head in names:
+        pkgs = {p: run_dir / "models" / f"{head}-{p}" for p in ("fp32", "int8")}
+        export_package(run_dir, head, pkgs["fp32"], command="python -m benchmarks.accuracy --int8", progress=False)
+        row: dict[str, Any] = {"head": head, "int8": None, "change": None, "agreement": None}
+        try:
+            meta = export_package(run_dir, head, pkgs["int8"], precision="int8",
+                                  command="python -m benchmarks.accuracy --int8", progress=False)
+            v = meta.verification["int8"]
+            row["int8_export"] = {"attempts": len(v["attempts"]), "float_nodes": v["float_nodes"],
+                                  "calibration_images": v["calibration"]["images"],
+                                  "verification_change": v["accuracy_change"]}
+        except PackageError as exc:  # a refusal is a result: record it, keep going
+            row["int8_export"] = {"refused": str(exc)}
+        data = "fashion-mnist:test"
+        reports = {}
+        for p, pkg in pkgs.items():
+            if p == "int8" and "refused" in row["int8_export"]:
+                continue
+            rep, logits, _ = evaluate_package(pkg, data, root=data_root, progress=False)
+            reports[p] = ({k: rep.get(k) for k, _ in GROUPS}, logits)
+        row["fp32"] = reports["fp32"][0]
+        if "int8" in reports:
+            row["int8"] = reports["int8"][0]
+            row["change"] = {k: (None if row["fp32"][k] is None or row["int8"][k] is None
+                                 else row["int8"][k] - row["fp32"][k]) for k, _ in GROUPS}
+            row["agreement"] = float(np.mean(reports["int8"][1].argmax(1) == reports["fp32"][1].argmax(1)))
+        rows.append(row)
+    return rows
+
+
+def int8_summary(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(per-seed rows for the table, mean +- std rows per head), accuracies and changes in points."""
+    per_seed = []
+    for run in runs:
+        for r in run["int8"]:
+            row = {"seed": run["seed"], "head": r["head"], "agreement": r["agreement"],
+                   "export": ("refused" if "refused" in r["int8_export"] else
+                              f"attempt {r['int8_export']['attempts']}, float: "
+                              + ", ".join(dict.fromkeys(f["why"] for f in r["int8_export"]["float_nodes"])))}
+            for key, label in GROUPS:
+                row[f"{label} fp32"] = 100 * r["fp32"][key] if r["fp32"][key] is not None else None
+                row[f"{label} int8"] = 100 * r["int8"][key] if r["int8"] and r["int8"][key] is not None else None
+                row[f"d{label}"] = 100 * r["change"][key] if r["change"] and r["change"][key] is not None else None
+            per_seed.append(row)
+    mean_rows = []
+    for head in dict.fromkeys(r["head"] for r in per_seed):
+        sub = [r for r in per_seed if r["head"] == head]
+        row = {"head": head, "seeds": len(sub), "refused": sum(r["export"] == "refused" for r in sub)}
+        for _, label in GROUPS:
+            vals = np.asarray([r[f"d{label}"] for r in sub if r[f"d{label}"] is not None], dtype=np.float64)
+            row[f"d{label}"] = (f"{vals.mean():+.2f}" + (f" +- {vals.std(ddof=1):.2f}" if vals.size > 1 else "")
+                                if vals.size else "-")
+            row[f"d{label}_mean"] = float(vals.mean()) if vals.size else None
+        mean_rows.append(row)
+    return per_seed, mean_rows
+
+
+def int8_goal_rows(per_seed: list[dict[str, Any]], max_few: float = 1.0, max_all: float = 0.5) -> list[dict]:
+    """The issue's accuracy goals: every seed's few-shot drop <= 1.0 point and All drop <= 0.5 point (int8 vs fp32
+    package, the first head measured), each seed reported."""
+    head = per_seed[0]["head"] if per_seed else None
+    sub = [r for r in per_seed if r["head"] == head]
+    out = []
+    for label, bound in (("Few", max_few), ("All", max_all)):
+        drops = [r[f"d{label}"] for r in sub]
+        if not drops or any(d is None for d in drops):
+            measured, met = "int8 refused or the group is empty for a seed", False
+        else:
+            measured = (", ".join(f"seed {r['seed']} {r[f'd{label}']:+.2f}" for r in sub)
+                        + f"; mean {np.mean(drops):+.2f} points")
+            met = all(d >= -bound for d in drops)
+        out.append({"goal": f"{label} accuracy, int8 vs fp32 package ({head}), embedded default, {len(sub)} seeds",
+                    "target": f"drop <= {bound} point in every seed", "measured": measured, "met": met})
+    return out
+
+
+def main_int8(args: argparse.Namespace) -> int:
+    """`--int8 HEADS`: per seed, train + rebalance, then fp32 vs int8 packages of the heads on the test split."""
+    from tqdm import tqdm
+
+    out = output_dir(args, INT8_NAME)
+    config, settings, seeds = plan(args)
+    work = args.work or Path(tempfile.mkdtemp(prefix="ltserve-accuracy-int8-"))
+    runs: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    (name, overrides), = settings
+    for seed in tqdm(seeds, desc="int8 accuracy runs", unit="run"):
+        run_dir = work / f"{len(runs):02d}-seed{seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        seeded = overrides + [f"train.seed={seed}", f"data.split_seed={seed}", f"rebalance.seed={seed}"]
+        result = run_once(config, seeded, run_dir)
+        t0 = time.perf_counter()
+        runs.append({"setting": name, "seed": seed, "overrides": seeded, **result,
+                     "int8": int8_cost(run_dir, args.int8, args.data), "int8_seconds": time.perf_counter() - t0})
+        if args.work is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    total = time.perf_counter() - started
+    per_seed, mean_rows = int8_summary(runs)
+    goals = int8_goal_rows(per_seed)
+    labels = [label for _, label in GROUPS]
+    table = "\n\n".join([
+        "## Goals", markdown_table([{**g, "met": "yes" if g["met"] else "NO"} for g in goals],
+                                   ["goal", "target", "measured", "met"]),
+        "## Change in points, int8 - fp32 package (mean +- std over seeds)",
+        markdown_table(mean_rows, ["head", *[f"d{label}" for label in labels], "seeds", "refused"]),
+        "## Per seed (top-1 %, whole test split)",
+        markdown_table(per_seed, ["seed", "head", *[f"{label} {p}" for label in labels for p in ("fp32", "int8")],
+                                  *[f"d{label}" for label in labels], "agreement", "export"])])
+    epochs = next((o.split("=", 1)[1] for o in overrides if o.startswith("train.epochs=")), "the recipe's")
+    notes = (f"Recipe {config.name} ({name}), {epochs} stage-1 epochs, seeds {seeds}; heads: {args.int8}. Per seed "
+             "the head is exported fp32 and int8 by `ltserve export` (int8 defaults: 256 class-balanced training "
+             "images for calibration, refusal bounds 1.0 / 0.5 points on 2,000 test images, up to 3 retries) and "
+             "both packages are evaluated through the Predictor on the whole test split. agreement: share of test "
+             f"images with the same top-1. {len(runs)} runs in {total / 60:.1f} min.")
+    config_out = {"config": str(config), "setting": name, "overrides": overrides, "seeds": seeds,
+                  "heads": args.int8, "smoke": args.smoke, "data": args.data, "wall_seconds": total}
+    write_results(out, INT8_NAME, config_out, {"per_seed": per_seed, "heads": mean_rows, "goals": goals,
+                                               "runs": runs}, table, _int8_plot(per_seed), notes)
+    print(f"{INT8_NAME}: {len(runs)} runs in {total:.0f} s; results in {out}")
+    print(table)
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _int8_plot(per_seed: list[dict[str, Any]]):
+    def draw(path: Path) -> None:
+        import matplotlib.pyplot as plt
+
+        heads = list(dict.fromkeys(r["head"] for r in per_seed))
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        width = 0.8 / len(GROUPS)
+        for i, (_, label) in enumerate(GROUPS):
+            for j, head in enumerate(heads):
+                vals = [r[f"d{label}"] for r in per_seed if r["head"] == head and r[f"d{label}"] is not None]
+                xs = np.full(len(vals), j + (i - 1.5) * width)
+                ax.scatter(xs, vals, s=18, color=f"C{i}", label=label if j == 0 else None)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.axhline(-1.0, color="C2", linestyle="--", linewidth=0.8, label="few-shot bound")
+        ax.axhline(-0.5, color="C3", linestyle=":", linewidth=0.8, label="All bound")
+        ax.set_xticks(range(len(heads)), heads)
+        ax.set_ylabel("int8 - fp32 (points)")
+        ax.set_title("int8 cost per shot group, one dot per seed")
+        ax.legend(fontsize=7, ncol=3)
+        ax.grid(True, axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+    return draw
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Model-only latency and throughput: PyTorch vs ONNX Runtime, joint vs folded head, CPU and GPU.
 
     python -m benchmarks.model_latency [--model runs/NAME | models/NAME] [--device cpu|cuda] [--smoke]
+    python -m benchmarks.model_latency --precisions fp32,int8 --arch resnet18,resnet50 --heads joint --batches 1,8
 
 What is timed: one call of a runtime on a preprocessed float32 NCHW batch that is already in host memory, until the
 float32 logits are back in host memory (no decoding, no HTTP). Per batch size, every (model, runtime) cell is warmed
@@ -14,6 +15,12 @@ Models:
   head (tau_norm of that head, tau = 0.7), to show what folding costs (expected: nothing; same node count).
   The run directory is synthetic (backbone + run.json + heads, as stage 1 and 2 write them) and goes through the
   product's exporter, `ltserve.export.export_package`, so the benchmark measures exactly what users serve.
+
+`--precisions fp32,int8` also exports every package as int8 (`ltserve export --precision int8`, calibrated on
+the run's training images; the big models' runs record the data set their config names, Fashion-MNIST, so
+calibration and verification use its images, upscaled: the weights are random, so this measures speed, not
+accuracy) and measures it with ONNX Runtime CPU beside fp32 and PyTorch eager, in the same interleaved rounds.
+`--arch` takes several backbones (e.g. resnet18,resnet50).
 
 Runtimes: on CPU, PyTorch eager (the product's folded module `ltserve.export.fold.FoldedClassifier`, or the
 package's model.pt2 run eagerly) and ONNX Runtime CPU (the product's `OnnxRunner`), both with threads = cores. With
@@ -117,33 +124,53 @@ def synthetic_run(out: Path, arch: str, size: int, num_classes: int, channels: i
                              "channels": channels})
     write_run(paths.root, RunInfo(
         config=cfg.model_dump(mode="json"), class_names=[f"class_{i:04d}" for i in range(num_classes)],
-        class_counts=[int(c) for c in counts], data_fingerprint="synthetic-random-weights",
+        class_counts=[int(c) for c in counts], data_fingerprint=_data_fingerprint(cfg),
         backbone=BackboneInfo(name=arch, in_chans=channels, num_features=d, sha256=sha256_file(paths.backbone)),
         created=utc_now(), finished=True))
     return paths.root
 
 
+def _data_fingerprint(cfg: Any) -> str:
+    """The fingerprint of the data set the config names (what stage 1 would record), so that int8 export can
+    calibrate on its training images; "synthetic-random-weights" when that data set is not on this machine."""
+    from ltserve.errors import DataError
+    from ltserve.features.cache import splits_for
+
+    try:
+        return splits_for(cfg.data).fingerprint
+    except (DataError, OSError) as exc:
+        log.warning("no data set for the synthetic run's config (%s): int8 export will not calibrate", exc)
+        return "synthetic-random-weights"
+
+
+INT8_CALIBRATION_IMAGES = 64
+"""Calibration images of the benchmarks' int8 exports (random weights: the ranges, not accuracy, matter here)."""
+
+
 def export_heads(run_dir: Path, heads: Sequence[str], out_root: Path, prefix: str,
-                 formats: Sequence[str] = ("onnx", "pt2"), verify_images: int = 32) -> tuple[dict[str, Path], str]:
-    """Export heads of a run into `out_root/<prefix>-<head>` with `ltserve.export.export_package` (packages already
-    there, with the formats asked for, are reused).
+                 formats: Sequence[str] = ("onnx", "pt2"), verify_images: int = 32,
+                 precision: str = "fp32") -> tuple[dict[str, Path], str]:
+    """Export heads of a run into `out_root/<prefix>-<head>` (int8: `<prefix>-<head>-int8`) with
+    `ltserve.export.export_package` (packages already there, with the formats and precision asked for, are reused).
 
     Returns:
         ({head: package folder}, "ltserve.export" or "ltserve.export, reused").
     """
-    from ltserve.export import export_package
+    from ltserve.export import Int8Options, export_package
 
-    outs = {h: out_root / f"{prefix}-{h}" for h in heads}
-    if all(_is_package(out, formats) for out in outs.values()):  # built earlier into the same --work
+    suffix = "" if precision == "fp32" else f"-{precision}"
+    outs = {h: out_root / f"{prefix}-{h}{suffix}" for h in heads}
+    if all(_is_package(out, formats, precision) for out in outs.values()):  # built earlier into the same --work
         log.info("reusing the packages in %s", out_root)
         return outs, "ltserve.export, reused"
     for head, out in outs.items():
-        export_package(run_dir, head, out, formats=tuple(formats), verify_images=verify_images,
+        export_package(run_dir, head, out, precision=precision, formats=tuple(formats), verify_images=verify_images,
+                       int8=Int8Options(calibration_images=INT8_CALIBRATION_IMAGES),
                        command="python -m benchmarks.model_latency", progress=False)
     return outs, "ltserve.export"
 
 
-def _is_package(path: Path, formats: Sequence[str]) -> bool:
+def _is_package(path: Path, formats: Sequence[str], precision: str = "fp32") -> bool:
     from ltserve.errors import PackageError
     from ltserve.package import load_package
 
@@ -151,7 +178,7 @@ def _is_package(path: Path, formats: Sequence[str]) -> bool:
         meta = load_package(path, verify=False)
     except PackageError:
         return False
-    return all(f"model.{f}" in meta.files for f in formats)
+    return all(f"model.{f}" in meta.files for f in formats) and meta.graph.precision == precision
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,14 +237,18 @@ class ModelEntry:
     package: Path
     run_dir: Path | None = None
     exported_by: str = ""
+    precision: str = "fp32"
 
 
 def cpu_cells(entry: ModelEntry, threads: int) -> list[Cell]:
-    """PyTorch eager CPU and ONNX Runtime CPU for one package."""
+    """PyTorch eager CPU and ONNX Runtime CPU for one package (an int8 package: ONNX Runtime only, as
+    "onnxruntime-cpu-int8")."""
     import torch
 
     torch.set_num_threads(threads)
     runner = ort_runner(entry, ["CPUExecutionProvider"], threads, max_batch=4096)
+    if entry.precision != "fp32":
+        return [Cell(entry.model, entry.head, f"onnxruntime-cpu-{entry.precision}", runner.run, runner=runner)]
     cells = [Cell(entry.model, entry.head, "onnxruntime-cpu", runner.run, runner=runner)]
     if entry.run_dir is not None:
         module = run_module(entry.run_dir, entry.head)
@@ -394,6 +425,8 @@ def goals(rows: list[dict[str, Any]], nodes: dict[str, dict[str, Any]], r50: str
             out.append({"goal": f"{r50}: identical ONNX node count, folded vs joint", "target": "equal",
                         "measured": f"{f['nodes']} vs {j['nodes']}", "met": f["nodes"] == j["nodes"]
                         and f["op_counts"] == j["op_counts"]})
+    if r50:
+        out += int8_goals(rows, r50)
     for model in [m for m in (demo, r50) if m]:
         ort1 = _find(rows, model=model, head=_first_head(rows, model), backend="onnxruntime-cpu", batch=1)
         pt1 = _find(rows, model=model, head=_first_head(rows, model), backend="pytorch-eager-cpu", batch=1)
@@ -423,6 +456,42 @@ def goals(rows: list[dict[str, Any]], nodes: dict[str, dict[str, Any]], r50: str
     return out
 
 
+INT8_BACKEND = "onnxruntime-cpu-int8"
+
+
+def int8_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (model, head, batch) with an int8 row: p50 of ONNX Runtime fp32 and int8 and of PyTorch eager, the
+    int8 speed-ups over each (ratios of p50 latency, measured in the same interleaved rounds), and the int8 top-1
+    agreement with fp32 on that batch."""
+    out = []
+    for r in rows:
+        if r["backend"] != INT8_BACKEND:
+            continue
+        key = {"model": r["model"], "head": r["head"], "batch": r["batch"]}
+        fp32, eager = _find(rows, backend="onnxruntime-cpu", **key), _find(rows, backend="pytorch-eager-cpu", **key)
+        out.append({**key, "int8_p50_ms": r["p50_ms"], "fp32_p50_ms": fp32["p50_ms"] if fp32 else None,
+                    "eager_p50_ms": eager["p50_ms"] if eager else None,
+                    "vs_fp32": fp32["p50_ms"] / r["p50_ms"] if fp32 else None,
+                    "vs_eager": eager["p50_ms"] / r["p50_ms"] if eager else None,
+                    "top1_agree_fp32": r.get("top1_agree")})
+    return out
+
+
+def int8_goals(rows: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
+    """The int8 goals on the big model: >= 2.0x ONNX Runtime fp32 at batch 8, >= 3.0x PyTorch eager at batch 1."""
+    ratios = {q["batch"]: q for q in int8_ratios(rows) if q["model"] == model and q["head"] == _first_head(rows, model)}
+    out = []
+    for batch, ref, key, target in ((8, "ONNX Runtime fp32", "vs_fp32", 2.0), (1, "PyTorch eager", "vs_eager", 3.0)):
+        q = ratios.get(batch)
+        if q is None or q[key] is None:
+            continue
+        other = q["fp32_p50_ms"] if key == "vs_fp32" else q["eager_p50_ms"]
+        out.append({"goal": f"{model}: ONNX Runtime int8 vs {ref} at batch {batch} (CPU)", "target": f">= {target}x",
+                    "measured": f"{q[key]:.2f}x ({q['int8_p50_ms']:.2f} vs {other:.2f} ms p50)",
+                    "met": q[key] >= target})
+    return out
+
+
 def _first_head(rows: list[dict[str, Any]], model: str) -> str:
     heads = [r["head"] for r in rows if r["model"] == model]
     return "joint" if "joint" in heads else (heads[0] if heads else "")
@@ -440,6 +509,11 @@ def report_md(rows: list[dict[str, Any]], nodes: dict[str, dict[str, Any]], goal
     if ratios:
         parts += ["## Folded / joint p50 ratio", markdown_table(ratios, ["backend", "batch", "ratio", "noise"],
                                                                 floatfmt="{:.3f}")]
+    speedups = int8_ratios(rows)
+    if speedups:
+        parts += ["## int8 speed-up (p50 latency ratios, same rounds)",
+                  markdown_table(speedups, ["model", "head", "batch", "fp32_p50_ms", "int8_p50_ms", "vs_fp32",
+                                            "eager_p50_ms", "vs_eager", "top1_agree_fp32"])]
     parts += ["## ONNX graphs", markdown_table([{"package": k, **v, "op_counts": ", ".join(
         f"{op} {n}" for op, n in v["op_counts"].items())} for k, v in nodes.items()],
         ["package", "opset", "nodes", "op_counts"])]
@@ -505,7 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the demo model: a package folder or a run directory (default: train configs/tiny.yaml)")
     parser.add_argument("--no-demo", action="store_true", help="skip the demo model")
     parser.add_argument("--no-resnet50", action="store_true", help="skip the ResNet-50 packages")
-    parser.add_argument("--arch", default="resnet50", help="the big model's backbone (default resnet50)")
+    parser.add_argument("--arch", default="resnet50",
+                        help="the big models' backbones, comma-separated (default resnet50; e.g. resnet18,resnet50)")
+    parser.add_argument("--heads", default="joint,tau_norm",
+                        help="heads of the big models (default joint,tau_norm: the fold comparison)")
+    parser.add_argument("--precisions", default="fp32",
+                        help="fp32, or fp32,int8: also export every package as int8 and measure it (ONNX Runtime CPU)")
     parser.add_argument("--size", type=int, default=224, help="the big model's input size in px")
     parser.add_argument("--classes", type=int, default=1000, help="the big model's classes")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8,32,128 on CPU, "
@@ -528,30 +607,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prepare_models(args: argparse.Namespace, work: Path) -> tuple[list[ModelEntry], str | None, str | None, list[str]]:
-    """Build or find every package to measure. Returns (entries, ResNet-50 model name, demo model name, notes)."""
+    """Build or find every package to measure. Returns (entries, the ResNet-50 (else the first big) model's name,
+    demo model name, notes)."""
     notes: list[str] = []
     entries: list[ModelEntry] = []
     demo_name = r50_name = None
+    precisions = precisions_of(args)
     if not args.no_demo:
         try:
-            demo_entries = demo_models(args, work)
+            demo_entries = demo_models(args, work, precisions)
             entries += demo_entries
             demo_name = demo_entries[0].model if demo_entries else None
         except Exception as exc:
             log.exception("demo model unavailable")
             notes.append(f"Demo model not measured: {type(exc).__name__}: {exc}")
     if not args.no_resnet50:
-        r50_name = f"{args.arch}-{args.size}px-{args.classes}c"
-        run = work / "runs" / r50_name
-        if not (run / "run.json").is_file():
-            synthetic_run(run, args.arch, args.size, args.classes, seed=args.seed)
-        pkgs, how = export_heads(run, ("joint", "tau_norm"), work / "models", r50_name)
-        entries += [ModelEntry(r50_name, head, pkg, run, how) for head, pkg in pkgs.items()]
+        archs = [a for a in args.arch.split(",") if a]
+        names = {arch: f"{arch}-{args.size}px-{args.classes}c" for arch in archs}
+        r50_name = names.get("resnet50", names[archs[0]])
+        for arch, name in names.items():
+            run = work / "runs" / name
+            if not (run / "run.json").is_file():
+                synthetic_run(run, arch, args.size, args.classes, seed=args.seed)
+            for precision in precisions:
+                pkgs, how = export_heads(run, heads_of(args), work / "models", name, precision=precision,
+                                         formats=("onnx", "pt2") if precision == "fp32" else ("onnx",))
+                entries += [ModelEntry(name, head, pkg, run, how, precision) for head, pkg in pkgs.items()]
     return entries, r50_name, demo_name, notes
 
 
-def demo_models(args: argparse.Namespace, work: Path) -> list[ModelEntry]:
-    """The demo model as a package (+ its run when known)."""
+def precisions_of(args: argparse.Namespace) -> list[str]:
+    """--precisions as a list, fp32 first (the reference of every comparison)."""
+    items = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    unknown = [p for p in items if p not in ("fp32", "int8")]
+    if unknown:
+        raise SystemExit(f"--precisions {args.precisions}: {', '.join(unknown)} not one of fp32, int8")
+    return ["fp32", *[p for p in items if p != "fp32"]]
+
+
+def heads_of(args: argparse.Namespace) -> list[str]:
+    return [h.strip() for h in args.heads.split(",") if h.strip()]
+
+
+def demo_models(args: argparse.Namespace, work: Path, precisions: Sequence[str] = ("fp32",)) -> list[ModelEntry]:
+    """The demo model as a package (+ its run when known), and its int8 package when asked for (a run only)."""
     path = args.model
     if path is not None and (path / "model.json").is_file():
         from ltserve.package import load_package
@@ -560,7 +659,12 @@ def demo_models(args: argparse.Namespace, work: Path) -> list[ModelEntry]:
         run = Path(meta.provenance.run) if meta.provenance.run else None
         run = run if run is not None and (run / "run.json").is_file() else None
         name = f"demo {path.name} ({meta.preprocess.crop} px)"
-        return [ModelEntry(name, meta.head.name, path, run, "given")]
+        entries = [ModelEntry(name, meta.head.name, path, run, "given", meta.graph.precision)]
+        if run is not None and "int8" in precisions and meta.graph.precision == "fp32":
+            pkgs, how = export_heads(run, (meta.head.name,), work / "models", "demo", precision="int8",
+                                     formats=("onnx",))
+            entries.append(ModelEntry(name, meta.head.name, pkgs[meta.head.name], run, how, "int8"))
+        return entries
     if path is None:
         path = work / "runs" / "demo"
         if args.smoke:  # seconds: an untrained CIFAR ResNet of the tiny recipe's shape
@@ -572,12 +676,21 @@ def demo_models(args: argparse.Namespace, work: Path) -> list[ModelEntry]:
             train(load_config(REPO / "configs" / "tiny.yaml"), path, evaluate=False)
     elif not (path / "run.json").is_file():
         raise FileNotFoundError(f"--model {path}: neither a model package (model.json) nor a run (run.json)")
-    pkgs, how = export_heads(path, ("joint",), work / "models", "demo")
     from ltserve.rundir import read_run
 
     info = read_run(path)
     name = f"demo {info.backbone.name} {info.config['preprocess']['crop']} px"  # what the latency depends on
-    return [ModelEntry(name, "joint", pkgs["joint"], path, how)]
+    entries = []
+    for precision in precisions:
+        pkgs, how = export_heads(path, ("joint",), work / "models", "demo", precision=precision,
+                                 formats=("onnx", "pt2") if precision == "fp32" else ("onnx",))
+        entries.append(ModelEntry(name, "joint", pkgs["joint"], path, how, precision))
+    return entries
+
+
+def entry_key(e: ModelEntry) -> str:
+    """"model/head", plus "/int8" for an int8 package."""
+    return f"{e.model}/{e.head}" + ("" if e.precision == "fp32" else f"/{e.precision}")
 
 
 @dataclass
@@ -612,7 +725,7 @@ def build_cells(entries: list[ModelEntry], plan: Plan, args: argparse.Namespace)
     for e in entries:
         if not (plan.cuda and args.no_cpu):
             cells += cpu_cells(e, plan.threads)
-        if plan.cuda:
+        if plan.cuda and e.precision == "fp32":  # int8 (QDQ) is a CPU format here
             cells += gpu_cells(e, max(plan.batches), [v for v in args.gpu_variants.split(",") if v], plan.threads)
     return cells
 
@@ -653,23 +766,29 @@ def report(out: Path, rows: list[dict[str, Any]], entries: list[ModelEntry], r50
     """Goals, fold ratios, node counts -> results.json / .md / .png. Returns the goal rows."""
     from ltserve.package import load_package
 
-    nodes = {f"{e.model}/{e.head}": load_package(e.package, verify=False).graph.model_dump() for e in entries}
+    nodes = {entry_key(e): load_package(e.package, verify=False).graph.model_dump() for e in entries}
     gpu = _gpu_name() if plan.cuda else None
     goal_rows = goals(rows, nodes, r50, demo, "cuda" if plan.cuda else "cpu", gpu)
     ratios = fold_ratios(rows, r50, "joint", "tau_norm") if r50 else []
-    exported = {f"{e.model}/{e.head}": e.exported_by for e in entries}
+    exported = {entry_key(e): e.exported_by for e in entries}
     notes.append("Model-only: float32 NCHW batch in host memory -> float32 logits in host memory (GPU rows include "
                  "both copies; device_ms is the GPU time alone, input already on the device). Cells interleaved per "
                  f"batch size; {plan.seconds:g} s measured per cell (>= {plan.min_iters} calls); CPU threads = "
                  f"{plan.threads}. rel_diff: max |logit difference| / max |reference logit| against the `vs` runtime "
                  f"on the same input. Packages exported by: {', '.join(f'{k}: {v}' for k, v in exported.items())}. "
-                 f"Random weights for {r50 or 'the big model'} (near-tied logits: fp16 may flip a few top-1s); the "
-                 f"folded head is tau_norm (tau {FOLD_TAU}) of the joint head.")
+                 f"Random weights for {r50 or 'the big model'} (near-tied logits: fp16 and int8 may flip top-1s); "
+                 f"the folded head is tau_norm (tau {FOLD_TAU}) of the joint head."
+                 + (f" int8: `ltserve export --precision int8` (QDQ, per-channel int8 weights, uint8 activations, the "
+                    f"default float nodes), calibrated on {INT8_CALIBRATION_IMAGES} training images of each run's "
+                    "data set; vs_fp32 and vs_eager are p50 ratios from the same interleaved rounds."
+                    if "int8" in precisions_of(args) else ""))
     config = {"batches": plan.batches, "seconds_per_cell": plan.seconds, "min_iters": plan.min_iters,
               "threads": plan.threads, "cpu_max_batch": plan.cpu_max, "device": args.device, "seed": args.seed,
-              "smoke": args.smoke, "models": {f"{e.model}/{e.head}": str(e.package) for e in entries},
+              "smoke": args.smoke, "models": {entry_key(e): str(e.package) for e in entries},
+              "precisions": precisions_of(args), "heads": heads_of(args), "archs": args.arch.split(","),
               "exported_by": exported, "gpu_variants": args.gpu_variants if plan.cuda else None}
-    results = {"rows": rows, "nodes": nodes, "fold_ratios": ratios, "goals": goal_rows, "card": gpu}
+    results = {"rows": rows, "nodes": nodes, "fold_ratios": ratios, "int8_ratios": int8_ratios(rows),
+               "goals": goal_rows, "card": gpu}
     write_results(out, NAME, config, results, report_md(rows, nodes, goal_rows, ratios, "\n\n".join(notes)),
                   plot(rows) if rows else None)
     return goal_rows

@@ -10,7 +10,8 @@ Reads `benchmarks/results/<machine>/<benchmark>/results.json` (machine folders e
   - one table of every goal a benchmark reported (`results["goals"]`: goal, target, measured, met), plus the GPU
     service goal derived from serve_load on GPU machines (HTTP throughput >= half the CPU decode ceiling);
   - per benchmark and machine: the machine (CPU model and cores, GPU), date and versions, then a compact table
-    (model_latency, accuracy) or the benchmark's own results.md table.
+    (model_latency with its int8 speed-ups, accuracy, accuracy_int8, int8_placement) or the benchmark's own
+    results.md table.
 The section is deterministic for given results files, so `--check` can guard it.
 """
 
@@ -26,7 +27,8 @@ from benchmarks.common import RESULTS_ROOT, markdown_table
 
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ("model_latency", "serve_load", "batch_predict", "stage2", "accuracy", "sampler_ablation")
+ORDER = ("model_latency", "serve_load", "batch_predict", "stage2", "accuracy", "accuracy_int8", "int8_placement",
+         "sampler_ablation")
 MET_WORDS = {True: "yes", False: "**no**", None: "not measured"}
 
 
@@ -132,6 +134,27 @@ def accuracy_table(res: dict[str, Any]) -> str:
     return markdown_table(res.get("rows", []), ["setting", "head", "Many", "Medium", "Few", "All", "seeds"])
 
 
+def int8_speedup_table(res: dict[str, Any]) -> str:
+    """model_latency's int8 rows: p50 of fp32, int8 and PyTorch eager, and the int8 speed-ups, per batch."""
+    rows = [{**r, "vs ORT fp32": f"{r['vs_fp32']:.2f}x" if r.get("vs_fp32") else None,
+             "vs PyTorch eager": f"{r['vs_eager']:.2f}x" if r.get("vs_eager") else None}
+            for r in res.get("int8_ratios") or []]
+    return markdown_table(rows, ["model", "head", "batch", "fp32_p50_ms", "int8_p50_ms", "eager_p50_ms", "vs ORT fp32",
+                                 "vs PyTorch eager", "top1_agree_fp32"])
+
+
+def accuracy_int8_table(res: dict[str, Any]) -> str:
+    """Per seed: Few and All of the fp32 and int8 packages and the change (points), agreement, what export did."""
+    cols = ["seed", "head", "Many fp32", "Many int8", "Few fp32", "Few int8", "dFew", "All fp32", "All int8", "dAll",
+            "agreement", "export"]
+    return markdown_table(res.get("per_seed", []), cols)
+
+
+def int8_placement_table(res: dict[str, Any]) -> str:
+    rows = res.get("summary", [])
+    return markdown_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
+
+
 def own_table(item: dict[str, Any]) -> str:
     """The benchmark's own results.md, without its title and machine lines."""
     path = item["_dir"] / "results.md"
@@ -162,8 +185,15 @@ def render(items: list[dict[str, Any]], root: Path) -> str:
         res = it.get("results")
         lines += [f"### {it['benchmark']} on {machine_label(it)}", "", f"_{versions_line(it)}_", ""]
         if it["benchmark"] == "model_latency" and isinstance(res, dict) and res.get("rows"):
-            lines += [model_latency_table(res), "",
-                      f"Full table, fold ratios and graphs: `{_rel(it['_dir'] / 'results.md')}`.", ""]
+            lines += [model_latency_table(res), ""]
+            if res.get("int8_ratios"):
+                lines += ["int8 speed-up (ratios of p50 latency measured in the same interleaved rounds):", "",
+                          int8_speedup_table(res), ""]
+            lines += [f"Full table, fold ratios and graphs: `{_rel(it['_dir'] / 'results.md')}`.", ""]
+        elif it["benchmark"] in ("accuracy_int8", "int8_placement") and isinstance(res, dict):
+            table = accuracy_int8_table(res) if it["benchmark"] == "accuracy_int8" else int8_placement_table(res)
+            lines += [table, "", _notes_of(it), "",
+                      f"Full tables: `{_rel(it['_dir'] / 'results.md')}`.", ""]
         elif it["benchmark"] == "accuracy" and isinstance(res, dict) and res.get("rows"):
             lines += [accuracy_table(res), ""]
             note = _notes_of(it)

@@ -12,6 +12,9 @@ Order and budgets (CPU):
   serve_load     `bentoml serve` vs in process (5 s per point)
   batch_predict  `ltserve predict` vs a naive loop
   sampler_ablation  stage-1 IB / CB / SR / PB x every head, rho 100, 3 seeds, the recipe's 60 epochs (~10 min)
+  accuracy_int8  `accuracy --int8 best`: int8 vs fp32 packages on the embedded default as shipped, 3 seeds (~10 min)
+  int8_placement which nodes int8 keeps float: ResNet-50 speed + embedded-default accuracy (~15 min)
+model_latency and serve_load also measure int8 packages beside fp32 (`--precisions fp32,int8`).
 Scripts that are missing are skipped; a failing script is reported and the others still run. Each script's options
 are passed only when its `--help` lists them, so the runner keeps working while the scripts evolve. Logs go to
 `<work>/logs/<script>.log`; each script writes its results into `benchmarks/results/<machine>/<script>/` (or
@@ -52,6 +55,8 @@ class Step:
 
     name: str
     options: Callable[[Context], dict[str, str | None]] = lambda ctx: {}
+    script: str | None = None
+    """The script to run when it is not `name` (the results folder is always `name`)."""
     positional: Callable[[Context], list[str]] = lambda ctx: []
     timeout_s: float = 1800.0
     smoke_timeout_s: float = 300.0
@@ -68,13 +73,17 @@ def _accuracy_after(ctx: Context) -> None:
 STEPS = (
     Step("accuracy", options=lambda ctx: {"--work": str(ctx.work / "accuracy")}, timeout_s=3 * 3600,
          after=_accuracy_after),
-    Step("model_latency", options=lambda ctx: {"--model": str(ctx.demo_run)} if ctx.demo_run else {},
+    Step("model_latency", options=lambda ctx: {"--precisions": "fp32,int8",
+                                               **({"--model": str(ctx.demo_run)} if ctx.demo_run else {})},
          timeout_s=2 * 3600),
     Step("stage2", positional=lambda ctx: [str(ctx.demo_run)] if ctx.demo_run and not ctx.smoke else [],
          timeout_s=3600),
-    Step("serve_load", options=lambda ctx: {} if ctx.smoke else {"--duration": "5"}, timeout_s=3600),
+    Step("serve_load", options=lambda ctx: {} if ctx.smoke else {"--duration": "5", "--precisions": "fp32,int8"},
+         timeout_s=3600),
     Step("batch_predict", timeout_s=3600),
     Step("sampler_ablation", timeout_s=2 * 3600),
+    Step("accuracy_int8", script="accuracy", options=lambda ctx: {"--int8": "best"}, timeout_s=2 * 3600),
+    Step("int8_placement", timeout_s=2 * 3600),
 )
 
 
@@ -96,7 +105,7 @@ def command(step: Step, ctx: Context, help_: str) -> list[str]:
     if ctx.out_root is not None:
         opts["--out"] = str(ctx.out_root / step.name)
     opts.update(step.options(ctx))
-    cmd = [sys.executable, "-m", f"benchmarks.{step.name}"]
+    cmd = [sys.executable, "-m", f"benchmarks.{step.script or step.name}"]
     for flag, value in opts.items():
         if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_):
             continue
@@ -106,9 +115,9 @@ def command(step: Step, ctx: Context, help_: str) -> list[str]:
 
 def run_step(step: Step, ctx: Context, dry_run: bool) -> dict[str, object]:
     """Run one script with its time limit; never raises."""
-    if not (BENCH / f"{step.name}.py").is_file():
+    if not (BENCH / f"{step.script or step.name}.py").is_file():
         return {"script": step.name, "status": "missing", "seconds": 0.0}
-    help_ = help_text(step.name)
+    help_ = help_text(step.script or step.name)
     if not help_:
         return {"script": step.name, "status": "broken (--help fails)", "seconds": 0.0}
     if step.name == "stage2" and not ctx.smoke and ctx.demo_run is None:

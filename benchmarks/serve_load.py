@@ -2,6 +2,7 @@
 
     python -m benchmarks.serve_load                   # tiny (Fashion-MNIST Gemm) and ResNet-18 224 px (random weights)
     python -m benchmarks.serve_load --models tiny --concurrency 1,4,16 --duration 5
+    python -m benchmarks.serve_load --models resnet18 --precisions fp32,int8 --concurrency 1,16 --repeat 3
     python -m benchmarks.serve_load --smoke           # seconds: checks the script (make test)
 
 For each model it measures
@@ -12,6 +13,9 @@ For each model it measures
     concurrency, with adaptive batching (LTSERVE_MAX_BATCH_SIZE=32) and without (=1), and the mean batch size the
     server ran (from /metrics);
   - HTTP overhead = p50 (p99) over HTTP at concurrency 1 minus the in-process p50 (p99) measured right before it.
+The ResNet-18 package is the product's export (`ltserve export` of a run with a seeded random timm ResNet-18, 1000
+classes); `--precisions fp32,int8` also exports it as int8 (`--precision int8`, calibrated on the training images
+of the data set its config names) and serves both, their sweeps interleaved, as "resnet18" and "resnet18-int8".
 `--backend torch` (default: $LTSERVE_BACKEND, else onnxruntime) runs the in-process Predictor and the servers on the
 package's model.pt2 through PyTorch (CUDA on a GPU machine), so that both sides of every comparison run the same
 backend; each server's own report of what it runs (GET /model, "runtime") is kept in results.json.
@@ -35,7 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -89,26 +93,20 @@ def make_tiny(out: Path, seed: int) -> Path:
     return write_package(out, model, spec, labels, [1000, 600, 360, 215, 130, 77, 46, 28, 17, 10], "tiny-gemm")
 
 
-def make_resnet18(out: Path, seed: int) -> Path:
-    """torchvision ResNet-18, random weights, 3x224x224 -> 1000, exported with a dynamic batch (needs torch)."""
-    import onnx
-    import torch
-    import torchvision
+def make_resnet18(out: Path, seed: int, precision: str = "fp32") -> Path:
+    """ResNet-18 at 224 px, 1000 classes, seeded random weights: a synthetic run (as stage 1 and 2 write it, see
+    `benchmarks.model_latency.synthetic_run`) exported by `ltserve.export.export_package` in `precision`; the run
+    is shared between precisions (needs torch and the Fashion-MNIST files, which export verifies on)."""
+    from benchmarks.model_latency import INT8_CALIBRATION_IMAGES, synthetic_run
+    from ltserve.export import Int8Options, export_package
 
-    from ltserve.preprocess import PreprocessSpec
-
-    torch.manual_seed(seed)
-    model = torchvision.models.resnet18(weights=None).eval()
-    tmp = out / "export.onnx"
-    out.mkdir(parents=True, exist_ok=True)
-    x = torch.randn(2, 3, 224, 224)
-    torch.onnx.export(model, (x,), str(tmp), input_names=["input"], output_names=["logits"], dynamo=False,
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
-    proto = onnx.load(str(tmp))
-    tmp.unlink()
-    spec = PreprocessSpec(resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), channels=3)
-    counts = [int(max(1, 1000 * 100 ** (-i / 999))) for i in range(1000)]
-    return write_package(out, proto, spec, [f"class_{i}" for i in range(1000)], counts, "resnet18-random")
+    run = out.parent / "resnet18-run"
+    if not (run / "run.json").is_file():
+        synthetic_run(run, "resnet18", 224, 1000, seed=seed, heads=("joint",))
+    export_package(run, "joint", out, precision=precision, verify_images=32,
+                   int8=Int8Options(calibration_images=INT8_CALIBRATION_IMAGES), command="benchmarks/serve_load.py",
+                   progress=False)
+    return out
 
 
 def tiny_images(n: int, seed: int) -> list[bytes]:
@@ -364,6 +362,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime threads (server and "
                         "in-process)")
     parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--precisions", default="fp32",
+                        help="fp32, or fp32,int8: also serve resnet18 exported as int8, sweeps interleaved")
     parser.add_argument("--backend", choices=["onnxruntime", "torch"],
                         default=os.environ.get("LTSERVE_BACKEND", "onnxruntime"),
                         help="what runs the model, in process and in the servers (default: $LTSERVE_BACKEND, else "
@@ -403,12 +403,47 @@ def median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return out
 
 
-def benchmark_model(model: str, args: argparse.Namespace, work: Path, out: Path) -> dict[str, Any]:
-    """In-process numbers, then every server configuration, `repeat` times interleaved."""
+def benchmark_model(model: str, args: argparse.Namespace, work: Path, out: Path) -> dict[str, dict[str, Any]]:
+    """In-process numbers, then every server configuration of every precision's package, `repeat` times
+    interleaved (the order reverses every sweep). Returns {name: result}, name = model, or model-int8."""
+    packages, images = _model(model, work, args.seed, precisions_of(args))
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    configs = server_configs(args)
+    base_env = {"LTSERVE_THREADS": str(args.threads), "LTSERVE_MAX_LATENCY_MS": str(args.max_latency_ms),
+                "LTSERVE_TOP_K": "5", "LTSERVE_MAX_BATCH_IMAGES": "64", "LTSERVE_BACKEND": args.backend}
+    if not args.access_log:
+        base_env["BENTOML_CONFIG_OPTIONS"] = "api_server.logging.access.enabled=false"
+    res: dict[str, dict[str, Any]] = {}
+    expected: dict[str, list[int]] = {}
+    baselines: dict[str, Any] = {}
+    for name, package in packages.items():
+        print(f"== {name}: {package}", flush=True)
+        res[name], expected[name], baselines[name] = _in_process(package, images, args)
+    runs: dict[tuple[str, str], list[list[dict[str, Any]]]] = {(n, key): [] for n in packages for key, _, _ in configs}
+    runtimes: dict[str, dict[str, dict[str, Any]]] = {n: {} for n in packages}
+    order = [(n, cfg) for n in packages for cfg in configs]
+    for r in range(args.repeat):
+        for name, (key, target, env) in (order if r % 2 == 0 else order[::-1]):
+            print(f"  {name} {key} (sweep {r + 1}/{args.repeat}):", flush=True)
+            log = work / f"server_{Path(name).name}_{key.replace('/', '_')}.log"
+            rows, runtimes[name][key] = measure_server(
+                target, {**base_env, "LTSERVE_MODEL": str(packages[name]), **env}, images, expected[name],
+                concurrencies, args.duration, log, baselines[name] if key == "inprocess/batched" else None)
+            runs[(name, key)].append(rows)
+    for name in packages:
+        res[name].update({"server_runtime": runtimes[name],
+                          "http": {key: median_rows(runs[(name, key)]) for key, _, _ in configs}})
+        res[name]["http_overhead_ms"] = http_overhead(res[name]["http"]["inprocess/batched"], concurrencies[0])
+        print(f"  {name}: HTTP overhead at concurrency {concurrencies[0]}: p50 "
+              f"{res[name]['http_overhead_ms']['p50']:.2f} ms, p99 {res[name]['http_overhead_ms']['p99']:.2f} ms",
+              flush=True)
+    return res
+
+
+def _in_process(package: Path, images: list[bytes], args: argparse.Namespace) -> tuple[dict[str, Any], list[int], Any]:
+    """({"package", "precision", "in_process"}, the answers the servers must give, the in-process baseline)."""
     from ltserve.runtime import Predictor
 
-    package, images = _model(model, work, args.seed)
-    print(f"== {model}: {package}", flush=True)
     # the answers the servers must give: same backend (fp16 on a GPU may break near-ties differently from fp32)
     reference = Predictor(package, threads=1, backend=args.backend)
     expected = [p.class_index for p in reference.classify_bytes(images, top_k=1)]
@@ -417,40 +452,44 @@ def benchmark_model(model: str, args: argparse.Namespace, work: Path, out: Path)
     print(f"  in process: p50 {inproc['single']['p50']:.2f} ms, p99 {inproc['single']['p99']:.2f} ms, ceiling "
           f"{inproc['ceiling_img_s']:.1f} img/s (decode {inproc['decode_img_s']:.0f}, "
           f"infer {inproc['infer_img_s']:.0f})", flush=True)
-    base_env = {"LTSERVE_MODEL": str(package), "LTSERVE_THREADS": str(args.threads),
-                "LTSERVE_MAX_LATENCY_MS": str(args.max_latency_ms), "LTSERVE_TOP_K": "5",
-                "LTSERVE_MAX_BATCH_IMAGES": "64", "LTSERVE_BACKEND": args.backend}
-    if not args.access_log:
-        base_env["BENTOML_CONFIG_OPTIONS"] = "api_server.logging.access.enabled=false"
-    concurrencies = [int(c) for c in args.concurrency.split(",")]
-    configs = server_configs(args)
     single = Predictor(package, threads=args.threads, max_batch_size=args.max_batch_size, backend=args.backend)
 
     def baseline() -> dict[str, float]:
         return single_image_latency(single, images, min(args.duration, 4.0))
 
-    runs: dict[str, list[list[dict[str, Any]]]] = {key: [] for key, _, _ in configs}
-    runtimes: dict[str, dict[str, Any]] = {}
-    for r in range(args.repeat):
-        for key, target, env in (configs if r % 2 == 0 else configs[::-1]):
-            print(f"  {key} (sweep {r + 1}/{args.repeat}):", flush=True)
-            log = work / f"server_{Path(model).name}_{key.replace('/', '_')}.log"
-            rows, runtimes[key] = measure_server(target, {**base_env, **env}, images, expected, concurrencies,
-                                                 args.duration, log,
-                                                 baseline if key == "inprocess/batched" else None)
-            runs[key].append(rows)
-    res: dict[str, Any] = {"package": str(package), "in_process": inproc, "server_runtime": runtimes,
-                           "http": {key: median_rows(sweeps) for key, sweeps in runs.items()}}
-    c1 = next(r for r in res["http"]["inprocess/batched"] if r["concurrency"] == concurrencies[0])
+    return ({"package": str(package), "precision": reference.meta.graph.precision, "in_process": inproc}, expected,
+            baseline)
+
+
+def http_overhead(rows: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
+    """HTTP at `concurrency` minus the in-process latency measured right before it (median over sweeps)."""
+    c1 = next(r for r in rows if r["concurrency"] == concurrency)
     pairs = [(run["p50"] - run["in_process_single"]["p50"], run["p99"] - run["in_process_single"]["p99"])
              for run in c1["runs"]]
-    res["http_overhead_ms"] = {"p50": float(np.median([a for a, _ in pairs])),
-                               "p99": float(np.median([b for _, b in pairs])), "concurrency": c1["concurrency"],
-                               "in_process_p50": float(np.median([r["in_process_single"]["p50"] for r in c1["runs"]])),
-                               "http_p50": c1["p50"]}
-    print(f"  HTTP overhead at concurrency {c1['concurrency']}: p50 {res['http_overhead_ms']['p50']:.2f} ms, "
-          f"p99 {res['http_overhead_ms']['p99']:.2f} ms", flush=True)
-    return res
+    return {"p50": float(np.median([a for a, _ in pairs])), "p99": float(np.median([b for _, b in pairs])),
+            "concurrency": c1["concurrency"],
+            "in_process_p50": float(np.median([r["in_process_single"]["p50"] for r in c1["runs"]])),
+            "http_p50": c1["p50"]}
+
+
+def int8_goals(results: dict[str, Any], concurrency: int = 16, target: float = 1.7) -> list[dict[str, Any]]:
+    """Served /classify req/s of each model's int8 package over its fp32 package at `concurrency` (batched path),
+    from the medians of sweeps interleaved in this run."""
+    out = []
+    for name, res in results.items():
+        fp32 = results.get(name.removesuffix("-int8")) if name.endswith("-int8") else None
+        if fp32 is None:
+            continue
+        pick = [next((r for r in x["http"]["inprocess/batched"] if r["concurrency"] == concurrency), None)
+                for x in (fp32, res)]
+        if None in pick:
+            continue
+        ratio = pick[1]["req_s"] / pick[0]["req_s"]
+        out.append({"goal": f"service /classify {name.removesuffix('-int8')} at concurrency {concurrency}, int8 vs "
+                            "fp32 req/s", "target": f">= {target}x",
+                    "measured": f"{ratio:.2f}x ({pick[1]['req_s']:.1f} vs {pick[0]['req_s']:.1f} req/s; p50 "
+                                f"{pick[1]['p50']:.0f} vs {pick[0]['p50']:.0f} ms)", "met": ratio >= target})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -458,7 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     out = output_dir(args, NAME)
     work = Path(tempfile.mkdtemp(prefix="serve_load_"))  # generated packages and server logs
     try:
-        results = {Path(m).name: benchmark_model(m, args, work, out) for m in args.models.split(",")}
+        results: dict[str, dict[str, Any]] = {}
+        for m in args.models.split(","):
+            results.update(benchmark_model(m, args, work, out))
     except BaseException:
         print(f"server logs kept in {work}", file=sys.stderr)
         raise
@@ -483,8 +524,12 @@ def main(argv: list[str] | None = None) -> int:
              "HTTP overhead = HTTP at the lowest concurrency minus in process measured just before it on the same "
              "warm machine (median over sweeps).\n\n"
              + markdown_table(inproc_rows, list(inproc_rows[0])))
+    goals = int8_goals(results, concurrency=max(int(c) for c in args.concurrency.split(",")))
+    if goals:
+        notes += "\n\n" + markdown_table(goals, ["goal", "target", "measured", "met"])
     config = {k: v for k, v in vars(args).items() if k != "out"}
-    write_results(out, NAME, config, results, table, plot=lambda p: _plot(results, p), notes=notes)
+    write_results(out, NAME, config, {**results, **({"goals": goals} if goals else {})}, table,
+                  plot=lambda p: _plot(results, p), notes=notes)
     print(table)
     print(notes)
     print(f"results in {out}")
@@ -501,16 +546,27 @@ def runs_on(runtime: dict[str, Any]) -> str:
     return f"{runtime.get('backend', '?')} {','.join(runtime.get('providers') or [])}".strip()
 
 
-def _model(name: str, work: Path, seed: int) -> tuple[Path, list[bytes]]:
+def precisions_of(args: argparse.Namespace) -> list[str]:
+    items = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if not items or any(p not in ("fp32", "int8") for p in items):
+        raise SystemExit(f"--precisions {args.precisions}: use fp32, int8 or fp32,int8")
+    return items
+
+
+def _model(name: str, work: Path, seed: int,
+           precisions: Sequence[str] = ("fp32",)) -> tuple[dict[str, Path], list[bytes]]:
+    """({result name: package} per precision, the images to send). int8 only for resnet18 (the others are not
+    exported from a run here)."""
     if name == "tiny":
-        return make_tiny(work / "tiny", seed), tiny_images(64, seed)
+        return {"tiny": make_tiny(work / "tiny", seed)}, tiny_images(64, seed)
     if name == "resnet18":
-        return make_resnet18(work / "resnet18", seed), photo_images()
+        return ({name + ("" if p == "fp32" else f"-{p}"): make_resnet18(work / f"resnet18-{p}", seed, p)
+                 for p in precisions}, photo_images())
     path = Path(name)
     from ltserve.package import load_package
 
     spec = load_package(path).preprocess
-    return path, tiny_images(64, seed) if spec.crop <= 64 and spec.channels == 1 else photo_images()
+    return {path.name: path}, tiny_images(64, seed) if spec.crop <= 64 and spec.channels == 1 else photo_images()
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
