@@ -184,6 +184,25 @@ def summarise(acc_rows: list[dict[str, Any]], speed_rows: list[dict[str, Any]]) 
     return out
 
 
+def earlier_part(out: Path, part: str) -> dict[str, Any]:
+    """With `--part speed` or `--part accuracy`, the other part's rows from a results.json already in `out` (the
+    two parts want different machine states: speed a quiet machine, accuracy only time), with when and under
+    which load they were measured; {} when there are none or both parts run now."""
+    import json
+
+    other = {"speed": "accuracy", "accuracy": "speed"}.get(part)
+    path = out / "results.json"
+    if other is None or not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    rows = (data.get("results") or {}).get(other) or []
+    if data.get("benchmark") != NAME or not rows:
+        return {}
+    env = data.get("environment", {})
+    return {"part": other, other: rows, "date": env.get("date"), "load": env.get("load_average"),
+            "environment": env}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.int8_placement", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -211,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     speed_rows = speed(args, work) if args.part in ("both", "speed") else []
     acc_rows = accuracy(args, work) if args.part in ("both", "accuracy") else []
+    earlier = earlier_part(out, args.part)
+    speed_rows = speed_rows or earlier.get("speed", [])
+    acc_rows = acc_rows or earlier.get("accuracy", [])
     summary = summarise(acc_rows, speed_rows)
     from ltserve.export.quantize import DEFAULT_KEEP_FLOAT
 
@@ -229,8 +251,14 @@ def main(argv: list[str] | None = None) -> int:
              f"per graph and batch in interleaved rounds. Accuracy: configs/fashion_lt.yaml as shipped, seeds "
              f"{args.seeds}, heads {args.heads}, whole test split. {time.perf_counter() - started:.0f} s.")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    if earlier:
+        notes += (f" The {earlier['part']} rows come from the earlier run in this folder ({earlier['date']}, load "
+                  f"average {earlier['load']}); this run measured the {args.part} part.")
     write_results(out, NAME, config, {"summary": summary, "speed": speed_rows, "accuracy": acc_rows,
-                                      "default_keep_float": list(DEFAULT_KEEP_FLOAT)},
+                                      "default_keep_float": list(DEFAULT_KEEP_FLOAT),
+                                      **({"earlier_part": {k: v for k, v in earlier.items()
+                                                           if k in ("part", "date", "load", "environment")}}
+                                         if earlier else {})},
                   "\n\n".join(parts), _plot(summary), notes)
     print("\n\n".join(parts))
     print(f"{NAME}: results in {out}")

@@ -636,6 +636,12 @@ def prepare_models(args: argparse.Namespace, work: Path) -> tuple[list[ModelEntr
     return entries, r50_name, demo_name, notes
 
 
+def result_name(args: argparse.Namespace) -> str:
+    """"model_latency", or "model_latency_int8" with int8 packages: an int8 comparison is its own results folder
+    (benchmarks/results/<machine>/model_latency_int8/), beside the fp32 runtime comparison, not in place of it."""
+    return NAME + ("_int8" if "int8" in precisions_of(args) else "")
+
+
 def precisions_of(args: argparse.Namespace) -> list[str]:
     """--precisions as a list, fp32 first (the reference of every comparison)."""
     items = [p.strip() for p in args.precisions.split(",") if p.strip()]
@@ -789,7 +795,8 @@ def report(out: Path, rows: list[dict[str, Any]], entries: list[ModelEntry], r50
               "exported_by": exported, "gpu_variants": args.gpu_variants if plan.cuda else None}
     results = {"rows": rows, "nodes": nodes, "fold_ratios": ratios, "int8_ratios": int8_ratios(rows),
                "goals": goal_rows, "card": gpu}
-    write_results(out, NAME, config, results, report_md(rows, nodes, goal_rows, ratios, "\n\n".join(notes)),
+    write_results(out, result_name(args), config, results,
+                  report_md(rows, nodes, goal_rows, ratios, "\n\n".join(notes)),
                   plot(rows) if rows else None)
     return goal_rows
 
@@ -807,10 +814,10 @@ def main(argv: list[str] | None = None) -> int:
         for e in entries:
             print(f"{e.model}/{e.head}: {e.package} ({e.exported_by})")
         return 0
-    out = output_dir(args, NAME)
+    out = output_dir(args, result_name(args))
     rows = measure_all(build_cells(entries, plan, args), entries, plan, args, notes)
     goal_rows = report(out, rows, entries, r50, demo, plan, args, notes)
-    print(f"{NAME}: results in {out}")
+    print(f"{result_name(args)}: results in {out}")
     for g in goal_rows:
         print(f"  [{'met' if g['met'] else 'NOT met'}] {g['goal']}: {g['measured']} (target {g['target']})")
     if args.work is None:

@@ -27,8 +27,8 @@ from benchmarks.common import RESULTS_ROOT, markdown_table
 
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ("model_latency", "serve_load", "batch_predict", "stage2", "accuracy", "accuracy_int8", "int8_placement",
-         "sampler_ablation")
+ORDER = ("model_latency", "model_latency_int8", "serve_load", "serve_load_int8", "batch_predict", "stage2",
+         "accuracy", "accuracy_int8", "int8_placement", "sampler_ablation")
 MET_WORDS = {True: "yes", False: "**no**", None: "not measured"}
 
 
@@ -77,7 +77,7 @@ def goals_of(item: dict[str, Any]) -> list[dict[str, Any]]:
     """The goals a results file reports, plus derived ones (GPU service vs the CPU decode ceiling)."""
     res = item.get("results")
     out = [dict(g) for g in res.get("goals", [])] if isinstance(res, dict) else []
-    if item["benchmark"] == "serve_load" and isinstance(res, dict) and item.get("environment", {}).get("gpu"):
+    if item["benchmark"].startswith("serve_load") and isinstance(res, dict) and item.get("environment", {}).get("gpu"):
         goal = gpu_service_goal(res)
         if goal:
             out.append(goal)
@@ -184,7 +184,7 @@ def render(items: list[dict[str, Any]], root: Path) -> str:
     for it in items:
         res = it.get("results")
         lines += [f"### {it['benchmark']} on {machine_label(it)}", "", f"_{versions_line(it)}_", ""]
-        if it["benchmark"] == "model_latency" and isinstance(res, dict) and res.get("rows"):
+        if it["benchmark"] in ("model_latency", "model_latency_int8") and isinstance(res, dict) and res.get("rows"):
             lines += [model_latency_table(res), ""]
             if res.get("int8_ratios"):
                 lines += ["int8 speed-up (ratios of p50 latency measured in the same interleaved rounds):", "",

@@ -14,7 +14,8 @@ Order and budgets (CPU):
   sampler_ablation  stage-1 IB / CB / SR / PB x every head, rho 100, 3 seeds, the recipe's 60 epochs (~10 min)
   accuracy_int8  `accuracy --int8 best`: int8 vs fp32 packages on the embedded default as shipped, 3 seeds (~10 min)
   int8_placement which nodes int8 keeps float: ResNet-50 speed + embedded-default accuracy (~15 min)
-model_latency and serve_load also measure int8 packages beside fp32 (`--precisions fp32,int8`).
+  model_latency_int8, serve_load_int8  the same scripts with `--precisions fp32,int8`: int8 beside fp32 (ResNet-18
+                 and ResNet-50 224 px, the demo model, batch 1 and 8; the ResNet-18 service at concurrency 1 and 16)
 Scripts that are missing are skipped; a failing script is reported and the others still run. Each script's options
 are passed only when its `--help` lists them, so the runner keeps working while the scripts evolve. Logs go to
 `<work>/logs/<script>.log`; each script writes its results into `benchmarks/results/<machine>/<script>/` (or
@@ -73,13 +74,17 @@ def _accuracy_after(ctx: Context) -> None:
 STEPS = (
     Step("accuracy", options=lambda ctx: {"--work": str(ctx.work / "accuracy")}, timeout_s=3 * 3600,
          after=_accuracy_after),
-    Step("model_latency", options=lambda ctx: {"--precisions": "fp32,int8",
-                                               **({"--model": str(ctx.demo_run)} if ctx.demo_run else {})},
+    Step("model_latency", options=lambda ctx: {"--model": str(ctx.demo_run)} if ctx.demo_run else {},
          timeout_s=2 * 3600),
+    Step("model_latency_int8", script="model_latency", timeout_s=3600, options=lambda ctx: {
+        "--precisions": "fp32,int8", "--heads": "joint", **({} if ctx.smoke else {
+            "--arch": "resnet18,resnet50", "--batches": "1,8"}),
+        **({"--model": str(ctx.demo_run)} if ctx.demo_run else {})}),
     Step("stage2", positional=lambda ctx: [str(ctx.demo_run)] if ctx.demo_run and not ctx.smoke else [],
          timeout_s=3600),
-    Step("serve_load", options=lambda ctx: {} if ctx.smoke else {"--duration": "5", "--precisions": "fp32,int8"},
-         timeout_s=3600),
+    Step("serve_load", options=lambda ctx: {} if ctx.smoke else {"--duration": "5"}, timeout_s=3600),
+    Step("serve_load_int8", script="serve_load", timeout_s=3600, options=lambda ctx: {} if ctx.smoke else {
+        "--models": "resnet18", "--precisions": "fp32,int8", "--concurrency": "1,16", "--repeat": "3"}),
     Step("batch_predict", timeout_s=3600),
     Step("sampler_ablation", timeout_s=2 * 3600),
     Step("accuracy_int8", script="accuracy", options=lambda ctx: {"--int8": "best"}, timeout_s=2 * 3600),

@@ -494,7 +494,8 @@ def int8_goals(results: dict[str, Any], concurrency: int = 16, target: float = 1
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    out = output_dir(args, NAME)
+    name = NAME + ("_int8" if "int8" in precisions_of(args) else "")  # its own folder, beside the fp32 runs
+    out = output_dir(args, name)
     work = Path(tempfile.mkdtemp(prefix="serve_load_"))  # generated packages and server logs
     try:
         results: dict[str, dict[str, Any]] = {}
@@ -528,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     if goals:
         notes += "\n\n" + markdown_table(goals, ["goal", "target", "measured", "met"])
     config = {k: v for k, v in vars(args).items() if k != "out"}
-    write_results(out, NAME, config, {**results, **({"goals": goals} if goals else {})}, table,
+    write_results(out, name, config, {**results, **({"goals": goals} if goals else {})}, table,
                   plot=lambda p: _plot(results, p), notes=notes)
     print(table)
     print(notes)

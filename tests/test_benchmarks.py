@@ -142,7 +142,7 @@ def test_model_latency_int8_smoke(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     assert model_latency.main(["--smoke", "--no-demo", "--heads", "joint", "--precisions", "fp32,int8",
                                "--batches", "1,8", "--out", str(out), "--work", str(work)]) == 0
-    res = _check_trio(out, "model_latency")["results"]
+    res = _check_trio(out, "model_latency_int8")["results"]
     backends = {r["backend"] for r in res["rows"]}
     assert backends == {"pytorch-eager-cpu", "onnxruntime-cpu", "onnxruntime-cpu-int8"}
     assert {(q["batch"], q["head"]) for q in res["int8_ratios"]} == {(1, "joint"), (8, "joint")}
@@ -171,6 +171,10 @@ def test_int8_placement_speed_smoke_and_summary(tmp_path):
     rows = {r["weight_bits"]: r for r in int8_placement.summarise(acc, speed)}
     assert rows[7]["mean dFew"] == pytest.approx(-0.1) and rows[7]["worst dFew"] == -0.5 and rows[7]["cases"] == 2
     assert rows[8]["speed-up b8"] == rows[7]["speed-up b8"] == 2.5  # the same kernels whatever the weight bits
+    # a later --part accuracy keeps this speed part, saying when and under which load it was measured
+    earlier = int8_placement.earlier_part(out, "accuracy")
+    assert earlier["part"] == "speed" and earlier["speed"] == res["speed"] and earlier["load"]
+    assert int8_placement.earlier_part(out, "speed") == {} and int8_placement.earlier_part(out, "both") == {}
 
 
 def test_serve_load_int8_goal_compares_the_same_run():
