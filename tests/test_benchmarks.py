@@ -180,12 +180,16 @@ def test_int8_placement_speed_smoke_and_summary(tmp_path):
 def test_serve_load_int8_goal_compares_the_same_run():
     from benchmarks.serve_load import int8_goals
 
-    def res(req_s: float) -> dict:
-        return {"http": {"inprocess/batched": [{"concurrency": 1, "req_s": 1.0, "p50": 1.0},
-                                               {"concurrency": 16, "req_s": req_s, "p50": 300.0}]}}
+    def res(*sweeps: float) -> dict:
+        runs = [{"req_s": r} for r in sweeps]
+        return {"http": {"inprocess/batched": [{"concurrency": 1, "req_s": 1.0, "p50": 1.0, "runs": runs},
+                                               {"concurrency": 16, "req_s": sorted(sweeps)[len(sweeps) // 2],
+                                                "p50": 300.0, "runs": runs}]}}
 
-    (goal,) = int8_goals({"tiny": res(1.0), "resnet18": res(40.0), "resnet18-int8": res(80.0)})
-    assert goal["met"] is True and goal["measured"].startswith("2.00x (80.0 vs 40.0 req/s")
+    # paired within each sweep: 80/40, 60/20, 50/50 -> median 2.0, not the ratio of the medians (60/40)
+    (goal,) = int8_goals({"tiny": res(1.0), "resnet18": res(40.0, 20.0, 50.0), "resnet18-int8": res(80.0, 60.0, 50.0)})
+    assert goal["met"] is True and goal["paired_ratios"] == [2.0, 3.0, 1.0]
+    assert goal["measured"].startswith("2.00x (median of 3 sweeps: 2.00, 3.00, 1.00")
     assert int8_goals({"resnet18": res(40.0), "resnet18-int8": res(60.0)})[0]["met"] is False
     assert int8_goals({"resnet18": res(40.0)}) == []
 
