@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
                    "(default 3; 0: refuse at once)")
     q.add_argument("--keep-float", default=None, metavar="NODES",
                    help="nodes kept in float: head (the Gemm), stem (the first Conv) or ONNX node names, comma-"
-                   "separated, '' for none (default: the measured choice, ltserve.export.quantize.DEFAULT_KEEP_FLOAT)")
+                   "separated, '' for none (default head,stem: the measured choice, see ltserve.export.quantize)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 18; default: the exporter's)")
     p.add_argument("--model-format", default="onnx", help="onnx, or onnx,pt2 to also write a torch.export program")
     p.add_argument("--verify-images", type=int, default=None,

@@ -88,8 +88,8 @@ def precision_lines(verification: dict[str, Any]) -> list[str]:
             c, st = r["calibration"], r["settings"]
             lines.append(f"  calibrated on {c['images']} {c['split']} images ({c['per_class_min']}-"
                          f"{c['per_class_max']} per class over {c['classes']} classes, seed {c['seed']}, "
-                         f"{c['method']}); {st['format']}, {st['weights']} weights"
-                         f"{' (7-bit)' if st.get('reduce_range') else ''}, {st['activations']} activations")
+                         f"{c['method']}); {st['format']}: weights {st['weights']}"
+                         f"{' (7-bit range)' if st.get('reduce_range') else ''}, activations {st['activations']}")
             kept = ", ".join(f"{f['node']} ({f['op']}, {f['why']})" for f in r["float_nodes"]) or "none"
             lines.append(f"  kept in float: {kept}; accepted at attempt {len(r['attempts'])}")
     return lines
