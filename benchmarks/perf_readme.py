@@ -180,7 +180,8 @@ def render(items: list[dict[str, Any]], root: Path) -> str:
     goal_rows = [{**g, "met": MET_WORDS[g.get("met")], "machine": machine_label(it),
                   "benchmark": it["benchmark"]} for it in items for g in goals_of(it)]
     if goal_rows:
-        lines += ["### Goals", "", markdown_table(goal_rows, ["goal", "target", "measured", "met", "machine"]), ""]
+        columns = ["goal", "target", "measured", "met", "machine", "benchmark"]
+        lines += ["### Goals", "", markdown_table(goal_rows, columns), ""]
     for it in items:
         res = it.get("results")
         lines += [f"### {it['benchmark']} on {machine_label(it)}", "", f"_{versions_line(it)}_", ""]

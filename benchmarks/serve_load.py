@@ -540,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     if goals:
         notes += ("\n\nint8 vs fp32: in every sweep the fp32 and int8 servers of one configuration run back to back; "
                   "the ratio is the median of the sweeps' ratios.\n\n"
-                  + markdown_table(goals, ["goal", "target", "measured", "met"]))
+                  + markdown_table([{**g, "met": "yes" if g["met"] else "NO"} for g in goals],
+                                   ["goal", "target", "measured", "met"]))
     config = {k: v for k, v in vars(args).items() if k != "out"}
     write_results(out, name, config, {**results, **({"goals": goals} if goals else {})}, table,
                   plot=lambda p: _plot(results, p), notes=notes)
