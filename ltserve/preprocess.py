@@ -289,25 +289,11 @@ def _draft_size(size: tuple[int, int], resize: int) -> tuple[int, int]:
     return max(1, -(-w * resize // short)), max(1, -(-h * resize // short))
 
 
-def open_image(data: bytes, spec: PreprocessSpec | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open, check and fully decode image bytes: the first frame or page, upright (EXIF orientation applied).
-
-    The format is sniffed from the bytes and only that format's Pillow plugin may parse them (`IMAGE_FORMATS`). The
-    pixel limit is checked on the header's size before any pixel is decoded. JPEG DCT-domain downscaling
-    (`Image.draft`) is used only when `spec.allow_draft`, and never below `spec.resize` on the shorter side.
-
-    Args:
-        data: the encoded file.
-        spec: the preprocessing spec (resize and allow_draft are used here); None: no draft (training's reader).
-        max_pixels: cap on width * height.
+def _open_header(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
+    """Sniff the format, parse only the header with that format's plugin, and check the size: no pixel is decoded.
 
     Returns:
-        a loaded Pillow image, mode as decoded (convert with `convert_mode`).
-
-    Raises:
-        InvalidImage: empty, truncated, corrupt, or not an image (400).
-        UnsupportedFormat: a recognised image format other than JPEG, PNG, WebP, BMP, GIF, TIFF, PNM (415).
-        ImageTooLarge: more than `max_pixels` pixels (413).
+        the lazily opened Pillow image (pixels not loaded) and the sniffed format (a `SUPPORTED_FORMATS` name).
     """
     if not data:
         raise InvalidImage(f"empty file: expected the bytes of a {FORMAT_NAMES} image")
@@ -334,9 +320,53 @@ def open_image(data: bytes, spec: PreprocessSpec | None, max_pixels: int = DEFAU
     if w * h > max_pixels:
         raise ImageTooLarge(f"{title} image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}; "
                             "send a smaller image")
+    return img, fmt
+
+
+def image_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """Width and height of encoded image bytes from the header alone, with every check `open_image` makes before
+    decoding (format, header, pixel cap): microseconds, whatever the image's size. A server adds these up to hold a
+    request to a pixel budget before it decodes anything.
+
+    Returns:
+        (width, height) in pixels.
+
+    Raises:
+        InvalidImage (400), UnsupportedFormat (415), ImageTooLarge (413): as `open_image`, but a file whose header
+            is fine and whose pixel data is corrupt passes here (decoding finds it).
+    """
+    img, _ = _open_header(data, max_pixels)
+    try:
+        return img.size
+    finally:
+        img.close()
+
+
+def open_image(data: bytes, spec: PreprocessSpec | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open, check and fully decode image bytes: the first frame or page, upright (EXIF orientation applied).
+
+    The format is sniffed from the bytes and only that format's Pillow plugin may parse them (`IMAGE_FORMATS`). The
+    pixel limit is checked on the header's size before any pixel is decoded. JPEG DCT-domain downscaling
+    (`Image.draft`) is used only when `spec.allow_draft`, and never below `spec.resize` on the shorter side.
+
+    Args:
+        data: the encoded file.
+        spec: the preprocessing spec (resize and allow_draft are used here); None: no draft (training's reader).
+        max_pixels: cap on width * height.
+
+    Returns:
+        a loaded Pillow image, mode as decoded (convert with `convert_mode`).
+
+    Raises:
+        InvalidImage: empty, truncated, corrupt, or not an image (400).
+        UnsupportedFormat: a recognised image format other than JPEG, PNG, WebP, BMP, GIF, TIFF, PNM (415).
+        ImageTooLarge: more than `max_pixels` pixels (413).
+    """
+    img, fmt = _open_header(data, max_pixels)
+    title = _TITLES[fmt]
     try:
         if fmt == "JPEG" and spec is not None and spec.allow_draft:
-            img.draft(None, _draft_size((w, h), spec.resize))
+            img.draft(None, _draft_size(img.size, spec.resize))
         img.load()  # decodes the first frame or page (GIF, APNG, animated WebP, multi-page TIFF)
         if fmt == "PPM" and img.mode == "I":
             img = _pnm16(img)

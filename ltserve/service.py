@@ -128,7 +128,8 @@ class Classifier:
                                      on_batch=self.metrics["batch_size"].observe)
         self.info = {**predictor.info(), "service": {
             "top_k": self.settings.top_k, "max_upload_bytes": self.settings.max_upload_bytes,
-            "max_pixels": self.settings.max_pixels, "max_batch_images": self.settings.max_batch_images,
+            "max_pixels": self.settings.max_pixels, "max_request_pixels": self.settings.max_request_pixels,
+            "max_batch_images": self.settings.max_batch_images,
             "max_batch_size": self.settings.max_batch_size, "max_latency_ms": self.settings.max_latency_ms,
             "decode_threads": self.engine.decode_threads}}
         logger.info("serving %s from %s", predictor.meta.name, path)
@@ -170,7 +171,8 @@ class Classifier:
 
         Returns:
             The Prediction; for a file that is not a usable image an ErrorBody, answered over HTTP with 400 (not a
-            decodable image), 413 (more than LTSERVE_MAX_PIXELS pixels) or 415 (a format not accepted).
+            decodable image), 413 (more than LTSERVE_MAX_PIXELS or LTSERVE_MAX_REQUEST_PIXELS pixels) or 415 (a
+            format not accepted).
         """
         result = await self._predict([image], ctx)
         return result if isinstance(result, ErrorBody) else result[0]
@@ -182,7 +184,8 @@ class Classifier:
 
         Returns:
             One prediction per image, in upload order; or an ErrorBody: 413 for more than LTSERVE_MAX_BATCH_IMAGES
-            images, else as `classify` for the first unusable image (its detail starts with `images[i]:`).
+            images or more than LTSERVE_MAX_REQUEST_PIXELS pixels in all (from the headers, before decoding), else
+            as `classify` for the first unusable image (its detail starts with `images[i]:`).
         """
         cap = self.settings.max_batch_images
         if len(images) > cap:
@@ -195,7 +198,8 @@ class Classifier:
         """Decode, batch with concurrent requests, predict; one Prediction per file, or the ErrorBody of the first
         unusable file (its status set on the answer)."""
         try:
-            predictions = await self.engine.classify(files, self.settings.top_k, self.settings.max_pixels)
+            predictions = await self.engine.classify(files, self.settings.top_k, self.settings.max_pixels,
+                                                     self.settings.max_request_pixels)
         except InvalidInput as exc:
             return _error_answer(ctx, *invalid_input_error(exc))
         counter = self.metrics["predictions"]

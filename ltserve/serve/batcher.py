@@ -1,5 +1,6 @@
-"""Adaptive batching across concurrent requests, for an asyncio server: decode in a thread pool, queue, and run one
-batch at a time on the Predictor in its own thread (in-process: no hop between processes)."""
+"""Adaptive batching across concurrent requests, for an asyncio server: check each request's images from their
+headers (a pixel budget per request), decode them in a thread pool (huge images on a lane of their own), queue, and
+run one batch at a time on the Predictor in its own thread (in-process: no hop between processes)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ltserve.errors import ConfigError, LtserveError
-from ltserve.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec, decode
+from ltserve.errors import ConfigError, ImageTooLarge, LtserveError
+from ltserve.preprocess import DEFAULT_MAX_PIXELS, decode, image_size
 from ltserve.runtime import Prediction, Predictor
+
+LARGE_IMAGE_PIXELS = 4_000_000
+"""Images above this many pixels (2560x1440 is 3.7 MP) decode on the large-image lane: 30-300 ms each on one core,
+against well under 10 ms for the images a classifier usually gets."""
 
 
 class _Job:
@@ -29,12 +34,17 @@ class _Job:
 class AsyncPredictor:
     """Classifies encoded images for an asyncio server, batching concurrent requests into one Predictor call.
 
-    Each request's files are decoded in a thread pool, then queued. One worker task runs one batch at a time in its
-    own thread: when the model is free it runs the queued images (up to `max_batch_size`) at the batch size with
-    the most images per second as timed at warm-up (see `_batch_target`); it waits for more, at most
-    `max_latency_ms` after the oldest queued request arrived, only while other requests are still being decoded.
-    So a lone request runs at once (no batching delay at concurrency 1), and under load batches grow by themselves
-    while the previous batch runs, as far as larger batches pay.
+    Each request's files are first read and checked from their headers alone (format, size, the per-image cap and
+    the per-request pixel budget), so a request over budget costs microseconds per file and decodes nothing. Then
+    they are decoded in one of two thread pools: images up to `LARGE_IMAGE_PIXELS` on the main lane
+    (`decode_threads` threads), larger ones on a lane of their own (`decode_threads - 1` threads, at least one), so a
+    request of ordinary images never waits behind a flood of huge ones; at worst they share the cores. Decoded
+    images are queued. One worker task runs one batch at a time in its own thread: when the model is free it runs
+    the queued images (up to `max_batch_size`) at the batch size with the most images per second as timed at
+    warm-up (see `_batch_target`); it waits for more, at most `max_latency_ms` after the oldest queued request
+    arrived, only while other requests are still being decoded. So a lone request runs at once (no batching delay at
+    concurrency 1), and under load batches grow by themselves while the previous batch runs, as far as larger
+    batches pay.
 
     Args:
         predictor: the loaded Predictor.
@@ -56,37 +66,50 @@ class AsyncPredictor:
         cores = os.cpu_count() or 1
         self.decode_threads = int(decode_threads or (cores if predictor.on_accelerator else min(4, cores)))
         self._decode_pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="ltserve-decode")
+        # huge images get their own threads, one fewer than the main lane: they never hold every decode thread
+        self._large_pool = ThreadPoolExecutor(max(1, self.decode_threads - 1),
+                                              thread_name_prefix="ltserve-decode-large")
         self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="ltserve-predict")  # one batch at a time
         self._queue: deque[_Job] = deque()
         self._incoming = 0  # requests decoding now: the worker may wait for them
         self._wakeup: Any = None
         self._worker: Any = None
 
-    async def classify(self, files: Sequence[bytes | Path], top_k: int = 5,
-                       max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Prediction]:
-        """Decode, batch with concurrent requests, predict and postprocess; one Prediction per file, in order.
+    async def classify(self, files: Sequence[bytes | Path], top_k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS,
+                       max_request_pixels: int | None = None) -> list[Prediction]:
+        """Check, decode, batch with concurrent requests, predict and postprocess; one Prediction per file, in order.
 
         Args:
             files: encoded images, as bytes or paths of uploaded files.
+            top_k: classes listed per image.
+            max_pixels: cap on width * height of each image, from its header.
+            max_request_pixels: cap on the pixels of all `files` together, from their headers (None: no cap).
 
         Raises:
-            InvalidInput (InvalidImage, UnsupportedFormat, ImageTooLarge): a file is not a usable image; for
-                several files the message starts with its index, `images[i]: ...`.
+            InvalidInput (InvalidImage, UnsupportedFormat, ImageTooLarge): a file is not a usable image (for
+                several files the message starts with its index, `images[i]: ...`), or the files hold more than
+                `max_request_pixels` pixels in all (ImageTooLarge; nothing was decoded).
         """
         loop = asyncio.get_running_loop()
         self._incoming += 1
         try:
-            futures = [loop.run_in_executor(self._decode_pool, _decode_file, f, self.predictor.spec, max_pixels)
-                       for f in files]
-            results = await asyncio.gather(*futures, return_exceptions=True)
+            headers = await asyncio.gather(*[loop.run_in_executor(self._decode_pool, _read_header, f, max_pixels)
+                                             for f in files], return_exceptions=True)
+            _raise_first(headers, len(files))
+            sizes = [w * h for _, (w, h) in headers]
+            if max_request_pixels is not None and sum(sizes) > max_request_pixels:
+                raise ImageTooLarge(
+                    f"{len(files)} image(s) of {sum(sizes)} pixels in all (the largest {max(sizes)}); a request may "
+                    f"hold at most {max_request_pixels} pixels (LTSERVE_MAX_REQUEST_PIXELS): send fewer or smaller "
+                    "images per request")
+            results = await asyncio.gather(*[
+                loop.run_in_executor(self._large_pool if n > LARGE_IMAGE_PIXELS else self._decode_pool, decode, data,
+                                     self.predictor.spec, max_pixels)
+                for (data, _), n in zip(headers, sizes)], return_exceptions=True)
         finally:
             self._incoming -= 1
             self._notify()
-        for i, r in enumerate(results):
-            if isinstance(r, BaseException):
-                if isinstance(r, LtserveError) and len(files) > 1:
-                    raise type(r)(f"images[{i}]: {r}") from None
-                raise r
+        _raise_first(results, len(files))
         logits = await self.logits(results)
         return self.predictor.postprocess(logits, top_k)
 
@@ -174,10 +197,21 @@ class AsyncPredictor:
         if self._worker is not None:
             self._worker.cancel()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._large_pool.shutdown(wait=False, cancel_futures=True)
         self._model_pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _decode_file(file: bytes | Path, spec: PreprocessSpec, max_pixels: int) -> np.ndarray:
-    """`decode` of bytes, or of a file's bytes (read in the worker thread, off the event loop)."""
-    data = file if isinstance(file, (bytes, bytearray, memoryview)) else Path(file).read_bytes()
-    return decode(bytes(data), spec, max_pixels)
+def _read_header(file: bytes | Path, max_pixels: int) -> tuple[bytes, tuple[int, int]]:
+    """The file's bytes (read in the worker thread, off the event loop) and its (width, height) from the header."""
+    data = bytes(file) if isinstance(file, (bytes, bytearray, memoryview)) else Path(file).read_bytes()
+    return data, image_size(data, max_pixels)
+
+
+def _raise_first(results: Sequence[Any], n_files: int) -> None:
+    """Raise the first exception among per-file `results`; an ltserve error of one of several files names its
+    index (`images[i]: ...`)."""
+    for i, r in enumerate(results):
+        if isinstance(r, BaseException):
+            if isinstance(r, LtserveError) and n_files > 1:
+                raise type(r)(f"images[{i}]: {r}") from None
+            raise r
