@@ -67,6 +67,7 @@ from ltserve.serve.batcher import AsyncPredictor
 from ltserve.serve.guard import ErrorBody, RequestGuard, error_response, invalid_input_error
 from ltserve.serve.metrics import service_metrics
 from ltserve.serve.settings import BATCH_ROUTE, CLASSIFY_ROUTE, MODEL_ROUTE, ServiceSettings
+from ltserve.serve.worker import setup_worker
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ routes_app = Starlette(routes=[Route(MODEL_ROUTE, _model_info, methods=["GET"])]
 # ---------------------------------------------------------------------------------------------------------------------
 
 SETTINGS = ServiceSettings.from_env()
+if bentoml.server_context.worker_index is not None:  # a `bentoml serve` worker, before its HTTP server starts
+    setup_worker(SETTINGS)
 
 # What a direct Python call of an API method gets as `ctx`: a context whose `response` exists only inside an HTTP
 # request (BentoML keeps the request's response in a context variable), so `_error_answer` sets no status then.

@@ -1,32 +1,37 @@
 """The service under abuse and faults, on real `bentoml serve` processes with real clients and sockets.
 
 One server per module (`server`), configured with small limits so that each attack is cheap to mount here: a decode
-budget of 20 MP per request. Each test is one finding of issue 13, mounted at a small scale; the full-size figures
-are `benchmarks/abuse.py`'s.
+budget of 20 MP per request, 2 s to send a request, 32 open connections per worker. Each test is one finding of
+issue 13, mounted at a small scale; the full-size figures are `benchmarks/abuse.py`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import socket
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
 from ltserve.errors import ImageTooLarge
 from ltserve.runtime import Predictor
 from ltserve.serve.batcher import AsyncPredictor
-from ltserve.serve.process import ServerProcess
+from ltserve.serve.process import ServerProcess, free_port
 from package_helpers import build_lsq_package, read_fashion
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_REQUEST_PIXELS = 20_000_000
+RECEIVE_TIMEOUT_S = 2.0
+MAX_CONNECTIONS = 32
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +48,9 @@ def server_env(package: Path, **settings: object) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def server(package, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
-    srv = ServerProcess(server_env(package, max_request_pixels=MAX_REQUEST_PIXELS), tmp / "serve.log")
+    env = server_env(package, max_request_pixels=MAX_REQUEST_PIXELS, receive_timeout_s=RECEIVE_TIMEOUT_S,
+                     max_connections=MAX_CONNECTIONS)
+    srv = ServerProcess(env, tmp / "serve.log")
     try:
         srv.wait_ready()
         yield srv
@@ -62,6 +69,20 @@ def blank_png(side: int) -> bytes:
     buf = io.BytesIO()
     Image.new("L", (side, side)).save(buf, format="PNG", optimize=True)
     return buf.getvalue()
+
+
+def workers(srv: ServerProcess) -> list[psutil.Process]:
+    """The server's worker processes (BentoML's `_bentoml_impl.worker.service`), found from its supervisor."""
+    return [p for p in psutil.Process(srv.proc.pid).children(recursive=True)
+            if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels`, from Prometheus text (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return float(sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                     if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())))
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +157,160 @@ def test_decode_flood_leaves_small_requests_fast(server, fashion_pngs):
     assert set(statuses) == {200, 413} and statuses.count(413) >= 3, statuses
     r = httpx.post(server.url + "/classify_batch", files=flood[:2], timeout=30)
     assert r.status_code == 413 and "LTSERVE_MAX_REQUEST_PIXELS" in r.json()["detail"], r.text
+
+
+# -- 2. unknown paths: 404 JSON before BentoML, one metric series for all of them --------------------------------------
+
+
+def test_unknown_paths_answer_404_json_and_add_no_metric_series(server):
+    """2,000 distinct scanner paths: each answers 404 JSON; the workers' memory and /metrics stay flat."""
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for i in range(300):  # warm-up: first-request allocations are not what is measured
+            assert c.get(f"/warm-up/{i}").status_code == 404
+        assert c.get("/classify").status_code == 405  # a served path with another method is not "unknown"
+        before = c.get("/metrics").text
+        rss = sum(p.memory_info().rss for p in workers(server))
+        for i in range(2000):
+            r = c.request("GET" if i % 2 else "POST", f"/scan-{i}/wp-login.php", params={"q": i})
+            assert r.status_code == 404 and r.json()["error"] == "not_found", r.text
+        after = c.get("/metrics").text
+        growth = sum(p.memory_info().rss for p in workers(server)) - rss
+    assert "scan-" not in after and "warm-up" not in after
+    assert metric(after, "ltserve_unmatched_requests_total") - metric(before, "ltserve_unmatched_requests_total") \
+        == 2000
+    assert abs(len(after) - len(before)) < 2000, (len(before), len(after))
+    assert growth < 4 * 2**20, f"workers grew {growth / 2**20:.1f} MB over 2,000 unknown paths"
+
+
+# -- 3. slow and half-sent requests: a receive deadline, a connection cap ----------------------------------------------
+
+
+def _peek(sock: socket.socket) -> str:
+    """What the server has done to a client socket so far, without consuming it: 'open', 'answered', 'closed'."""
+    sock.settimeout(0.01)
+    try:
+        return "answered" if sock.recv(1, socket.MSG_PEEK) else "closed"
+    except socket.timeout:
+        return "open"
+    except ConnectionResetError:
+        return "closed"
+
+
+def _outcome(sock: socket.socket) -> str:
+    """How the server ended a client socket: the status line it answered ('HTTP/1.1 408'), 'eof' for a close
+    without an answer, 'reset'; or 'open' when it has not closed it."""
+    sock.settimeout(0.05)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except socket.timeout:
+        return "open"
+    except ConnectionResetError:
+        return data[:12].decode("latin-1") or "reset"
+    return data[:12].decode("latin-1") or "eof"
+
+
+def test_half_sent_requests_are_closed_at_the_deadline_and_health_keeps_answering(server, fashion_pngs):
+    """400 connections that send nothing, half the headers, or half the body: /readyz answers throughout, a real
+    request is served, the workers never hold more than their cap, and every connection is closed by the deadline
+    (those that sent part of a request answered 408 or 503 first)."""
+    procs = workers(server)
+    fds0 = {p.pid: p.num_fds() for p in procs}
+    host, port = "127.0.0.1", server.port
+    partial = [b"", b"POST /classify HTTP/1.1\r\nHost: x\r\n",
+               b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+               b"Content-Length: 5000\r\n\r\n--b\r\n"]
+    socks, probes, peak = [], [], 0
+    t0 = time.monotonic()
+    with httpx.Client(base_url=server.url, timeout=5) as c:
+        for i in range(400):
+            s = socket.create_connection((host, port))
+            if partial[i % 3]:
+                s.sendall(partial[i % 3])
+            socks.append(s)
+            if i % 40 == 0:
+                t = time.perf_counter()
+                assert c.get("/readyz").status_code == 200
+                probes.append(time.perf_counter() - t)
+                peak = max(peak, max(p.num_fds() - fds0[p.pid] for p in procs))
+        r = c.post("/classify", files={"image": ("a.png", fashion_pngs[0], "image/png")})
+        assert r.status_code == 200, r.text
+        opened_s = time.monotonic() - t0
+        states_now = Counter(_peek(s) for s in socks)
+        time.sleep(max(0.0, RECEIVE_TIMEOUT_S + 1.0 - (time.monotonic() - t0)))
+        states = Counter(_outcome(s) for s in socks)
+        assert c.get("/livez").status_code == 200
+    for s in socks:
+        s.close()
+    assert max(probes) < 1.0, probes
+    assert peak <= MAX_CONNECTIONS + 8, f"a worker held {peak} more files than before ({MAX_CONNECTIONS} allowed)"
+    assert opened_s < RECEIVE_TIMEOUT_S and states_now["open"] <= len(procs) * MAX_CONNECTIONS, states_now
+    assert states["open"] == 0, f"still open after the deadline: {states}"
+    assert set(states) <= {"eof", "reset", "HTTP/1.1 408", "HTTP/1.1 503"}, states
+
+
+def test_a_request_sent_within_the_deadline_is_served(server, fashion_pngs):
+    """A client that pauses (less than the deadline) between headers and body is answered normally."""
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + fashion_pngs[1] + b"\r\n--b--\r\n")
+    head = (f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(head)
+        time.sleep(RECEIVE_TIMEOUT_S / 2)
+        s.sendall(body)
+        answer = b"".join(iter(lambda: s.recv(65536), b""))
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+def test_requests_beyond_the_connection_cap_answer_503_but_health_routes_pass():
+    """The protocol on a real uvicorn server (in process): with 2 connections allowed, all busy, a third request
+    answers 503 JSON, /livez still answers, and an unknown path answers 404 JSON."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from ltserve.serve.connection import ConnectionLimits, GuardedH11Protocol
+
+    async def slow(request):
+        await asyncio.sleep(1.5)
+        return PlainTextResponse("done")
+
+    async def livez(request):
+        return PlainTextResponse("\n")
+
+    class TwoConnections(GuardedH11Protocol):
+        limits = ConnectionLimits(receive_timeout_s=5, max_connections=2)
+
+    app = Starlette(routes=[Route("/slow", slow), Route("/livez", livez)])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=TwoConnections, lifespan="off",
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}"
+
+        def get(path: str) -> httpx.Response:
+            return httpx.get(url + path, timeout=10)
+
+        with ThreadPoolExecutor(3) as pool:
+            busy = [pool.submit(get, "/slow") for _ in range(2)]
+            time.sleep(0.5)
+            third = get("/slow")
+            health = get("/livez")
+            assert [f.result().status_code for f in busy] == [200, 200]
+        assert third.status_code == 503 and third.json()["error"] == "too_many_connections", third.text
+        assert "LTSERVE_MAX_CONNECTIONS" in third.json()["detail"] and third.headers["connection"] == "close"
+        assert health.status_code == 200
+        assert get("/slow").status_code == 200  # room again
+        unknown = get("/wp-admin")
+        assert unknown.status_code == 404 and unknown.json()["error"] == "not_found"
+    finally:
+        server.should_exit = True
+        thread.join(10)

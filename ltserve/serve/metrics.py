@@ -1,4 +1,5 @@
-"""The service's own Prometheus metrics: predictions per shot group, and the batch sizes actually run."""
+"""The service's own Prometheus metrics: predictions per shot group, the batch sizes actually run, and requests for
+paths no route serves."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ _METRICS: dict[str, Any] = {}
 
 
 def service_metrics() -> dict[str, Any]:
-    """This process's Prometheus metrics: predictions per shot group, and the batch sizes actually run.
+    """This process's Prometheus metrics: predictions per shot group, the batch sizes actually run, and requests for
+    unknown paths (one series, whatever the paths: they are answered 404 before BentoML's path-labelled metrics).
 
     Created on first use inside the worker: prometheus_client must be imported after BentoML has set up its
     multiprocess directory, so that /metrics aggregates them with BentoML's own.
@@ -21,6 +23,8 @@ def service_metrics() -> dict[str, Any]:
         _METRICS["batch_size"] = prometheus_client.Histogram(
             "ltserve_batch_size", "Images per model call (adaptive batching across requests)",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024))
+        _METRICS["unmatched"] = prometheus_client.Counter(
+            "ltserve_unmatched_requests", "Requests for a path no route serves (answered 404; paths not recorded)")
     return _METRICS
 
 

@@ -50,6 +50,11 @@ class ServiceSettings(BaseSettings):
             their headers before any is decoded; more answers 413 (LTSERVE_MAX_REQUEST_PIXELS).
         max_batch_images: most images in one /classify_batch request; more answers 413 (LTSERVE_MAX_BATCH_IMAGES).
         timeout_s: a request taking longer answers 504 (LTSERVE_TIMEOUT_S).
+        receive_timeout_s: seconds a connection has to send a whole request, headers and body, from when it is
+            ready for one; then it is closed, after a 408 if it sent part of one (LTSERVE_RECEIVE_TIMEOUT_S).
+        max_connections: open connections per worker; beyond it the oldest connection that has not sent its request
+            is dropped, and while all are busy requests answer 503, health and metrics routes excepted
+            (LTSERVE_MAX_CONNECTIONS).
         providers: ONNX Runtime providers, comma separated, best first, e.g. "cuda,cpu" (LTSERVE_PROVIDERS;
             default: the best available).
         backend: "onnxruntime" (default) or "torch": the package's model.pt2 through PyTorch, for GPU machines
@@ -80,6 +85,9 @@ class ServiceSettings(BaseSettings):
     max_request_pixels: int = Field(100_000_000, ge=1)
     max_batch_images: int = Field(64, ge=1)
     timeout_s: float = Field(30.0, gt=0)
+    # 30 s: a 10 MiB upload (the default max_upload_bytes) needs 2.8 Mbit/s; slower clients belong behind a proxy
+    receive_timeout_s: float = Field(30.0, gt=0)
+    max_connections: int = Field(1024, ge=1)
     # NoDecode: pydantic-settings would read a list variable as JSON; these take "a,b" (split below)
     providers: Annotated[list[str] | None, NoDecode] = None
     backend: Literal["onnxruntime", "torch"] = "onnxruntime"
