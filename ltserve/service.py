@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -67,7 +68,7 @@ from ltserve.serve.batcher import AsyncPredictor
 from ltserve.serve.guard import ErrorBody, RequestGuard, error_response, invalid_input_error
 from ltserve.serve.metrics import service_metrics
 from ltserve.serve.settings import BATCH_ROUTE, CLASSIFY_ROUTE, MODEL_ROUTE, ServiceSettings
-from ltserve.serve.worker import setup_worker
+from ltserve.serve.worker import cpu_threads, prepare_server, setup_worker, worker_count
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ routes_app = Starlette(routes=[Route(MODEL_ROUTE, _model_info, methods=["GET"])]
 # ---------------------------------------------------------------------------------------------------------------------
 
 SETTINGS = ServiceSettings.from_env()
+WORKERS = worker_count(SETTINGS)
 if bentoml.server_context.worker_index is not None:  # a `bentoml serve` worker, before its HTTP server starts
     setup_worker(SETTINGS)
 
@@ -110,7 +112,7 @@ def _error_answer(ctx: bentoml.Context, status: int, body: ErrorBody) -> ErrorBo
 
 
 @bentoml.asgi_app(routes_app, path="/")
-@bentoml.service(name="ltserve", workers=1, traffic={"timeout": SETTINGS.timeout_s})
+@bentoml.service(name="ltserve", workers=WORKERS, traffic={"timeout": SETTINGS.timeout_s})
 class Classifier:
     """Classifies images with the model package named by LTSERVE_MODEL (default models/fashion-lt)."""
 
@@ -119,7 +121,7 @@ class Classifier:
         self.metrics = service_metrics()
         path = self.settings.model_path()
         try:
-            predictor = Predictor(path, providers=self.settings.providers, threads=self.settings.threads,
+            predictor = Predictor(path, providers=self.settings.providers, threads=cpu_threads(self.settings, WORKERS),
                                   max_batch_size=self.settings.max_batch_size, backend=self.settings.backend,
                                   torch_options=self.settings.torch_options())
         except LtserveError as exc:
@@ -134,13 +136,14 @@ class Classifier:
             "max_pixels": self.settings.max_pixels, "max_request_pixels": self.settings.max_request_pixels,
             "max_batch_images": self.settings.max_batch_images,
             "max_batch_size": self.settings.max_batch_size, "max_latency_ms": self.settings.max_latency_ms,
-            "decode_threads": self.engine.decode_threads}}
+            "decode_threads": self.engine.decode_threads, "workers": WORKERS, "pid": os.getpid()}}
         logger.info("serving %s from %s", predictor.meta.name, path)
 
     @bentoml.on_deployment
     def check_model() -> None:
         """Before any worker starts: a missing or broken package stops `bentoml serve` here, naming path and
-        problem (a failing worker would otherwise be restarted forever)."""
+        problem (a failing worker would otherwise be restarted forever); then this server's own metrics directory
+        (`prepare_server`)."""
         path = SETTINGS.model_path()
         try:
             # the whole Predictor (schema, sha256, graph vs model.json, warm-up) on CPU with one thread: cheap, and
@@ -155,6 +158,7 @@ class Classifier:
         except LtserveError as exc:
             raise SystemExit(f"ltserve: cannot serve model package {path}: {exc}\n(set LTSERVE_MODEL to a model "
                              "package folder, e.g. one made by `ltserve export`)") from None
+        prepare_server(SETTINGS)
 
     @bentoml.on_shutdown
     def close(self) -> None:

@@ -72,9 +72,15 @@ def blank_png(side: int) -> bytes:
 
 
 def workers(srv: ServerProcess) -> list[psutil.Process]:
-    """The server's worker processes (BentoML's `_bentoml_impl.worker.service`), found from its supervisor."""
-    return [p for p in psutil.Process(srv.proc.pid).children(recursive=True)
-            if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
+    """The server's live worker processes (BentoML's `_bentoml_impl.worker.service`), found from its supervisor."""
+    found = []
+    for p in psutil.Process(srv.proc.pid).children(recursive=True):
+        try:
+            if "_bentoml_impl.worker.service" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:  # gone, or a zombie the supervisor has not reaped yet
+            pass
+    return found
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -223,24 +229,25 @@ def test_half_sent_requests_are_closed_at_the_deadline_and_health_keeps_answerin
                b"Content-Length: 5000\r\n\r\n--b\r\n"]
     socks, probes, peak = [], [], 0
     t0 = time.monotonic()
-    with httpx.Client(base_url=server.url, timeout=5) as c:
-        for i in range(400):
-            s = socket.create_connection((host, port))
-            if partial[i % 3]:
-                s.sendall(partial[i % 3])
-            socks.append(s)
-            if i % 40 == 0:
-                t = time.perf_counter()
-                assert c.get("/readyz").status_code == 200
-                probes.append(time.perf_counter() - t)
-                peak = max(peak, max(p.num_fds() - fds0[p.pid] for p in procs))
-        r = c.post("/classify", files={"image": ("a.png", fashion_pngs[0], "image/png")})
-        assert r.status_code == 200, r.text
-        opened_s = time.monotonic() - t0
-        states_now = Counter(_peek(s) for s in socks)
-        time.sleep(max(0.0, RECEIVE_TIMEOUT_S + 1.0 - (time.monotonic() - t0)))
-        states = Counter(_outcome(s) for s in socks)
-        assert c.get("/livez").status_code == 200
+    # each probe on a new connection, as a health checker makes them: an idle keep-alive connection owes a request
+    # and is among the first to give way when a worker is full
+    for i in range(400):
+        s = socket.create_connection((host, port))
+        if partial[i % 3]:
+            s.sendall(partial[i % 3])
+        socks.append(s)
+        if i % 40 == 0:
+            t = time.perf_counter()
+            assert httpx.get(server.url + "/readyz", timeout=5).status_code == 200
+            probes.append(time.perf_counter() - t)
+            peak = max(peak, max(p.num_fds() - fds0[p.pid] for p in procs))
+    r = httpx.post(server.url + "/classify", files={"image": ("a.png", fashion_pngs[0], "image/png")}, timeout=10)
+    assert r.status_code == 200, r.text
+    opened_s = time.monotonic() - t0
+    states_now = Counter(_peek(s) for s in socks)
+    time.sleep(max(0.0, RECEIVE_TIMEOUT_S + 1.0 - (time.monotonic() - t0)))
+    states = Counter(_outcome(s) for s in socks)
+    assert httpx.get(server.url + "/livez", timeout=5).status_code == 200
     for s in socks:
         s.close()
     assert max(probes) < 1.0, probes
@@ -314,3 +321,95 @@ def test_requests_beyond_the_connection_cap_answer_503_but_health_routes_pass():
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+# -- 4. a worker's crash: two workers, so the other one answers --------------------------------------------------------
+
+
+def test_killing_one_worker_under_load_leaves_the_service_answering(server, fashion_pngs):
+    """kill -9 of one of the two workers while 4 clients classify: /livez and /readyz never fail, only requests
+    the killed worker had in flight fail, and BentoML's supervisor starts a replacement (it looks for dead workers
+    every 10 s: circus's check_delay as `bentoml serve` sets it)."""
+    old = workers(server)
+    assert len(old) == 2, "two workers by default on a machine with 2 cores"
+    stop = threading.Event()
+    failures: list[str] = []
+    health: list[tuple[str, object]] = []
+
+    def load(k: int) -> int:
+        done = 0
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            while not stop.is_set():
+                try:
+                    r = c.post("/classify", files={"image": ("a.png", fashion_pngs[(k + done) % 32], "image/png")})
+                    if r.status_code != 200:
+                        failures.append(f"{r.status_code} {r.text[:100]}")
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+                done += 1
+        return done
+
+    def probe() -> None:
+        while not stop.is_set():
+            for route in ("/livez", "/readyz"):
+                try:
+                    health.append((route, httpx.get(server.url + route, timeout=1).status_code))
+                except httpx.HTTPError as exc:
+                    health.append((route, repr(exc)))
+            time.sleep(0.05)
+
+    with ThreadPoolExecutor(5) as pool:
+        clients = [pool.submit(load, k) for k in range(4)]
+        prober = pool.submit(probe)
+        time.sleep(1.0)
+        old[0].kill()
+        killed_at = time.monotonic()
+        time.sleep(3.0)
+        stop.set()
+        served = sum(f.result() for f in clients)
+        prober.result()
+    bad = [h for h in health if h[1] != 200]
+    assert bad == [] and len(health) > 20, f"health routes failed after the kill: {bad[:5]}"
+    assert len(failures) <= 4, f"{len(failures)} of {served} requests failed: {failures[:4]}"
+    while len(workers(server)) < 2 or not any(p.pid == httpx.get(server.url + "/model").json()["service"]["pid"]
+                                              for p in workers(server) if p.pid != old[1].pid):
+        assert time.monotonic() - killed_at < 15, "no replacement worker answered within 15 s of the kill"
+        time.sleep(0.2)
+
+
+# -- 5 and 6. a second server on the host; the supervisor killed with SIGKILL ------------------------------------------
+
+
+def test_a_second_server_keeps_its_own_metrics_and_its_workers_die_with_its_supervisor(server, package, tmp_path,
+                                                                                    fashion_pngs):
+    """Starting a second `bentoml serve` leaves the first server's counters as they were (each server has its own
+    metrics directory); SIGKILL of the second's supervisor takes its workers down within 2 s, port included."""
+    for _ in range(3):
+        assert httpx.post(server.url + "/classify", files={"image": ("a.png", fashion_pngs[0], "image/png")},
+                          timeout=10).status_code == 200
+    count = metric(httpx.get(server.url + "/metrics").text, "bentoml_service_request_total", endpoint="/classify")
+    assert count >= 3
+    second = ServerProcess(server_env(package), tmp_path / "second.log")
+    orphans: list[psutil.Process] = []
+    try:
+        second.wait_ready()
+        after = metric(httpx.get(server.url + "/metrics").text, "bentoml_service_request_total", endpoint="/classify")
+        assert after >= count, f"the second server's start reset the first one's /classify count {count} -> {after}"
+        assert metric(httpx.get(second.url + "/metrics").text, "bentoml_service_request_total",
+                      endpoint="/classify") == 0
+        orphans = workers(second)
+        metrics_dir = Path(orphans[0].environ()["LTSERVE_METRICS_DIR"])  # the supervisor gave it to its workers
+        assert metrics_dir.is_dir() and "bentoml" not in str(metrics_dir)
+        second.proc.kill()  # SIGKILL of the supervisor alone
+        killed_at = time.monotonic()
+        while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in orphans):
+            assert time.monotonic() - killed_at < 2.0, f"workers alive 2 s after their supervisor: {orphans}"
+            time.sleep(0.05)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(second.url + "/livez", timeout=1)
+        assert not metrics_dir.exists(), "the dead server's temporary metrics directory was left behind"
+    finally:
+        for p in orphans:
+            if p.is_running():
+                p.kill()
+        second.stop()

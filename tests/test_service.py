@@ -144,13 +144,14 @@ def test_settings_from_env_and_yaml(tmp_path, clean_env):
 # one valid, non-default value per settings field, as an environment variable would carry it, and as parsed
 FIELD_VALUES = {
     "model": ("models/other", Path("models/other")), "top_k": ("3", 3), "max_upload_bytes": ("2048", 2048),
-    "max_pixels": ("1000", 1000), "max_request_pixels": ("5000", 5000), "max_batch_images": ("8", 8), "timeout_s": ("2.5", 2.5),
-    "receive_timeout_s": ("4", 4.0), "max_connections": ("10", 10),
+    "max_pixels": ("1000", 1000), "max_request_pixels": ("5000", 5000), "max_batch_images": ("8", 8),
+    "timeout_s": ("2.5", 2.5), "receive_timeout_s": ("4", 4.0), "max_connections": ("10", 10),
     "providers": ("cuda,cpu", ["cuda", "cpu"]), "backend": ("torch", "torch"), "torch_device": ("cpu", "cpu"),
-    "torch_precision": ("fp32", "fp32"), "torch_cuda_graphs": ("0", False), "threads": ("3", 3),
+    "torch_precision": ("fp32", "fp32"), "torch_cuda_graphs": ("0", False), "workers": ("3", 3), "threads": ("3", 3),
     "max_batch_size": ("4", 4), "max_latency_ms": ("7", 7.0), "decode_threads": ("2", 2),
     "api_key": ("k3y", "k3y"), "cors_origins": ("http://a.example, http://b.example",
                                                 ["http://a.example", "http://b.example"]),
+    "metrics_dir": ("/tmp/ltserve-test-metrics", Path("/tmp/ltserve-test-metrics")),
 }
 
 

@@ -63,7 +63,10 @@ class ServiceSettings(BaseSettings):
         torch_precision: auto (fp16 on CUDA, fp32 on CPU), fp32 or fp16 (LTSERVE_TORCH_PRECISION); the same default
             as `TorchRunner`'s.
         torch_cuda_graphs: capture one CUDA graph per batch bucket (LTSERVE_TORCH_CUDA_GRAPHS).
-        threads: ONNX Runtime CPU threads (LTSERVE_THREADS; default: all cores).
+        workers: worker processes, each with its own copy of the model (LTSERVE_WORKERS; default: 2 when the model
+            runs on CPU and the machine has 2 or more cores, so that a worker's crash leaves one answering; 1 when
+            it runs on a GPU or on one core). See `ltserve.serve.worker.worker_count`.
+        threads: ONNX Runtime CPU threads per worker (LTSERVE_THREADS; default: the cores divided among the workers).
         max_batch_size: most images per model call across concurrent requests; 1 turns adaptive batching off
             (LTSERVE_MAX_BATCH_SIZE).
         max_latency_ms: longest a request waits in the queue for companions (LTSERVE_MAX_LATENCY_MS).
@@ -72,6 +75,9 @@ class ServiceSettings(BaseSettings):
         api_key: when set, /classify, /classify_batch and /model need `Authorization: Bearer <key>`
             (LTSERVE_API_KEY). Health and metrics routes stay open for probes and scrapers.
         cors_origins: origins allowed by CORS, comma separated; empty = CORS off (LTSERVE_CORS_ORIGINS).
+        metrics_dir: the Prometheus multiprocess directory of this server's workers (LTSERVE_METRICS_DIR; default: a
+            new private directory per server, removed when it stops). `bentoml serve` empties BentoML's shared one
+            at every start, which would reset the counters of a server already running on the host.
     """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid", frozen=True)
@@ -94,12 +100,14 @@ class ServiceSettings(BaseSettings):
     torch_device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_precision: Literal["auto", "fp32", "fp16"] = "auto"
     torch_cuda_graphs: bool = True
+    workers: int | None = Field(None, ge=1, le=64)
     threads: int | None = Field(None, ge=1)
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_latency_ms: float = Field(5.0, ge=0, le=10_000)
     decode_threads: int | None = Field(None, ge=1, le=1024)
     api_key: SecretStr | None = None
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    metrics_dir: Path | None = None
 
     @field_validator("providers", "cors_origins", mode="before")
     @classmethod
