@@ -4,12 +4,20 @@
     POST /classify_batch  repeated field `images`  -> {"predictions": [Prediction, ...]} (at most max_batch_images)
     GET  /model           precision, labels, shot groups, head, metrics, verification, provenance, runtime
     GET  /livez /readyz /metrics (Prometheus: BentoML's, plus predictions per shot group and batch sizes run)
+    GET  /docs.json       the OpenAPI contract: every route, every status, the Bearer scheme (ltserve.serve.openapi)
 
 Configuration: `ServiceSettings` (ltserve.serve.settings), read once at import from LTSERVE_<FIELD> environment
 variables over the YAML file named by LTSERVE_CONFIG; the library below gets plain arguments.
 
-Request path: one handler per upload route, the `@bentoml.api` method. `RequestGuard` (ASGI middleware, outermost
-of ours) answers what is wrong with the request itself with a 4xx {"error", "detail"}: API key, content type, body
+Processes (ltserve.serve.worker): `bentoml serve` runs a supervisor and `WORKERS` worker processes (2 on CPU with
+2+ cores), each with its own model. In each worker, before uvicorn starts, the HTTP protocol is replaced by
+ltserve.serve.connection's: a deadline for receiving each request (408), a cap on open connections (503), and
+unknown paths answered 404 before BentoML's path-labelled metrics. Workers exit when the supervisor dies; each
+server keeps its Prometheus files in a directory of its own.
+
+Request path: one handler per upload route, the `@bentoml.api` method. `TimeLimit` answers 504 with an ErrorBody
+and closes the connection when a request takes longer than LTSERVE_TIMEOUT_S. `RequestGuard` (ASGI middleware)
+answers what is wrong with the request itself with a 4xx {"error", "detail"}: API key, content type, body
 size (Content-Length and streamed bytes), the multipart body and its fields, text or URL strings in a file field
 (BentoML's multipart parser would download a URL given there: never fetched), two files for /classify (BentoML would
 keep the first). A request that passes is replayed, already read, to BentoML's handler, which parses it into the
@@ -26,7 +34,9 @@ as `output_spec`, because BentoML 1.4's OpenAPI generator fails on a union retur
 the union's first `$ref` against an empty table: KeyError, and /docs.json answers 500).
 
 `GET /model` is a Starlette route mounted with `@bentoml.asgi_app` (BentoML APIs are POST-only); it reaches the
-worker's instance through `bentoml.get_current_service()`, which BentoML sets once the instance is built.
+worker's instance through `bentoml.get_current_service()`, which BentoML sets once the instance is built. The same
+mounted app answers `GET /docs.json` (BentoML's document completed by `complete_openapi`): mounted routes come
+before BentoML's own /docs.json in the route table.
 
 Measured cost of the one handler, against the previous path (the guard parsed the body once and answered for the
 service), both served side by side on a 2-core AMD EPYC shared with other jobs, tiny Gemm model, 28x28 PNG, access
@@ -61,12 +71,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+import ltserve
 from ltserve.errors import InvalidInput, LtserveError, PackageError
 from ltserve.package import load_package
 from ltserve.runtime import Prediction, Predictor
 from ltserve.serve.batcher import AsyncPredictor
-from ltserve.serve.guard import ErrorBody, RequestGuard, error_response, invalid_input_error
+from ltserve.serve.guard import ErrorBody, RequestGuard, TimeLimit, error_response, invalid_input_error
 from ltserve.serve.metrics import service_metrics
+from ltserve.serve.openapi import complete_openapi
 from ltserve.serve.settings import BATCH_ROUTE, CLASSIFY_ROUTE, MODEL_ROUTE, ServiceSettings
 from ltserve.serve.worker import cpu_threads, prepare_server, setup_worker, worker_count
 
@@ -82,7 +94,19 @@ async def _model_info(request: Request) -> JSONResponse:
     return JSONResponse(svc.info)
 
 
-routes_app = Starlette(routes=[Route(MODEL_ROUTE, _model_info, methods=["GET"])])
+_OPENAPI: dict = {}
+
+
+async def _openapi(request: Request) -> JSONResponse:
+    """GET /docs.json: BentoML's OpenAPI document of the service, completed (`ltserve.serve.openapi`); it takes the
+    place of BentoML's own route, which comes after the mounted routes."""
+    if not _OPENAPI:
+        _OPENAPI.update(complete_openapi(Classifier.openapi_spec.asdict(), SETTINGS, ltserve.__version__))
+    return JSONResponse(_OPENAPI)
+
+
+routes_app = Starlette(routes=[Route(MODEL_ROUTE, _model_info, methods=["GET"]),
+                               Route("/docs.json", _openapi, methods=["GET"])])
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The service
@@ -112,7 +136,8 @@ def _error_answer(ctx: bentoml.Context, status: int, body: ErrorBody) -> ErrorBo
 
 
 @bentoml.asgi_app(routes_app, path="/")
-@bentoml.service(name="ltserve", workers=WORKERS, traffic={"timeout": SETTINGS.timeout_s})
+# BentoML's time limit is a backstop behind TimeLimit's (its 504 has no detail and keeps the connection open)
+@bentoml.service(name="ltserve", workers=WORKERS, traffic={"timeout": SETTINGS.timeout_s + 5})
 class Classifier:
     """Classifies images with the model package named by LTSERVE_MODEL (default models/fashion-lt)."""
 
@@ -218,8 +243,9 @@ class Classifier:
 if SETTINGS.cors_origins:
     from starlette.middleware.cors import CORSMiddleware
 
-    # added before the guard, so it wraps it: preflights are answered here, and the guard's 4xx carry CORS headers
+    # added before the others, so it wraps them: preflights are answered here, and 4xx/504 carry CORS headers
     Classifier.add_asgi_middleware(CORSMiddleware, allow_origins=SETTINGS.cors_origins,
                                    allow_methods=["GET", "POST", "OPTIONS"],
                                    allow_headers=["Authorization", "Content-Type"])
+Classifier.add_asgi_middleware(TimeLimit, timeout_s=SETTINGS.timeout_s)
 Classifier.add_asgi_middleware(RequestGuard, settings=SETTINGS)

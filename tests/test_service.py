@@ -568,10 +568,11 @@ def test_http_and_direct_calls_run_the_same_handler(package, images):
     assert [body for _, body in got["http"]] == [one, many, bad, over]  # the same answers
 
 
-def test_openapi_lists_the_upload_routes_with_the_prediction_schema(server):
+def test_openapi_lists_every_route_status_and_the_security_scheme(server):
     doc = httpx.get(server.url + "/docs.json")
     assert doc.status_code == 200, doc.text[:500]
-    paths = doc.json()["paths"]
+    spec = doc.json()
+    paths = spec["paths"]
     prediction_fields = {"label", "class_index", "probability", "shot_group", "top_k"}
     one = paths["/classify"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert set(one["required"]) == prediction_fields
@@ -581,8 +582,86 @@ def test_openapi_lists_the_upload_routes_with_the_prediction_schema(server):
     ref = item.get("$ref", "").rsplit("/", 1)[-1]
     assert ref == "Prediction" or set(item.get("required", [])) == prediction_fields, item
     if ref:
-        assert set(doc.json()["components"]["schemas"]["Prediction"]["required"]) == prediction_fields
+        assert set(spec["components"]["schemas"]["Prediction"]["required"]) == prediction_fields
     assert "multipart/form-data" in paths["/classify"]["post"]["requestBody"]["content"]
+
+    # every route, every status it answers, errors as ErrorBody, the Bearer scheme where the key is needed
+    assert set(paths) == {"/classify", "/classify_batch", "/model", "/livez", "/healthz", "/readyz", "/metrics"}
+    assert spec["components"]["schemas"]["ErrorBody"]["required"] == ["error", "detail"]
+    assert spec["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http", "scheme": "bearer", "description": "LTSERVE_API_KEY, as `Authorization: Bearer <key>`"}
+    statuses = {(route, method): set(op["responses"]) for route, item in paths.items() for method, op in item.items()}
+    upload = {"200", "400", "401", "408", "413", "415", "503", "504"}
+    assert statuses[("/classify", "post")] == statuses[("/classify_batch", "post")] == upload
+    assert statuses[("/model", "get")] == {"200", "401", "408", "503", "504"}
+    assert statuses[("/readyz", "get")] == {"200", "408", "503"}
+    for route in ("/classify", "/classify_batch", "/model"):
+        op = next(iter(paths[route].values()))
+        assert op["security"] == [{"bearerAuth": []}], route
+        for status, answer in op["responses"].items():
+            if status != "200":
+                assert answer["content"]["application/json"]["schema"] == {
+                    "$ref": "#/components/schemas/ErrorBody"}, (route, status)
+    images = paths["/classify_batch"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert images["properties"]["images"]["minItems"] == 1
+    assert images["properties"]["images"]["maxItems"] == MAX_BATCH_IMAGES
+    assert images["additionalProperties"] is False
+
+
+SCHEMATHESIS_HOOKS = """
+import io
+
+import numpy as np
+import schemathesis
+from hypothesis import strategies as st
+from PIL import Image
+
+
+@st.composite
+def image_file(draw):
+    # a real small image in one of the accepted formats: what a binary upload field holds when it is valid
+    w, h = draw(st.integers(1, 48)), draw(st.integers(1, 48))
+    shape = (h, w, 3) if draw(st.booleans()) else (h, w)
+    pixels = np.random.default_rng(draw(st.integers(0, 2**31))).integers(0, 256, shape, np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=draw(st.sampled_from(["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF",
+                                                                   "PPM"])))
+    return buf.getvalue()
+
+
+schemathesis.openapi.format("binary", image_file())
+"""
+
+# negative data (outside the schema) must be refused: 413 is this API's answer to too many images (maxItems)
+SCHEMATHESIS_CONFIG = """
+hooks = "ltserve_schemathesis_hooks"
+
+[checks.negative_data_rejection]
+expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]
+"""
+
+
+def test_schemathesis_finds_no_failure_in_the_openapi_contract(server, tmp_path):
+    """schemathesis reads /docs.json and fuzzes every operation (coverage and fuzzing phases, valid and invalid
+    data, every check: status codes, content types, headers, response schemas, auth, methods), bounded in time.
+
+    A binary field is generated as a real small image (the hooks above): a schema cannot say that bytes must
+    decode as an image, and random bytes are rightly answered 400. The seed is fixed so that the run is the same
+    every time (about 300 cases, seconds). Seeds 1-3 at 300 examples pass too; seed 4 meets a false positive of
+    schemathesis 4.32: a negative case whose mutation (an extra or renamed form field) is lost in the multipart
+    encoding, so the wire request is valid and answered 200 (the class of its issue #4332)."""
+    (tmp_path / "ltserve_schemathesis_hooks.py").write_text(SCHEMATHESIS_HOOKS)
+    (tmp_path / "schemathesis.toml").write_text(SCHEMATHESIS_CONFIG)
+    st = shutil.which("st", path=str(Path(sys.executable).parent))
+    assert st, "schemathesis is needed: pip install -e '.[dev]'"
+    out = subprocess.run([st, "--config-file", "schemathesis.toml", "run", server.url + "/docs.json",
+                          "-H", f"Authorization: Bearer {API_KEY}", "--checks", "all", "--max-examples", "100",
+                          "--seed", "0", "--generation-database", "none", "--workers", "1",
+                          "--no-color"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    summary = out.stdout[-4000:]
+    assert out.returncode == 0, summary
+    assert "No issues found" in summary and "7 selected / 7 total" in out.stdout, summary
 
 
 def test_serve_load_benchmark_smoke(tmp_path):

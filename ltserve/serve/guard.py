@@ -1,8 +1,9 @@
-"""The request guard (ASGI middleware): everything a client can get wrong in the request itself, answered 4xx with
-a JSON body before BentoML parses it; and the service's one error body, `ErrorBody`."""
+"""The service's ASGI middleware and its one error body, `ErrorBody`: the request guard (everything a client can get
+wrong in the request itself, answered 4xx with a JSON body before BentoML parses it) and the time limit (504)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Any
 
@@ -33,6 +34,48 @@ def invalid_input_error(exc: InvalidInput) -> tuple[int, ErrorBody]:
     """The HTTP status and body of ltserve's input errors (InvalidImage 400, ImageTooLarge 413,
     UnsupportedFormat 415)."""
     return exc.status_code, ErrorBody(error=_ERROR_CODES.get(exc.status_code, "invalid_input"), detail=str(exc))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Time limit (ASGI middleware): 504 with an ErrorBody, and the connection closed
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class TimeLimit:
+    """Answers 504 with an `ErrorBody` and `Connection: close` when a request is not answered within `timeout_s`
+    seconds (LTSERVE_TIMEOUT_S), and cancels its handler.
+
+    BentoML's own time limit (`traffic.timeout`) answers 504 with `{"error"}` and no detail, and keeps the
+    connection open, though the request's body may not have been read to its end: the service sets BentoML's a few
+    seconds later, as a backstop, and this one answers first. A response that started in time is not cut.
+    """
+
+    def __init__(self, app: Any, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, send_tracked))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.timeout_s)
+            if done or started:  # answered, or its answer is under way: let it finish (re-raises its error)
+                return await task
+        finally:
+            if not task.done():  # too late, or this request itself was cancelled
+                task.cancel()
+        await asyncio.gather(task, return_exceptions=True)  # let the cancelled handler unwind first
+        detail = (f"no answer within {self.timeout_s:g} s (LTSERVE_TIMEOUT_S): the server is overloaded or the upload "
+                  "too slow; retry, with fewer images per request")
+        await error_response(504, "timeout", detail, {"Connection": "close"})(scope, receive, send)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,172 @@
+"""The service's OpenAPI contract: BentoML's generated document, completed so that a fuzzer can verify it.
+
+BentoML 1.4 documents its API methods (request bodies, the 200 schema) and its health routes, and nothing else:
+not `GET /model` (a mounted route), not the answers the request guard, the connection layer and the methods give
+(401 408 413 415 503 504), not the Bearer scheme; it lists 404/500 bodies of its own that this service never sends
+for these routes, and leaves the upload forms open (any other field, an empty `images` list). `complete_openapi`
+fills that in from what the code does, and the service answers `GET /docs.json` with the result:
+
+- every route: the two upload methods, `GET /model`, `/livez` `/healthz` `/readyz` `/metrics`;
+- every status each one answers, errors as the `ErrorBody` schema (`{"error", "detail"}`, both required);
+- the upload forms: only their one field (`additionalProperties: false`), `images` with 1 to max_batch_images
+  items, the accepted image media types as the field's encoding;
+- the Bearer security scheme on the protected routes when an API key is set.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from ltserve.preprocess import FORMAT_NAMES
+from ltserve.serve.guard import ErrorBody
+from ltserve.serve.settings import (BATCH_ROUTE, CLASSIFY_ROUTE, MODEL_ROUTE, PROTECTED_ROUTES, UPLOAD_FIELDS,
+                                   ServiceSettings)
+
+SCHEMAS = "#/components/schemas/"
+SECURITY_SCHEME = "bearerAuth"
+
+MODEL_INFO_SCHEMA: dict[str, Any] = {
+    "type": "object", "title": "ModelInfo",
+    "description": "The served model package and this worker's runtime (GET /model)",
+    "required": ["name", "labels", "class_counts", "shot_groups", "preprocess", "head", "metrics", "provenance",
+                 "runtime", "service"],
+    "properties": {
+        "name": {"type": "string"},
+        "labels": {"type": "array", "items": {"type": "string"}},
+        "class_counts": {"type": "array", "items": {"type": "integer"}},
+        "shot_groups": {"type": "array", "items": {"type": "string", "enum": ["many", "medium", "few"]}},
+        "preprocess": {"type": "object"}, "head": {"type": "object"}, "metrics": {"type": "object"},
+        "provenance": {"type": "object"}, "runtime": {"type": "object"},
+        "service": {"type": "object", "description": "this server's limits, workers, and the answering worker's pid"},
+    },
+}
+
+
+def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    answer: dict[str, Any] = {"description": description,
+                              "content": {"application/json": {"schema": {"$ref": SCHEMAS + "ErrorBody"}}}}
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+def _text(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"text/plain": {"schema": {"type": "string"}}}}
+
+
+def error_answers(settings: ServiceSettings, *, route: str, open_route: bool = False) -> dict[str, Any]:
+    """The error answers every request to `route` may get from the layers in front of its handler: 401 (API key),
+    408 (receive deadline), 503 (connection cap; not for health and metrics routes), 504 (time limit)."""
+    answers: dict[str, Any] = {}
+    if settings.api_key is not None and route in PROTECTED_ROUTES:
+        answers["401"] = _error("missing or wrong API key (`Authorization: Bearer <key>`)",
+                                {"WWW-Authenticate": {"schema": {"type": "string"}}})
+    answers["408"] = _error(f"the request was not received in full within {settings.receive_timeout_s:g} s "
+                            "(LTSERVE_RECEIVE_TIMEOUT_S); the connection is closed")
+    if not open_route:
+        answers["503"] = _error(f"the worker holds more than {settings.max_connections} open connections, all busy "
+                                "(LTSERVE_MAX_CONNECTIONS): retry", {"Retry-After": {"schema": {"type": "string"}}})
+        answers["504"] = _error(f"not answered within {settings.timeout_s:g} s (LTSERVE_TIMEOUT_S); the connection "
+                                "is closed")
+    return answers
+
+
+def _upload_operation(op: dict[str, Any], route: str, settings: ServiceSettings) -> dict[str, Any]:
+    field = UPLOAD_FIELDS[route]
+    media = op["requestBody"]["content"]["multipart/form-data"]
+    schema = media["schema"]
+    schema["additionalProperties"] = False  # the guard refuses any other field (400 unknown_field)
+    prop = schema["properties"][field]
+    if route == BATCH_ROUTE:
+        prop["minItems"] = 1
+        prop["maxItems"] = settings.max_batch_images
+        prop["description"] = (f"1 to {settings.max_batch_images} image files (LTSERVE_MAX_BATCH_IMAGES): "
+                               f"{FORMAT_NAMES}")
+    else:
+        prop["description"] = f"one image file: {FORMAT_NAMES}"
+    op["requestBody"]["required"] = True
+    op["responses"] = {
+        "200": op["responses"].get(200) or op["responses"]["200"],  # BentoML's dict keys statuses as ints
+        "400": _error("a malformed request (empty body, bad multipart, a missing, unknown or text field, two files "
+                      "for /classify) or a file that is not a decodable image"),
+        "413": _error(f"the body is over {settings.max_upload_bytes} bytes (LTSERVE_MAX_UPLOAD_BYTES), an image over "
+                      f"{settings.max_pixels} pixels (LTSERVE_MAX_PIXELS), the images over "
+                      f"{settings.max_request_pixels} pixels in all (LTSERVE_MAX_REQUEST_PIXELS)"
+                      + (f", or more than {settings.max_batch_images} images (LTSERVE_MAX_BATCH_IMAGES)"
+                         if route == BATCH_ROUTE else "")),
+        "415": _error("not multipart/form-data, or an image format that is not accepted"),
+        **error_answers(settings, route=route),
+    }
+    return op
+
+
+def _model_operation(settings: ServiceSettings) -> dict[str, Any]:
+    return {
+        "tags": ["Service APIs"], "operationId": "ltserve__model", "description": "The served model and runtime",
+        "responses": {
+            "200": {"description": "Successful Response",
+                    "content": {"application/json": {"schema": {"$ref": SCHEMAS + "ModelInfo"}}}},
+            **error_answers(settings, route=MODEL_ROUTE),
+        },
+    }
+
+
+def complete_openapi(spec: dict[str, Any], settings: ServiceSettings, version: str) -> dict[str, Any]:
+    """BentoML's OpenAPI document of the service (`Service.openapi_spec.asdict()`), completed (see the module).
+
+    Args:
+        spec: BentoML's document (not changed).
+        settings: the service settings (limits, API key) the answers describe.
+        version: the service's version, for `info.version`.
+
+    Returns:
+        a new OpenAPI 3 document.
+    """
+    doc = copy.deepcopy(spec)
+    doc["info"] = {"title": "ltserve", "version": version,
+                   "description": "Long-tailed image classification: upload images, get the top-k classes with "
+                                  "their shot group (many, medium, few). Errors are `ErrorBody` JSON."}
+    paths = doc["paths"]
+    for route in (CLASSIFY_ROUTE, BATCH_ROUTE):
+        _upload_operation(paths[route]["post"], route, settings)
+    paths[MODEL_ROUTE] = {"get": _model_operation(settings)}
+    for route in ("/livez", "/healthz", "/readyz", "/metrics"):
+        op = paths[route]["get"]
+        op["responses"] = {"200": _text("OK" if route != "/metrics" else "Prometheus text exposition"),
+                           **error_answers(settings, route=route, open_route=True)}
+        if route == "/readyz":
+            op["responses"]["503"] = _text("not ready: the model is still loading or the batcher stopped")
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas["ErrorBody"] = ErrorBody.model_json_schema()
+    schemas["ModelInfo"] = MODEL_INFO_SCHEMA
+    if settings.api_key is not None:
+        doc["components"]["securitySchemes"] = {SECURITY_SCHEME: {
+            "type": "http", "scheme": "bearer", "description": "LTSERVE_API_KEY, as `Authorization: Bearer <key>`"}}
+        for route in PROTECTED_ROUTES:
+            for op in paths[route].values():
+                op["security"] = [{SECURITY_SCHEME: []}]
+    _drop_unused_schemas(doc)
+    return doc
+
+
+def _drop_unused_schemas(doc: dict[str, Any]) -> None:
+    """Remove component schemas no path refers to (BentoML's task, 404 and 500 bodies), directly or through
+    another schema."""
+    schemas = doc["components"]["schemas"]
+    used: set[str] = set()
+    todo = [doc["paths"]]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith(SCHEMAS) and ref[len(SCHEMAS):] not in used:
+                name = ref[len(SCHEMAS):]
+                used.add(name)
+                todo.append(schemas.get(name))
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+    for name in list(schemas):
+        if name not in used:
+            del schemas[name]
