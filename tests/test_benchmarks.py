@@ -213,6 +213,37 @@ def test_sampler_ablation_smoke(tmp_path):
     assert f"/{len(decoupled)} heads" in goal["measured"]
 
 
+def test_soak_smoke(tmp_path):
+    """A few seconds of the mixed soak load on a real server: every answer as expected, memory sampled."""
+    from benchmarks import soak
+
+    out = tmp_path / "soak"
+    assert soak.main(["--smoke", "--out", str(out)]) == 0
+    res = _check_trio(out, "soak")["results"]
+    assert res["requests"] > 100 and res["errors"] == 0, res["first_errors"]
+    kinds = {k.split()[0] for k in res["statuses"]}
+    assert {"png", "batch4", "truncated_jpeg", "over_pixel_cap", "unknown_path", "wrong_type"} <= kinds
+    assert len(res["memory"]) >= 3 and all(s["rss_mb"] > 0 for s in res["memory"])
+    assert {p["name"] for p in res["memory"][0]["processes"]} == {"supervisor", "worker"}
+    assert res["server"]["workers"] == 2
+
+
+def test_abuse_smoke(tmp_path):
+    """Every abuse scenario at a small size: the goal table has a line per finding, each within its goal."""
+    from benchmarks import abuse
+
+    out = tmp_path / "abuse"
+    assert abuse.main(["--smoke", "--out", str(out)]) == 0
+    res = _check_trio(out, "abuse")["results"]
+    assert set(res) == {"decode_flood", "unknown_paths", "half_sent", "kill_worker", "parent_kill"}
+    assert res["decode_flood"]["over_budget"]["normal"]["errors"] == 0
+    assert res["unknown_paths"]["statuses"] == {"404": 200}
+    assert res["half_sent"]["still_open_after_deadline"] == 0 and res["half_sent"]["probe_failures"] == 0
+    assert res["kill_worker"]["health_failures"] == 0
+    assert res["parent_kill"]["still_running"] == 0
+    assert (out / "results.md").read_text().count("\n| ") >= 6  # header + a line per finding
+
+
 def test_sampler_ablation_rejects_an_unknown_sampler(tmp_path):
     from benchmarks import sampler_ablation
     from ltserve.errors import ConfigError
