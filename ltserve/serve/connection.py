@@ -14,7 +14,10 @@ owe a request:
 - when a connection arrives beyond `max_connections` open ones, the oldest connection still owing a request is
   answered 503 (or, if it sent nothing, closed) to make room: slow or idle clients give way to new ones, so a flood
   of half-sent requests can neither exhaust the worker's open files nor lock out a health probe, which sends its
-  request at once;
+  request at once. Among the `EVICTION_SCAN` oldest, the one with the least of a request waiting unread in the
+  kernel goes first (nothing, then part of a head, then a head without all its body, then a whole request): during
+  a burst the worker accepts many connections before it reads any, and a probe that has already sent its request
+  would otherwise be dropped with the flood;
 - a request that arrives while more than `max_connections` connections are open anyway (all of them busy with
   requests being answered) is answered 503, except the health and metrics routes (`OPEN_PATHS`).
 
@@ -32,6 +35,9 @@ from __future__ import annotations
 import asyncio
 import http
 import json
+import re
+import socket
+import struct
 import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -42,10 +48,21 @@ from starlette.routing import Match
 from starlette.staticfiles import StaticFiles
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+try:
+    import fcntl
+    import termios
+
+    _FIONREAD: int | None = termios.FIONREAD
+except ImportError:  # not POSIX: no look at unread bytes, the oldest connection goes
+    _FIONREAD = None
+
 OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})
 """Answered even when the worker holds more than `max_connections` connections: probes and scrapers must see it."""
 
 PROTOCOL = "ltserve.serve.connection:GuardedH11Protocol"
+
+EVICTION_SCAN = 32
+"""How many of the oldest connections owing a request are looked at for one whose bytes have all been read."""
 
 
 @dataclass(frozen=True)
@@ -84,15 +101,18 @@ class GuardedH11Protocol(H11Protocol):
         self.app = self._gate  # uvicorn runs `self.app` for each request of this connection
         self._deadline: asyncio.TimerHandle | None = None
         self._got_bytes = False  # since the connection became ready for its current request
+        self._fd = -1
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        owing = _owing(self.server_state)
-        excess = len(self.connections) - self.limits.max_connections
-        while excess > 0 and owing:
-            next(iter(owing))._drop(503, "too_many_connections", (
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
+        ledger = _ledger(self.server_state)
+        excess = len(self.connections) - len(ledger.closing) - self.limits.max_connections
+        while excess > 0 and ledger.owing:
+            _make_room(ledger.owing)._drop(503, "too_many_connections", (
                 f"this worker holds more than {self.limits.max_connections} open connections "
                 "(LTSERVE_MAX_CONNECTIONS) and this one had not sent its request: retry"))
             excess -= 1
@@ -100,6 +120,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._paid()
+        _ledger(self.server_state).closing.discard(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -125,13 +146,13 @@ class GuardedH11Protocol(H11Protocol):
 
     def _owe_request(self) -> None:
         self._deadline = self.loop.call_later(self.limits.receive_timeout_s, self._on_deadline)
-        _owing(self.server_state)[self] = None
+        _ledger(self.server_state).owing[self] = None
 
     def _paid(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        _owing(self.server_state).pop(self, None)
+        _ledger(self.server_state).owing.pop(self, None)
 
     def _on_deadline(self) -> None:
         self._deadline = None
@@ -153,6 +174,7 @@ class GuardedH11Protocol(H11Protocol):
         if answer:
             self.transport.write(_raw_answer(status, error, detail))
         self.transport.close()
+        _ledger(self.server_state).closing.add(self)
 
     # -- the gate: over the connection cap, and unknown paths -------------------------------------------------------
 
@@ -176,15 +198,72 @@ class GuardedH11Protocol(H11Protocol):
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------------
 
-# connections owing a request, oldest first, per uvicorn server (its ServerState): a dict keeps insertion order
-_OWING: weakref.WeakKeyDictionary[Any, dict[GuardedH11Protocol, None]] = weakref.WeakKeyDictionary()
+class _Ledger:
+    """Per uvicorn server (its ServerState): the connections owing a request, oldest first (a dict keeps insertion
+    order), and those this module has closed that the event loop has not yet reported lost (uvicorn counts them
+    open until then; without them a burst would push out far more connections than it needs to)."""
+
+    def __init__(self) -> None:
+        self.owing: dict[GuardedH11Protocol, None] = {}
+        self.closing: set[GuardedH11Protocol] = set()
 
 
-def _owing(server_state: Any) -> dict[GuardedH11Protocol, None]:
-    owing = _OWING.get(server_state)
-    if owing is None:
-        owing = _OWING[server_state] = {}
-    return owing
+_LEDGERS: weakref.WeakKeyDictionary[Any, _Ledger] = weakref.WeakKeyDictionary()
+
+
+def _ledger(server_state: Any) -> _Ledger:
+    ledger = _LEDGERS.get(server_state)
+    if ledger is None:
+        ledger = _LEDGERS[server_state] = _Ledger()
+    return ledger
+
+
+def _make_room(owing: dict[GuardedH11Protocol, None]) -> GuardedH11Protocol:
+    """The connection to drop, among the `EVICTION_SCAN` oldest owing a request: the oldest of those with the least
+    of a request waiting unread in the kernel (`_waiting_rank`); one with nothing waiting (idle, or what it sent has
+    been read and is not a whole request) at once."""
+    best, best_rank = next(iter(owing)), 4
+    for i, conn in enumerate(owing):
+        if i >= EVICTION_SCAN:
+            break
+        rank = _waiting_rank(_peek(conn._fd))
+        if rank < best_rank:
+            best, best_rank = conn, rank
+            if rank == 0:
+                break
+    return best
+
+
+def _waiting_rank(waiting: bytes) -> int:
+    """How much of a request unread bytes hold: 0 nothing, 1 part of a head, 2 a head whose body is not all there,
+    3 a whole request."""
+    if not waiting:
+        return 0
+    head, sep, body = waiting.partition(b"\r\n\r\n")
+    if not sep:
+        return 1
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    chunked = re.search(rb"(?im)^transfer-encoding:.*chunked", head)
+    if chunked or (length and len(body) < int(length.group(1))):
+        return 2
+    return 3
+
+
+def _peek(fd: int, size: int = 8192) -> bytes:
+    """Up to `size` bytes received on socket `fd` that nobody has read yet, left in place; b"" when there are none
+    or they cannot be seen (not POSIX)."""
+    if fd < 0 or _FIONREAD is None:
+        return b""
+    try:
+        if not struct.unpack("i", fcntl.ioctl(fd, _FIONREAD, b"\0\0\0\0"))[0]:  # cheap: most have none
+            return b""
+        sock = socket.socket(fileno=fd)  # borrowed: detached below, so the fd stays the transport's
+        try:
+            return sock.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        finally:
+            sock.detach()
+    except OSError:
+        return b""
 
 
 def _raw_answer(status: int, error: str, detail: str) -> bytes:

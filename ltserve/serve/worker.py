@@ -129,10 +129,13 @@ def fit_open_files(needed: int) -> int:
     """Raise this process's soft open-file limit to `needed` when it is lower and the hard limit allows.
 
     Returns:
-        the soft limit now in force (a warning names the fix when it is still below `needed`).
+        the soft limit now in force (a warning names the fix when it is still below `needed`); -1 where the
+        platform has no such limit (no `resource` module).
     """
-    import resource
-
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return -1
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:
         target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
