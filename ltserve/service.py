@@ -136,8 +136,10 @@ def _error_answer(ctx: bentoml.Context, status: int, body: ErrorBody) -> ErrorBo
 
 
 @bentoml.asgi_app(routes_app, path="/")
-# BentoML's time limit is a backstop behind TimeLimit's (its 504 has no detail and keeps the connection open)
-@bentoml.service(name="ltserve", workers=WORKERS, traffic={"timeout": SETTINGS.timeout_s + 5})
+# BentoML's time limit is a backstop 1 s behind TimeLimit's (its 504 has no detail and keeps the connection open).
+# Not more: its timer is not cancelled when the answer is sent, and holds each request's context (spans) until it
+# fires, so a worker's memory grows with the request rate times this timeout.
+@bentoml.service(name="ltserve", workers=WORKERS, traffic={"timeout": SETTINGS.timeout_s + 1})
 class Classifier:
     """Classifies images with the model package named by LTSERVE_MODEL (default models/fashion-lt)."""
 

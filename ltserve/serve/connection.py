@@ -62,7 +62,7 @@ OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})
 PROTOCOL = "ltserve.serve.connection:GuardedH11Protocol"
 
 EVICTION_SCAN = 32
-"""How many of the oldest connections owing a request are looked at for one whose bytes have all been read."""
+"""How many of the oldest connections owing a request are compared when one must give way (`_make_room`)."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """`bentoml serve` as a child process on 127.0.0.1: what `make demo`, the benchmarks and the tests start.
 
-The server runs in its own process group (so its workers stop with it), writes its output to a log file, and is
-stopped by its pid: SIGTERM to the group, SIGKILL if it has not stopped in time. No torch here.
+The server runs in its own process group, writes its output to a log file, and is stopped by its pid: SIGTERM to the
+group (BentoML's supervisor then stops its workers, which circus puts in process groups of their own), SIGKILL if it
+has not stopped in time (the workers then exit by themselves: `ltserve.serve.worker.watch_parent`). No torch here.
 """
 
 from __future__ import annotations

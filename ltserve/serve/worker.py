@@ -9,7 +9,10 @@ starts the workers (`_bentoml_impl.worker.service`), each of which imports the s
   2 or more cores (a killed worker leaves the other answering while it restarts), 1 on a GPU (each worker would hold
   its own CUDA context and model copy) or on one core; `cpu_threads` splits the cores among them;
 - `prepare_server` runs in the supervisor (the service's on-deployment hook) before the workers exist: it gives this
-  server a metrics directory of its own and puts it in the environment the workers inherit;
+  server a metrics directory of its own and puts it in the environment the workers inherit, with MALLOC_ARENA_MAX=2
+  unless it is set (glibc's malloc gives each thread that allocates, decode and inference threads and BentoML's
+  thread pool, an arena of its own, up to 8 per core, and keeps what they free: a worker's memory ratchets up with
+  load);
 - `setup_worker` runs in each worker at import: the guarded HTTP protocol (`ltserve.serve.connection`), an open-file
   limit that fits it, Prometheus pointed at the server's metrics directory, and a watch on the supervisor so that
   the worker exits when it dies (circus cannot stop its workers once it has been killed with SIGKILL).
@@ -80,7 +83,8 @@ def cpu_threads(settings: ServiceSettings, workers: int, cores: int | None = Non
 
 
 def prepare_server(settings: ServiceSettings) -> Path:
-    """In the supervisor, before the workers start: this server's Prometheus multiprocess directory.
+    """In the supervisor, before the workers start: this server's Prometheus multiprocess directory, and
+    MALLOC_ARENA_MAX=2 for the workers unless it is set (see the module docstring).
 
     `settings.metrics_dir` when set (emptied of the .db files of an earlier run), else a new private temporary
     directory, removed when the supervisor exits (or, if it is killed, by its last worker). Its path goes into the
@@ -100,6 +104,7 @@ def prepare_server(settings: ServiceSettings) -> Path:
         (path / OWNED_MARK).touch()
         atexit.register(shutil.rmtree, path, ignore_errors=True)
     os.environ[env_name("metrics_dir")] = str(path)
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")  # read by glibc when a worker starts
     return path
 
 
