@@ -68,6 +68,21 @@ class GraphInfo(_Strict):
     precision: Precision = "fp32"
 
 
+class LabelShiftInfo(_Strict):
+    """What label-shift estimation (`ltserve.runtime.prior`) needs from export, measured on a labelled split: the
+    head's confusion matrix (BBSE) and its class-wise bias (EM). Packages from before it have none
+    (`ModelJson.label_shift` is None): EM then trusts the head's calibration, and BBSE is unavailable."""
+
+    split: str = Field("val", description="the split it was measured on (the run's balanced val split)")
+    n: int = Field(description="images counted")
+    confusion: list[list[int]] = Field(description="C x C counts: rows the true class, columns the predicted class "
+                                                   "(the argmax of the package's logits)")
+    bias: list[float] | None = Field(None, description="C logit offsets (nats, mean 0) that calibrate the served "
+                                     "probabilities class by class; zeros when the split shows no bias beyond chance")
+    bias_test: dict[str, Any] = Field(default_factory=dict, description="the likelihood-ratio test behind `bias`: "
+                                      "statistic, dof, p_value, alpha, shrinkage, applied, fitted")
+
+
 class ModelJson(_Strict):
     """Contents of `model.json`."""
 
@@ -86,6 +101,7 @@ class ModelJson(_Strict):
     files: dict[str, FileEntry]
     input_name: str = "input"
     output_name: str = "logits"
+    label_shift: LabelShiftInfo | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "ModelJson":
@@ -97,6 +113,13 @@ class ModelJson(_Strict):
                              f"({len(self.shot_groups)}) must have the same length")
         if "model.onnx" not in self.files:
             raise ValueError("files must list model.onnx")
+        if self.label_shift is not None:
+            k = self.label_shift.confusion
+            if len(k) != n or any(len(row) != n for row in k) or any(v < 0 for row in k for v in row):
+                raise ValueError(f"label_shift.confusion must be {n} x {n} counts >= 0 (one row and column per "
+                                 "label); re-export the package")
+            if self.label_shift.bias is not None and len(self.label_shift.bias) != n:
+                raise ValueError(f"label_shift.bias must hold {n} values (one per label); re-export the package")
         return self
 
 
@@ -165,7 +188,7 @@ def write_package(model_dir: str | Path, *, name: str, labels: Sequence[str], cl
                   preprocess: PreprocessSpec, head: HeadInfo, graph: GraphInfo, files: Sequence[str],
                   thresholds: ShotThresholds | None = None, metrics: dict[str, Any] | None = None,
                   verification: dict[str, Any] | None = None, command: str | None = None, run: str | None = None,
-                  config_hash: str | None = None) -> ModelJson:
+                  config_hash: str | None = None, label_shift: LabelShiftInfo | None = None) -> ModelJson:
     """Describe the files already in `model_dir` and write `model.json`: the one writer of the package schema.
 
     Shot groups come from the training counts and thresholds, every listed file gets its sha256 and size, and
@@ -174,6 +197,7 @@ def write_package(model_dir: str | Path, *, name: str, labels: Sequence[str], cl
 
     Args:
         files: the package's files, model.onnx first (e.g. ["model.onnx", "model.pt2"]).
+        label_shift: the head's val confusion matrix (for label-shift estimation), or None.
 
     Returns:
         the ModelJson written.
@@ -189,8 +213,10 @@ def write_package(model_dir: str | Path, *, name: str, labels: Sequence[str], cl
             preprocess=preprocess, head=head, metrics=metrics or {}, verification=verification or {}, graph=graph,
             provenance=Provenance(ltserve_version=__version__, git_commit=git_commit(), config_hash=config_hash,
                                   created=utc_now(), command=command, run=run),
-            files=file_entries(model_dir, list(files)))
+            files=file_entries(model_dir, list(files)), label_shift=label_shift)
     except ValidationError as exc:
         raise PackageError(f"{model_dir}: invalid package description: {exc}") from None
-    atomic_write_text(Path(model_dir) / MODEL_JSON, meta.model_dump_json(indent=2))
+    # no `label_shift: null` key: a package without it stays readable by an ltserve from before the field
+    atomic_write_text(Path(model_dir) / MODEL_JSON,
+                      meta.model_dump_json(indent=2, exclude={"label_shift"} if label_shift is None else None))
     return load_package(model_dir, verify=True)

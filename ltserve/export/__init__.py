@@ -15,7 +15,8 @@ Every folded head therefore has exactly the node count of the joint export; ncm 
 (Sub, ReduceL2, Clip, Div). Verification is part of export and a package that fails it is never written (it is
 built in a temporary folder beside the target and moved into place at the end). `model.json` records the head's
 parameters, its val and test metrics (test computed from the cached features when no evaluation recorded it), the
-verification (with `warnings`, e.g. tiny lws scales; non-positive ones refuse the export) and provenance.
+verification (with `warnings`, e.g. tiny lws scales; non-positive ones refuse the export), provenance, and the head's
+val confusion matrix (`label_shift`: what black-box label-shift estimation needs, `ltserve.runtime.prior`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ from ltserve.export.verify import (VERIFY_IMAGES, check_scales, per_row_constant
 from ltserve.features.backbones import load_run_backbone
 from ltserve.features.cache import cached_features
 from ltserve.heads import HEADS, CalibratedHead, head_sha256
-from ltserve.package import MODEL_JSON, HeadInfo, ModelJson, ShotThresholds, graph_info, write_package
+from ltserve.heads.calibrate import BIAS_ALPHA, fit_class_bias
+from ltserve.heads.head import served_prior
+from ltserve.package import (MODEL_JSON, HeadInfo, LabelShiftInfo, ModelJson, ShotThresholds, graph_info,
+                             write_package)
 from ltserve.progress import progress_bar
 from ltserve.rundir import Run, open_run
 
@@ -117,6 +121,35 @@ def _split_metrics(run: Run, head: CalibratedHead, split: str) -> dict[str, Any]
                  name, name, split)
     x, y = cached_features(run, split)  # type: ignore[arg-type]
     return {**head_report(run, name, x, y), "source": f"computed at export from the cached {split} features"}
+
+
+def label_shift_info(run: Run, head: CalibratedHead) -> LabelShiftInfo | None:
+    """What label-shift estimation needs, measured on the run's val split: the head's confusion matrix (BBSE) and
+    its class-wise bias (EM; `ltserve.heads.calibrate.fit_class_bias`, kept only when significant). None when the
+    run has no val split.
+
+    Computed from the cached val features with the head's own calibrated logits, whose argmax is the package's
+    (export verifies the folded graph against them).
+    """
+    if not run.info.split_sizes.get("val"):
+        return None
+    x, y = cached_features(run, "val", progress=False)
+    y = np.asarray(y, dtype=np.int64)
+    c = head.num_classes
+    logits = head.logits(x).astype(np.float64)
+    counts = np.bincount(y * c + logits.argmax(axis=1), minlength=c * c).reshape(c, c)
+    # the offset that would calibrate a head that is right about its own prior for the split's class mix
+    weights = head_params(head)["target_prior"].get("weights")
+    freq = np.maximum(np.bincount(y, minlength=c) / max(len(y), 1), 1e-12)
+    offset = np.log(freq) - np.log(served_prior(weights, head.temperature, c))
+    fit = fit_class_bias(logits, y, offset)
+    log.info("%s: class-wise bias on val: LR statistic %.1f (dof %d, p %.3g): %s", head.method, fit.statistic,
+             fit.dof, fit.p_value, f"recorded, shrunk by {fit.shrinkage:.2f}" if fit.applied else "none recorded")
+    return LabelShiftInfo(split="val", n=int(len(y)), confusion=counts.astype(int).tolist(),
+                          bias=[round(float(b), 6) for b in fit.bias],
+                          bias_test={"statistic": fit.statistic, "dof": fit.dof, "p_value": fit.p_value,
+                                     "alpha": BIAS_ALPHA, "shrinkage": fit.shrinkage, "applied": fit.applied,
+                                     "fitted": [round(float(b), 6) for b in fit.fitted]})
 
 
 def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
@@ -296,6 +329,7 @@ def _describe(run: Run, out_dir: Path, tmp: Path, head: CalibratedHead, verifica
         head=HeadInfo(name=head.method, params=head_params(head), temperature=head.temperature),
         metrics=head_metrics(run, head), verification=verification,
         graph=graph_info(onnx.load(str(tmp / "model.onnx")), precision), files=files,
+        label_shift=label_shift_info(run, head),
         command=command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         run=str(run.root), config_hash=config_hash(run.config))
 

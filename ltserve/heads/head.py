@@ -21,7 +21,7 @@ be recovered (`strip_target_prior`), e.g. to compose tau_norm+la from a saved ta
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
@@ -128,3 +128,22 @@ def raw_bias(head: CalibratedHead) -> np.ndarray:
     """The bias without the target-prior shift, float64 (C,)."""
     shift = head.extras.get(PRIOR_KEY)
     return head.bias.astype(np.float64) - (0.0 if shift is None else shift.astype(np.float64))
+
+
+def served_prior(weights: Sequence[float] | None, temperature: float, num_classes: int) -> np.ndarray:
+    """The class mix a head's served probabilities are calibrated for, (C,) float64 summing to 1.
+
+    The target-prior shift is added to the bias before the temperature divides it, so the served logits carry
+    log(pi_target) / T: the mix is pi_target^(1/T), normalised (uniform for None: no target weights recorded). A zero
+    weight is floored at float32's tiny, as `ltserve.rebalance.prior` folds it.
+    """
+    if weights is None:
+        return np.full(num_classes, 1.0 / num_classes)
+    pi = np.asarray(weights, dtype=np.float64)
+    if pi.shape != (num_classes,) or not np.isfinite(pi).all() or (pi < 0).any() or pi.sum() <= 0:
+        raise ValueError(f"target prior weights must be {num_classes} finite values >= 0, not all 0")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_pi = np.log(np.maximum(pi / pi.sum(), np.finfo(np.float32).tiny)) / float(temperature)
+    p = np.exp(log_pi - log_pi.max())
+    return p / p.sum()
