@@ -129,7 +129,9 @@ def summarize(opts: PredictOptions, meta: ModelJson, fmt: str, errors_path: Path
         (predicted rows per shot group of the predicted class), elapsed_s (this run, seconds), setup_s (model
         loading: from the start to `Output.ready`; Ray loads its actors lazily, inside the pipeline), images_per_s
         (files processed by this run per second after set-up: the pipeline's throughput), and accuracy (top1,
-        balanced_accuracy, many, medium, few, n) when the inputs had labels.
+        balanced_accuracy, many, medium, few, n) when the inputs had labels. With --adapt-prior also prior (the
+        estimate over the whole input: method, adapted, n, estimate and target per class, tv_from_target,
+        expected_tv_error, shift per class) and accuracy_unadapted (the same figures before the adaptation).
     """
     t = output.tally
     processed = output.new_rows + output.new_errors
@@ -145,6 +147,7 @@ def summarize(opts: PredictOptions, meta: ModelJson, fmt: str, errors_path: Path
         "elapsed_s": round(end - output.started, 3), "setup_s": round(ready - output.started, 3),
         "images_per_s": round(processed / (end - ready), 2) if processed and end > ready else None,
         "accuracy": t.accuracy(),
+        **({"prior": output.prior, "accuracy_unadapted": t.accuracy(unadapted=True)} if output.prior else {}),
     }
 
 
@@ -159,10 +162,24 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(f"  throughput: {s['images_per_s']} images/s ({s['new_rows'] + s['new_errors']} files in "
                  f"{s['elapsed_s']:.2f} s, {s['setup_s']:.2f} s of it loading the model; engine {s['engine']}, "
                  f"batch {s['batch_size']})")
+    prior = s.get("prior")
+    if prior:
+        lines.append(_prior_line(prior))
     acc = s.get("accuracy")
-    if acc:
-        lines.append(f"  accuracy on {acc['n']} labelled images: top-1 {format_percent(acc['top1'])} %, "
-                     f"many {format_percent(acc['many'])}, medium {format_percent(acc['medium'])}, "
-                     f"few {format_percent(acc['few'])}, balanced {format_percent(acc['balanced_accuracy'])}")
+    for what, a in (("", acc), (" without the adaptation", s.get("accuracy_unadapted") if prior else None)):
+        if a:
+            lines.append(f"  accuracy on {a['n']} labelled images{what}: top-1 {format_percent(a['top1'])} %, "
+                         f"many {format_percent(a['many'])}, medium {format_percent(a['medium'])}, "
+                         f"few {format_percent(a['few'])}, balanced {format_percent(a['balanced_accuracy'])}")
     return "\n".join(lines)
+
+
+def _prior_line(p: dict[str, Any]) -> str:
+    """The --adapt-prior lines of the summary: the estimated prior per class and whether the rows were adapted."""
+    shares = ", ".join(f"{k} {v:.3f}" for k, v in p["estimate"].items())
+    if not p["adapted"]:
+        return f"  prior ({p['method']}): rows not adapted ({p['not_adapted']}):\n    {shares}"
+    err = f", expected error {p['expected_tv_error']:.3f}" if p.get("expected_tv_error") is not None else ""
+    return (f"  prior estimated over {p['n']} files ({p['method']}; {p['tv_from_target']:.3f} total variation from "
+            f"the {p['target_kind']} target{err}); rows adapted to it:\n    {shares}")
 

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ltserve.batch.adapt import TransductiveAdapter
 from ltserve.batch.decode import DecodePool
 from ltserve.batch.inputs import Item
 from ltserve.batch.options import PredictOptions, default_workers
@@ -15,7 +16,18 @@ from ltserve.runtime import Predictor
 
 
 def run_local(items: Sequence[Item], opts: PredictOptions, meta: ModelJson, output: Output) -> None:
-    """Decode in worker processes and predict in this one, fixed-size batches, rows written as they come."""
+    """Decode in worker processes and predict in this one, fixed-size batches, rows written as they come (with
+    --adapt-prior: once every file is predicted and the input's prior is estimated, see `TransductiveAdapter`)."""
+    adapter = (TransductiveAdapter(meta, len(items), opts.out, opts.adapt_prior) if opts.adapt_prior else None)
+    try:
+        _run(items, opts, meta, output, adapter)
+    finally:
+        if adapter is not None:
+            adapter.close()
+
+
+def _run(items: Sequence[Item], opts: PredictOptions, meta: ModelJson, output: Output,
+         adapter: TransductiveAdapter | None) -> None:
     workers = default_workers() if opts.workers is None else opts.workers
     chunk = opts.chunk_size or min(opts.batch_size, 32)
     pending_items: list[Item] = []
@@ -29,7 +41,11 @@ def run_local(items: Sequence[Item], opts: PredictOptions, meta: ModelJson, outp
         def run_batch(n: int) -> None:
             batch_items, batch_images = pending_items[:n], pending_images[:n]
             del pending_items[:n], pending_images[:n]
-            preds = predictor.postprocess(predictor.predict(predictor.preprocess(batch_images)), opts.top_k)
+            logits = predictor.predict(predictor.preprocess(batch_images))
+            if adapter is not None:  # rows are written once the whole input's prior is known
+                adapter.keep(batch_items, logits)
+                return
+            preds = predictor.postprocess(logits, opts.top_k)
             output.rows([prediction_row(it, p.model_dump(mode="json"), predictor.labels)
                          for it, p in zip(batch_items, preds)])
 
@@ -44,4 +60,6 @@ def run_local(items: Sequence[Item], opts: PredictOptions, meta: ModelJson, outp
     if pending_items:
         run_batch(len(pending_items))
         output.flush(0)
+    if adapter is not None:
+        output.prior = adapter.finish(predictor, opts.top_k, opts.batch_size, output)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from ltserve.errors import ConfigError, unknown_choice
 from ltserve.preprocess import DEFAULT_MAX_PIXELS
+from ltserve.runtime.prior import METHODS as PRIOR_METHODS
 
 FORMATS = ("jsonl", "csv", "parquet")
 ENGINES = ("local", "ray")
@@ -43,6 +44,7 @@ class PredictOptions:
     num_gpus: float = 0.0
     ray_num_cpus: int | None = None
     progress: bool = True
+    adapt_prior: str | None = None  # "em" | "bbse": estimate the prior over the whole input and adapt every row
 
 
 def default_workers() -> int:
@@ -78,6 +80,15 @@ def check_options(o: PredictOptions) -> None:
         raise ConfigError("--resume continues the existing output and --overwrite replaces it: pass one of them")
     if o.workers is not None and o.workers < 0:
         raise ConfigError(f"--workers must be >= 0 (0 decodes in the main process), got {o.workers}")
+    if o.adapt_prior is not None:
+        if o.adapt_prior not in PRIOR_METHODS:
+            raise ConfigError(unknown_choice("--adapt-prior", o.adapt_prior, PRIOR_METHODS))
+        if o.engine != "local":
+            raise ConfigError("--adapt-prior runs on --engine local (the prior is estimated over every logit of the "
+                              "job before any row is written); drop --engine ray or --adapt-prior")
+        if o.resume:
+            raise ConfigError("--adapt-prior estimates the prior over the whole input, so a run cannot be continued: "
+                              "pass --overwrite instead of --resume")
     if o.torch_options and o.backend != "torch":
         raise ConfigError(f"--torch-device / --torch-precision ({o.torch_options}) set the torch backend, but "
                           f"--backend is {o.backend}; add --backend torch or drop them")

@@ -26,23 +26,30 @@ class Tally:
     by_error: Counter = field(default_factory=Counter)
     pred: list[int] = field(default_factory=list)
     true: list[int] = field(default_factory=list)
+    unadapted: list[int] = field(default_factory=list)  # --adapt-prior: the prediction before the adaptation
 
-    def add_row(self, row: dict) -> None:
+    def add_row(self, row: dict, unadapted: int | None = None) -> None:
         self.rows += 1
         self.by_group[row["shot_group"]] += 1
         if row.get("true_class_index") not in (None, ""):
             self.pred.append(int(row["class_index"]))
             self.true.append(int(row["true_class_index"]))
+            if unadapted is not None:
+                self.unadapted.append(int(unadapted))
 
     def add_error(self, row: dict) -> None:
         self.errors += 1
         self.by_error[row.get("error", "?")] += 1
 
-    def accuracy(self) -> dict[str, Any] | None:
-        """top1 and many/medium/few (mean per-class accuracy in each group, as `ltserve evaluate`), or None."""
-        if not self.true:
+    def accuracy(self, unadapted: bool = False) -> dict[str, Any] | None:
+        """top1 and many/medium/few (mean per-class accuracy in each group, as `ltserve evaluate`), or None.
+
+        Args:
+            unadapted: of the predictions before --adapt-prior shifted them (None when there were none).
+        """
+        if not self.true or (unadapted and len(self.unadapted) != len(self.true)):
             return None
-        pred, true = np.asarray(self.pred), np.asarray(self.true)
+        pred, true = np.asarray(self.unadapted if unadapted else self.pred), np.asarray(self.true)
         pc = per_class_accuracy(pred, true, len(self.meta.labels))
         return {"n": int(true.size), "top1": float(np.mean(pred == true)), "balanced_accuracy": float(np.nanmean(pc)),
                 **group_accuracy(pc, self.meta.shot_groups)}
@@ -58,15 +65,17 @@ class Output:
         self.started = time.perf_counter()
         self.ready_at: float | None = None
         self.ended: float | None = None
+        self.prior: dict[str, Any] | None = None  # --adapt-prior: the estimate, for the summary
 
     def ready(self) -> None:
         """Mark the model as loaded: throughput is measured from here."""
         self.ready_at = time.perf_counter()
 
-    def rows(self, rows: list[dict]) -> None:
+    def rows(self, rows: list[dict], unadapted: Sequence[int] | None = None) -> None:
+        """Write rows; `unadapted`: each row's class before --adapt-prior (for the accuracy without it)."""
         self.rows_sink.write(rows)
-        for r in rows:
-            self.tally.add_row(r)
+        for i, r in enumerate(rows):
+            self.tally.add_row(r, None if unadapted is None else unadapted[i])
         self.new_rows += len(rows)
 
     def errors(self, errors: list[dict]) -> None:

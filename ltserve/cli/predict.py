@@ -1,6 +1,7 @@
 """`ltserve predict INPUT... --model models/NAME --out preds.jsonl [--out-format jsonl|csv|parquet] [--top-k 5]
-[--batch-size 32] [--workers W] [--root DIR] [--errors PATH] [--resume] [--engine local|ray]`: offline batch
-prediction (`ltserve.batch`). Exit 0 when every file was predicted, 1 when any failed (listed in the errors file)."""
+[--batch-size 32] [--workers W] [--root DIR] [--errors PATH] [--resume] [--engine local|ray]
+[--adapt-prior [em|bbse]]`: offline batch prediction (`ltserve.batch`). Exit 0 when every file was predicted, 1 when
+any failed (listed in the errors file)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ltserve.batch.options import ENGINES, FORMATS, PredictOptions, default_work
 from ltserve.fileio import write_json
 from ltserve.preprocess import DEFAULT_MAX_PIXELS
 from ltserve.runtime import BACKENDS
+from ltserve.runtime.prior import METHODS as PRIOR_METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=1, help="ray: Predictor actors (default 1)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="ray: GPUs per Predictor actor (default 0)")
     p.add_argument("--ray-num-cpus", type=int, help="ray: CPUs of the local Ray instance (ignored with RAY_ADDRESS)")
+    p.add_argument("--adapt-prior", nargs="?", const="em", choices=PRIOR_METHODS, metavar="METHOD",
+                   help="estimate the class prior of the whole input from its own predictions (em: EM over the "
+                        "posteriors, the default; bbse: the package's val confusion matrix) and write every row "
+                        "adapted to it (logits + log(pi_input / pi_target), capped); local engine, no --resume")
     p.add_argument("--summary-json", type=Path, help="also write the summary as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -70,7 +76,7 @@ def cli(argv: list[str] | None = None) -> int:
         backend=args.backend, torch_options=torch_options(args.torch_device, args.torch_precision),
         max_pixels=args.max_pixels, part_rows=args.part_rows, concurrency=args.concurrency,
         num_gpus=args.num_gpus,
-        ray_num_cpus=args.ray_num_cpus, progress=not args.no_progress)
+        ray_num_cpus=args.ray_num_cpus, progress=not args.no_progress, adapt_prior=args.adapt_prior)
     # SIGTERM (batch schedulers, `kill`) stops like Ctrl-C: written rows are kept and --resume continues
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
