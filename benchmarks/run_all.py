@@ -14,6 +14,8 @@ Order and budgets (CPU):
   sampler_ablation  stage-1 IB / CB / SR / PB x every head, rho 100, 3 seeds, the recipe's 60 epochs (~10 min)
   accuracy_int8  `accuracy --int8 best`: int8 vs fp32 packages on the embedded default as shipped, 3 seeds (~10 min)
   int8_placement which nodes int8 keeps float: ResNet-50 speed + embedded-default accuracy (~15 min)
+  label_shift    live prior estimation and adaptation: every head of a default-recipe run on skewed Fashion-MNIST test
+                 streams, and the estimator's cost per request (~5 min)
   model_latency_int8, serve_load_int8  the same scripts with `--precisions fp32,int8`: int8 beside fp32 (ResNet-18
                  and ResNet-50 224 px, the demo model, batch 1 and 8; the ResNet-18 service at concurrency 1 and 16)
 Scripts that are missing are skipped; a failing script is reported and the others still run. Each script's options
@@ -89,6 +91,7 @@ STEPS = (
     Step("sampler_ablation", timeout_s=2 * 3600),
     Step("accuracy_int8", script="accuracy", options=lambda ctx: {"--int8": "best"}, timeout_s=2 * 3600),
     Step("int8_placement", timeout_s=2 * 3600),
+    Step("label_shift", timeout_s=1800),
 )
 
 

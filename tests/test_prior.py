@@ -396,3 +396,22 @@ def test_runtime_prior_does_not_import_torch():
 
     code = "import sys, ltserve.runtime.prior, ltserve.batch.adapt; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_label_shift_benchmark_smoke(tmp_path):
+    """benchmarks/label_shift.py --smoke: the results trio, goals in the README generator's shape."""
+    if str(REPO) not in sys.path:  # `benchmarks` is a folder of scripts at the repo root
+        sys.path.insert(0, str(REPO))
+    from benchmarks import label_shift, perf_readme
+
+    out = tmp_path / "cpu-test-machine" / "label_shift"
+    assert label_shift.main(["--smoke", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["benchmark"] == "label_shift" and (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    goals = data["results"]["goals"]
+    assert len(goals) == 5 and all({"goal", "target", "measured", "met"} <= set(g) for g in goals)
+    rows = data["results"]["rows"]
+    assert {r["scenario"] for r in rows} == {"uniform", "train", "reversed", "one_class_50", "switch"}
+    assert all(r["acc_ceiling"] >= r["acc_unadapted"] - 1e-9 for r in rows if r["scenario"] != "uniform")
+    section = perf_readme.render(perf_readme.load_results(tmp_path), tmp_path)
+    assert "### label_shift on" in section and "total-variation error of the estimate" in section

@@ -44,7 +44,7 @@ import numpy as np
 
 from ltserve.errors import ConfigError, unknown_choice
 from ltserve.heads.head import served_prior
-from ltserve.package import ModelJson
+from ltserve.package import LabelShiftInfo, ModelJson
 
 METHODS = ("em", "bbse")
 DEFAULT_MIN_SAMPLES = 200
@@ -54,7 +54,7 @@ DEFAULT_MAX_SHIFT = 3.0
 DEFAULT_DEAD_BAND = 0.05
 """total variation: an estimate this close to the package's prior adapts nothing (see `prior_shift`)."""
 DEFAULT_WINDOW = 2000
-DEFAULT_EVERY = 100
+DEFAULT_EVERY = 200
 _CHUNK = 65536  # rows per step: EM over a memory-mapped batch job never holds more than this many posteriors
 
 
@@ -69,6 +69,10 @@ def softmax64(logits: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def _posteriors(rows: np.ndarray, probabilities: bool) -> np.ndarray:
+    return np.asarray(rows, dtype=np.float64) if probabilities else softmax64(rows)
 
 
 def _normalise(p: np.ndarray, what: str) -> np.ndarray:
@@ -113,8 +117,16 @@ class PackagePrior:
     @classmethod
     def from_meta(cls, meta: ModelJson) -> "PackagePrior":
         """The priors of a package's model.json (older packages: the head's calibration trusted, no confusion)."""
-        c = len(meta.labels)
-        info = meta.head.params.get("target_prior") or {"kind": "uniform"}
+        return cls.from_parts(meta.head.params.get("target_prior"), meta.head.temperature, meta.label_shift,
+                              len(meta.labels))
+
+    @classmethod
+    def from_parts(cls, target_prior: dict[str, Any] | None, temperature: float,
+                   label_shift: LabelShiftInfo | None, num_classes: int) -> "PackagePrior":
+        """From what model.json records: head.params.target_prior ({"kind", "weights"}), head.temperature and
+        label_shift (the same values export computes for a run's head, so a benchmark can skip the ONNX file)."""
+        c = int(num_classes)
+        info = target_prior or {"kind": "uniform"}
         kind = str(info.get("kind", "uniform"))
         weights = info.get("weights") if kind != "uniform" else None
         if weights is not None and len(weights) != c:
@@ -122,12 +134,12 @@ class PackagePrior:
                               "classes; re-export the package")
         target = (np.full(c, 1.0 / c) if weights is None
                   else _normalise(np.asarray(weights, dtype=np.float64), "target prior"))
-        source = served_prior(weights, meta.head.temperature, c)
-        shift, confusion = meta.label_shift, None
-        if shift is not None:
-            confusion = np.asarray(shift.confusion, dtype=np.float64)
-            if shift.bias is not None:
-                source = source * np.exp(-np.asarray(shift.bias, dtype=np.float64))
+        source = served_prior(weights, temperature, c)
+        confusion = None
+        if label_shift is not None:
+            confusion = np.asarray(label_shift.confusion, dtype=np.float64)
+            if label_shift.bias is not None:
+                source = source * np.exp(-np.asarray(label_shift.bias, dtype=np.float64))
                 source /= source.sum()
         return cls(target, source, kind, confusion)
 
@@ -190,8 +202,8 @@ def _weights(n: int, weights: np.ndarray | None) -> tuple[np.ndarray, float, flo
 
 
 def em_prior(logits: np.ndarray, source: np.ndarray, weights: np.ndarray | None = None, *,
-             pseudo_count: float = DEFAULT_PSEUDO_COUNT, init: np.ndarray | None = None, tol: float = 1e-6,
-             max_iter: int = 1000) -> tuple[np.ndarray, int, bool]:
+             pseudo_count: float = DEFAULT_PSEUDO_COUNT, init: np.ndarray | None = None, tol: float = 1e-5,
+             max_iter: int = 1000, probabilities: bool = False) -> tuple[np.ndarray, int, bool]:
     """Saerens EM: the prior that maximises the likelihood of the images (MAP with a Dirichlet smoothing).
 
     With a_ij = p_src(j | x_i) / pi_src(j) (proportional to p(x_i | j)), one step is
@@ -199,7 +211,8 @@ def em_prior(logits: np.ndarray, source: np.ndarray, weights: np.ndarray | None 
         r_ij = a_ij pi_j / sum_k a_ik pi_k          (posteriors under the current prior)
         pi_j = (sum_i w_i r_ij + alpha_j) / (sum_i w_i + sum_k alpha_k),   alpha = pseudo_count * C * source
 
-    and the loop stops when no share moves by more than `tol`.
+    computed as pi_j * ((w / (a pi)) @ a)_j: two matrix-vector products per step, no (N, C) temporary. The loop
+    stops when no share moves by more than `tol`.
 
     Args:
         logits: (N, C) the package's logits (softmax gives p_src); may be a memory map (read in row chunks).
@@ -207,6 +220,8 @@ def em_prior(logits: np.ndarray, source: np.ndarray, weights: np.ndarray | None 
         weights: (N,) image weights (decay), or None for 1 each.
         pseudo_count: smoothing, in images per class (0: plain maximum likelihood).
         init: (C,) starting prior (warm start from the last estimate), default `source`.
+        tol: largest change of a share that counts as converged (1e-5: far below the estimate's own error).
+        probabilities: `logits` holds softmax probabilities already (the live window caches them).
 
     Returns:
         (prior (C,) float64, iterations, converged).
@@ -220,15 +235,13 @@ def em_prior(logits: np.ndarray, source: np.ndarray, weights: np.ndarray | None 
     chunks = [(s, min(s + _CHUNK, n)) for s in range(0, n, _CHUNK)]
     cached = None
     if len(chunks) == 1:  # the live window: compute the likelihood ratios once
-        cached = softmax64(logits) / src
+        cached = _posteriors(logits, probabilities) / src
     for it in range(1, max_iter + 1):
         acc = np.zeros(c)
         for s, e in chunks:
-            a = cached if cached is not None else softmax64(logits[s:e]) / src
-            r = a * pi
-            r /= r.sum(axis=1, keepdims=True)
-            acc += w[s:e] @ r
-        new = (acc + alpha) / (total + alpha.sum())
+            a = cached if cached is not None else _posteriors(logits[s:e], probabilities) / src
+            acc += (w[s:e] / (a @ pi)) @ a
+        new = (pi * acc + alpha) / (total + alpha.sum())
         if float(np.abs(new - pi).max()) < tol:
             return new, it, True
         pi = new
@@ -236,7 +249,7 @@ def em_prior(logits: np.ndarray, source: np.ndarray, weights: np.ndarray | None 
 
 
 def em_confidence(logits: np.ndarray, source: np.ndarray, prior: np.ndarray,
-                  weights: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+                  weights: np.ndarray | None = None, probabilities: bool = False) -> tuple[np.ndarray, float]:
     """Standard errors of an EM estimate from the observed Fisher information of the mixture likelihood.
 
     With s_i = a_i / (a_i . pi) (the score of image i), I = sum_i w_i s_i s_i^T (weights scaled to sum to
@@ -253,7 +266,7 @@ def em_confidence(logits: np.ndarray, source: np.ndarray, prior: np.ndarray,
     w = w * (n_eff / total)
     info = np.zeros((c, c))
     for s in range(0, n, _CHUNK):
-        a = softmax64(logits[s:s + _CHUNK]) / src
+        a = _posteriors(logits[s:s + _CHUNK], probabilities) / src
         sc = a / (a @ prior)[:, None]
         info += (sc * w[s:s + _CHUNK, None]).T @ sc
     cov = np.linalg.pinv(info, hermitian=True) - np.outer(prior, prior) / n_eff
@@ -312,7 +325,8 @@ def bbse_prior(logits: np.ndarray, confusion: np.ndarray, anchor: np.ndarray, we
 
 def estimate_prior(logits: np.ndarray, package: PackagePrior, method: str = "em", weights: np.ndarray | None = None,
                    *, min_samples: int = DEFAULT_MIN_SAMPLES, pseudo_count: float = DEFAULT_PSEUDO_COUNT,
-                   init: np.ndarray | None = None, confidence: bool = True) -> PriorEstimate:
+                   init: np.ndarray | None = None, confidence: bool = True,
+                   probabilities: bool = False) -> PriorEstimate:
     """Estimate the prior of the images behind `logits`.
 
     Args:
@@ -324,6 +338,7 @@ def estimate_prior(logits: np.ndarray, package: PackagePrior, method: str = "em"
         pseudo_count: smoothing, images per class.
         init: em's warm start.
         confidence: compute std and expected_tv_error (a C x C pseudo-inverse: skip it on hot paths).
+        probabilities: `logits` holds softmax probabilities already (argmax and EM are the same).
 
     Raises:
         ConfigError: unknown method, or bbse on a package without a confusion matrix.
@@ -342,8 +357,10 @@ def estimate_prior(logits: np.ndarray, package: PackagePrior, method: str = "em"
         return PriorEstimate(package.target.copy(), "target", n, n_eff,
                              extra={"reason": f"{n} images, fewer than the {int(min_samples)} needed"})
     if method == "em":
-        pi, iters, ok = em_prior(logits, package.source, weights, pseudo_count=pseudo_count, init=init)
-        std, tv = em_confidence(logits, package.source, pi, weights) if confidence else (None, None)
+        pi, iters, ok = em_prior(logits, package.source, weights, pseudo_count=pseudo_count, init=init,
+                                 probabilities=probabilities)
+        std, tv = (em_confidence(logits, package.source, pi, weights, probabilities) if confidence
+                   else (None, None))
         return PriorEstimate(pi, "em", n, n_eff, iters, ok, std, tv)
     pi, std, tv, cond = bbse_prior(logits, package.confusion, package.target, weights,  # type: ignore[arg-type]
                                    pseudo_count=pseudo_count)
@@ -402,9 +419,11 @@ def decay_weights(n: int, half_life: float) -> np.ndarray | None:
 class PriorWindow:
     """The last `capacity` images' logits (float32, C each) with their wall-clock times, oldest first on read.
 
-    A ring buffer: `observe` copies a batch in (no allocation), `samples` returns the window in time order.
-    Windows of several processes merge by time (`merge_samples`), which is what keeps a server-wide window the last
-    `capacity` images whichever worker served them.
+    A ring buffer: `observe` copies a batch in (a couple of microseconds, no allocation), `samples` returns the
+    window in time order. Softmax probabilities are cached per row and computed only for the rows added since the
+    last `samples(probabilities=True)`, so a re-estimate every 200 images costs the softmax of 200 rows, not of the
+    window. Windows of several processes merge by time (`merge_samples`), which keeps a server-wide window the
+    last `capacity` images whichever worker served them.
     """
 
     def __init__(self, num_classes: int, capacity: int = DEFAULT_WINDOW) -> None:
@@ -412,40 +431,53 @@ class PriorWindow:
             raise ConfigError(f"prior window must be >= 1 image, got {capacity}")
         self.capacity, self.num_classes = int(capacity), int(num_classes)
         self._logits = np.zeros((self.capacity, self.num_classes), dtype=np.float32)
+        self._probs = np.zeros((self.capacity, self.num_classes), dtype=np.float64)
         self._times = np.zeros(self.capacity, dtype=np.float64)
         self._next = 0  # where the next row goes
+        self._stale = 0  # rows before _next (circularly) whose probabilities are not computed yet
         self.size = 0
-        self.total = 0  # images observed since the last reset (the window holds the last `capacity`)
+        self.total = 0  # images observed since the last clear (the window holds the last `capacity`)
 
     def observe(self, logits: np.ndarray, t: float | None = None) -> None:
-        """Add a batch (N, C) seen at wall-clock time t (default now)."""
-        rows = np.asarray(logits, dtype=np.float32)
-        if rows.ndim != 2 or rows.shape[1] != self.num_classes:
-            raise ValueError(f"logits must be (N, {self.num_classes}), got {rows.shape}")
-        if len(rows) > self.capacity:
-            rows = rows[-self.capacity:]
-        n, now = len(rows), time.time() if t is None else float(t)
+        """Add a batch of logits (N, C) seen at wall-clock time t (default now)."""
+        n = len(logits)
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"logits must be (N, {self.num_classes}), got {logits.shape}")
+        if n > self.capacity:
+            logits, n = logits[-self.capacity:], self.capacity
+        now = time.time() if t is None else t
         end = self._next + n
         if end <= self.capacity:
-            self._logits[self._next:end] = rows
+            self._logits[self._next:end] = logits
             self._times[self._next:end] = now
         else:
             k = self.capacity - self._next
-            self._logits[self._next:], self._logits[:n - k] = rows[:k], rows[k:]
+            self._logits[self._next:], self._logits[:n - k] = logits[:k], logits[k:]
             self._times[self._next:], self._times[:n - k] = now, now
         self._next = end % self.capacity
+        self._stale = min(self.capacity, self._stale + n)
         self.size = min(self.capacity, self.size + n)
         self.total += n
 
-    def samples(self) -> tuple[np.ndarray, np.ndarray]:
-        """(logits (n, C) float32, times (n,) float64), oldest first (copies)."""
+    def _order(self) -> np.ndarray | slice:
         if self.size < self.capacity:
-            return self._logits[:self.size].copy(), self._times[:self.size].copy()
-        order = np.r_[self._next:self.capacity, 0:self._next]
-        return self._logits[order], self._times[order]
+            return slice(0, self.size)
+        return np.r_[self._next:self.capacity, 0:self._next]
+
+    def samples(self, probabilities: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(logits (n, C) float32, or their softmax probabilities float64, times (n,) float64), oldest first
+        (copies)."""
+        order = self._order()
+        if not probabilities:
+            return self._logits[order].copy(), self._times[order].copy()
+        if self._stale:
+            rows = np.arange(self._next - self._stale, self._next) % self.capacity
+            self._probs[rows] = softmax64(self._logits[rows])
+            self._stale = 0
+        return self._probs[order].copy(), self._times[order].copy()
 
     def load(self, logits: np.ndarray, times: np.ndarray, total: int | None = None) -> None:
-        """Replace the contents with samples (oldest first), keeping the newest `capacity`."""
+        """Replace the contents with samples (logits, any order), keeping the newest `capacity`."""
         logits = np.asarray(logits, dtype=np.float32).reshape(-1, self.num_classes)
         times = np.asarray(times, dtype=np.float64).reshape(-1)
         if len(logits) != len(times):
@@ -464,7 +496,7 @@ class PriorWindow:
             self.load(logits[keep], times[keep], int(keep.sum()))
 
     def clear(self) -> None:
-        self._next, self.size, self.total = 0, 0, 0
+        self._next, self._stale, self.size, self.total = 0, 0, 0, 0
 
 
 def merge_samples(parts: Sequence[tuple[np.ndarray, np.ndarray]], capacity: int,
@@ -472,14 +504,14 @@ def merge_samples(parts: Sequence[tuple[np.ndarray, np.ndarray]], capacity: int,
     """The newest `capacity` samples of several windows, oldest first, ignoring those before `since`.
 
     Args:
-        parts: (logits (n_k, C), times (n_k,)) per window.
+        parts: (rows (n_k, C): logits or probabilities, times (n_k,)) per window.
 
     Returns:
-        (logits (n, C) float32, times (n,)).
+        (rows (n, C), times (n,)); (0, 0) rows when every part is empty.
     """
-    parts = [(np.asarray(lg, dtype=np.float32), np.asarray(t, dtype=np.float64)) for lg, t in parts if len(t)]
+    parts = [(np.asarray(lg), np.asarray(t, dtype=np.float64)) for lg, t in parts if len(t)]
     if not parts:
-        return np.zeros((0, 0), dtype=np.float32), np.zeros(0)
+        return np.zeros((0, 0)), np.zeros(0)
     logits = np.concatenate([lg for lg, _ in parts])
     times = np.concatenate([t for _, t in parts])
     keep = np.flatnonzero(times >= since)
@@ -549,7 +581,7 @@ class LiveEstimator:
         self._since_refresh = 0
 
     def observe(self, logits: np.ndarray, t: float | None = None) -> bool:
-        """Record a batch of unadapted logits (N, C); True when it triggered a re-estimate."""
+        """Record a batch of unadapted logits (N, C) float32; True when it triggered a re-estimate."""
         self.window.observe(logits, t)
         self._since_refresh += len(logits)
         if self._since_refresh >= self.settings.every:
@@ -559,15 +591,23 @@ class LiveEstimator:
 
     def refresh(self, others: Sequence[tuple[np.ndarray, np.ndarray]] = (), since: float = 0.0,
                 confidence: bool = False) -> PriorEstimate:
-        """Re-estimate from this window plus other windows' samples (other workers), newest `window` by time."""
+        """Re-estimate from this window plus other windows (other workers), the newest `window` images by time.
+
+        Args:
+            others: (probabilities (n, C), times (n,)) of other windows (`PriorWindow.samples(True)`).
+            since: ignore images seen before this wall-clock time (a reset).
+            confidence: also compute the standard errors (a C x C pseudo-inverse: for reports, not per batch).
+        """
         s = self.settings
-        logits, times = merge_samples([self.window.samples(), *others], s.window, since)
+        mine = self.window.samples(probabilities=True)
+        probs, times = merge_samples([mine, *others], s.window, since) if others or since > 0 else mine
         if len(times) == 0:
-            logits = np.zeros((0, self.package.num_classes), dtype=np.float32)
+            probs = np.zeros((0, self.package.num_classes))
         weights = decay_weights(len(times), s.half_life)
         init = self.estimate.prior if self.estimate.estimated else None
-        self.estimate = estimate_prior(logits, self.package, s.method, weights, min_samples=s.min_samples,
-                                       pseudo_count=s.pseudo_count, init=init, confidence=confidence)
+        self.estimate = estimate_prior(probs, self.package, s.method, weights, min_samples=s.min_samples,
+                                       pseudo_count=s.pseudo_count, init=init, confidence=confidence,
+                                       probabilities=True)
         self.shift = (prior_shift(self.estimate.prior, self.package.source, s.max_shift, s.dead_band)
                       if self.estimate.estimated else None)
         self._since_refresh = 0
