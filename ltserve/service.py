@@ -3,7 +3,10 @@
     POST /classify        multipart field `image`  -> Prediction (top-k)
     POST /classify_batch  repeated field `images`  -> {"predictions": [Prediction, ...]} (at most max_batch_images)
     GET  /model           precision, labels, shot groups, head, metrics, verification, provenance, runtime
-    GET  /livez /readyz /metrics (Prometheus: BentoML's, plus predictions per shot group and batch sizes run)
+    GET  /prior           the live class prior estimated from the traffic (LTSERVE_PRIOR_ADAPT=report | apply)
+    POST /prior/reset     forget the traffic seen so far, in every worker: back to the package's target prior
+    GET  /livez /readyz /metrics (Prometheus: BentoML's, plus predictions per shot group and batch sizes run, and
+                          the live prior's gauges)
     GET  /docs.json       the OpenAPI contract: every route, every status, the Bearer scheme (ltserve.serve.openapi)
 
 Configuration: `ServiceSettings` (ltserve.serve.settings), read once at import from LTSERVE_<FIELD> environment
@@ -36,7 +39,12 @@ the union's first `$ref` against an empty table: KeyError, and /docs.json answer
 `GET /model` is a Starlette route mounted with `@bentoml.asgi_app` (BentoML APIs are POST-only); it reaches the
 worker's instance through `bentoml.get_current_service()`, which BentoML sets once the instance is built. The same
 mounted app answers `GET /docs.json` (BentoML's document completed by `complete_openapi`): mounted routes come
-before BentoML's own /docs.json in the route table.
+before BentoML's own /docs.json in the route table. `/prior` and `/prior/reset` are mounted the same way.
+
+Live label shift (`ltserve.serve.live_prior`): with LTSERVE_PRIOR_ADAPT=report (the default) or apply, the batcher is
+handed an `AdaptingPredictor`, whose `postprocess` feeds each request's unadapted logits to the worker's
+`LivePrior` and, with apply, answers from logits shifted to the estimated live prior; answers then carry
+`"adapted": true | false` in addition to the Prediction fields.
 
 Measured cost of the one handler, against the previous path (the guard parsed the body once and answered for the
 service), both served side by side on a 2-core AMD EPYC shared with other jobs, tiny Gemm model, 28x28 PNG, access
@@ -57,6 +65,7 @@ wires HTTP to them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -65,7 +74,7 @@ from typing import Sequence
 
 import bentoml
 from bentoml.exceptions import BentoMLException
-from pydantic import BaseModel
+from pydantic import BaseModel, SerializeAsAny
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -77,9 +86,11 @@ from ltserve.package import load_package
 from ltserve.runtime import Prediction, Predictor
 from ltserve.serve.batcher import AsyncPredictor
 from ltserve.serve.guard import ErrorBody, RequestGuard, TimeLimit, error_response, invalid_input_error
+from ltserve.serve.live_prior import AdaptingPredictor, LivePrediction, live_prior_from_settings, prior_metrics
 from ltserve.serve.metrics import service_metrics
 from ltserve.serve.openapi import complete_openapi
-from ltserve.serve.settings import BATCH_ROUTE, CLASSIFY_ROUTE, MODEL_ROUTE, ServiceSettings
+from ltserve.serve.settings import (BATCH_ROUTE, CLASSIFY_ROUTE, MODEL_ROUTE, PRIOR_RESET_ROUTE, PRIOR_ROUTE,
+                                    ServiceSettings)
 from ltserve.serve.worker import cpu_threads, prepare_server, setup_worker, worker_count
 
 logger = logging.getLogger(__name__)
@@ -105,7 +116,23 @@ async def _openapi(request: Request) -> JSONResponse:
     return JSONResponse(_OPENAPI)
 
 
+async def _prior(request: Request) -> JSONResponse:
+    """GET /prior, POST /prior/reset: the live prior of this server (merged over its workers), or a reset of it."""
+    try:
+        svc = bentoml.get_current_service()
+    except BentoMLException:
+        return error_response(503, "not_ready", "the model is still loading")
+    if svc.prior is None:
+        return error_response(404, "prior_off", "live label-shift estimation is off (LTSERVE_PRIOR_ADAPT=off); set "
+                                                "LTSERVE_PRIOR_ADAPT=report or apply")
+    if request.url.path == PRIOR_RESET_ROUTE:
+        return JSONResponse(await asyncio.to_thread(svc.prior.reset))
+    return JSONResponse(await asyncio.to_thread(svc.prior.report))
+
+
 routes_app = Starlette(routes=[Route(MODEL_ROUTE, _model_info, methods=["GET"]),
+                               Route(PRIOR_ROUTE, _prior, methods=["GET"]),
+                               Route(PRIOR_RESET_ROUTE, _prior, methods=["POST"]),
                                Route("/docs.json", _openapi, methods=["GET"])])
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -122,10 +149,14 @@ if bentoml.server_context.worker_index is not None:  # a `bentoml serve` worker,
 NO_REQUEST = bentoml.Context()
 
 
+# With live label shift on, answers are LivePredictions (a Prediction plus "adapted"): the 200 schemas say so.
+ANSWER = Prediction if SETTINGS.prior_adapt == "off" else LivePrediction
+
+
 class BatchResponse(BaseModel):
     """/classify_batch: one prediction per uploaded image, in upload order."""
 
-    predictions: list[Prediction]
+    predictions: list[SerializeAsAny[ANSWER]]  # type: ignore[valid-type]  # SerializeAsAny: keep "adapted"
 
 
 def _error_answer(ctx: bentoml.Context, status: int, body: ErrorBody) -> ErrorBody:
@@ -154,7 +185,9 @@ class Classifier:
         except LtserveError as exc:
             logger.error("cannot start: model package %s: %s (set LTSERVE_MODEL to a package folder)", path, exc)
             raise
-        self.engine = AsyncPredictor(predictor, max_batch_size=self.settings.max_batch_size,
+        self.prior = live_prior_from_settings(self.settings, predictor.meta, _worker_name(), prior_metrics())
+        self.engine = AsyncPredictor(predictor if self.prior is None else AdaptingPredictor(predictor, self.prior),
+                                     max_batch_size=self.settings.max_batch_size,
                                      max_latency_ms=self.settings.max_latency_ms,
                                      decode_threads=self.settings.decode_threads,
                                      on_batch=self.metrics["batch_size"].observe)
@@ -163,7 +196,9 @@ class Classifier:
             "max_pixels": self.settings.max_pixels, "max_request_pixels": self.settings.max_request_pixels,
             "max_batch_images": self.settings.max_batch_images,
             "max_batch_size": self.settings.max_batch_size, "max_latency_ms": self.settings.max_latency_ms,
-            "decode_threads": self.engine.decode_threads, "workers": WORKERS, "pid": os.getpid()}}
+            "decode_threads": self.engine.decode_threads, "workers": WORKERS, "pid": os.getpid(),
+            "prior_adapt": self.settings.prior_adapt,
+            **({"prior_state_dir": str(self.prior.state_dir)} if self.prior else {})}}
         logger.info("serving %s from %s", predictor.meta.name, path)
 
     @bentoml.on_deployment
@@ -181,7 +216,11 @@ class Classifier:
                     raise PackageError(f"{path}: LTSERVE_BACKEND=torch needs model.pt2; re-export with "
                                        "`ltserve export ... --format onnx,pt2`")
             else:
-                Predictor(path, providers=["cpu"], threads=1, max_batch_size=1)
+                meta = Predictor(path, providers=["cpu"], threads=1, max_batch_size=1).meta
+            if SETTINGS.prior_method == "bbse" and SETTINGS.prior_adapt != "off" and meta.label_shift is None:
+                raise PackageError(f"{path}: LTSERVE_PRIOR_METHOD=bbse needs the val confusion matrix in model.json "
+                                   "(label_shift); re-export the package with this ltserve, or set "
+                                   "LTSERVE_PRIOR_METHOD=em")
         except LtserveError as exc:
             raise SystemExit(f"ltserve: cannot serve model package {path}: {exc}\n(set LTSERVE_MODEL to a model "
                              "package folder, e.g. one made by `ltserve export`)") from None
@@ -189,13 +228,15 @@ class Classifier:
 
     @bentoml.on_shutdown
     def close(self) -> None:
-        """Stop the batching worker and the decode/predict threads."""
+        """Stop the batching worker and the decode/predict threads; write the live prior's state."""
         self.engine.close()
+        if self.prior is not None:
+            self.prior.close()
 
     def __is_ready__(self) -> bool:
         return self.engine.running
 
-    @bentoml.api(route=CLASSIFY_ROUTE, output_spec=Prediction)  # the 200 schema: see the module docstring
+    @bentoml.api(route=CLASSIFY_ROUTE, output_spec=ANSWER)  # the 200 schema: see the module docstring
     async def classify(self, image: Path, ctx: bentoml.Context = NO_REQUEST) -> Prediction | ErrorBody:
         """Classify one image (multipart field `image`: JPEG, PNG, WebP, BMP, GIF, TIFF or PNM): its top-k classes.
 
@@ -240,6 +281,15 @@ class Classifier:
         for p in predictions:
             counter.labels(shot_group=p.shot_group).inc()
         return predictions
+
+
+def _worker_name() -> str:
+    """This worker's index (1, 2, ...) as BentoML numbers its workers, stable across a worker's restarts; the pid
+    when run outside a BentoML server."""
+    from bentoml._internal.context import server_context
+
+    index = getattr(server_context, "worker_index", None)
+    return str(index) if index is not None else f"pid{os.getpid()}"
 
 
 if SETTINGS.cors_origins:

@@ -152,6 +152,10 @@ FIELD_VALUES = {
     "api_key": ("k3y", "k3y"), "cors_origins": ("http://a.example, http://b.example",
                                                 ["http://a.example", "http://b.example"]),
     "metrics_dir": ("/tmp/ltserve-test-metrics", Path("/tmp/ltserve-test-metrics")),
+    "prior_adapt": ("apply", "apply"), "prior_method": ("bbse", "bbse"), "prior_window": ("500", 500),
+    "prior_half_life": ("300", 300.0), "prior_min_samples": ("50", 50), "prior_max_shift": ("2", 2.0),
+    "prior_dead_band": ("0.1", 0.1), "prior_state_dir": ("/tmp/prior-x", Path("/tmp/prior-x")),
+    "prior_persist_s": ("1", 1.0),
 }
 
 
@@ -559,7 +563,8 @@ def test_http_and_direct_calls_run_the_same_handler(package, images):
     (t1, one), (t2, many), (t3, bad), (t4, over) = got["direct"]
     status, changed = got["changed"]
     assert status == 200 and changed == {**one, "label": "changed:" + one["label"]}, "HTTP did not run the method"
-    assert [t1, t2, t3, t4] == ["Prediction", "BatchResponse", "ErrorBody", "ErrorBody"]
+    # LivePrediction: a Prediction plus "adapted" (live label shift, on in report mode by default)
+    assert t1 in ("Prediction", "LivePrediction") and [t2, t3, t4] == ["BatchResponse", "ErrorBody", "ErrorBody"]
     predictor = Predictor(package, threads=1)
     assert_same(one, predictor.classify_bytes([images["china"].read_bytes()], top_k=3)[0])
     assert len(many["predictions"]) == 3 and many["predictions"][0] == many["predictions"][2]
@@ -580,9 +585,10 @@ def test_openapi_lists_every_route_status_and_the_security_scheme(server):
     assert batch["required"] == ["predictions"] and batch["properties"]["predictions"]["type"] == "array"
     item = batch["properties"]["predictions"]["items"]
     ref = item.get("$ref", "").rsplit("/", 1)[-1]
-    assert ref == "Prediction" or set(item.get("required", [])) == prediction_fields, item
+    # LivePrediction: a Prediction plus the optional "adapted" (live label shift, on in report mode by default)
+    assert ref in ("Prediction", "LivePrediction") or set(item.get("required", [])) == prediction_fields, item
     if ref:
-        assert set(spec["components"]["schemas"]["Prediction"]["required"]) == prediction_fields
+        assert set(spec["components"]["schemas"][ref]["required"]) == prediction_fields
     assert "multipart/form-data" in paths["/classify"]["post"]["requestBody"]["content"]
 
     # every route, every status it answers, errors as ErrorBody, the Bearer scheme where the key is needed

@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -561,15 +561,17 @@ class LiveEstimator:
 
     `observe(logits)` records a batch's unadapted logits (and re-estimates when `every` new images have come);
     `shift` is what `adapt_logits` adds for the current estimate, or None below the floor (`min_samples`) and inside
-    the dead band.
-    Not thread-safe: the caller serialises (the service's predict thread, or a lock).
+    the dead band. Not thread-safe: the caller serialises (the service holds a lock).
 
     Args:
         package: the package's priors.
-        settings: window, decay, floor, smoothing, cap, cadence.
+        settings: window, decay, floor, smoothing, cap, dead band, cadence.
+        others: called at every re-estimate for other windows to merge, as (probabilities (n, C), times (n,))
+            pairs (the server's other workers); None: this window alone.
     """
 
-    def __init__(self, package: PackagePrior, settings: EstimatorSettings | None = None) -> None:
+    def __init__(self, package: PackagePrior, settings: EstimatorSettings | None = None,
+                 others: Callable[[], Sequence[tuple[np.ndarray, np.ndarray]]] | None = None) -> None:
         self.package = package
         self.settings = settings or EstimatorSettings()
         if self.settings.method == "bbse" and package.confusion is None:
@@ -578,6 +580,8 @@ class LiveEstimator:
         self.window = PriorWindow(package.num_classes, self.settings.window)
         self.estimate = PriorEstimate(package.target.copy(), "target", 0, 0.0)
         self.shift: np.ndarray | None = None
+        self.since = 0.0  # wall-clock time of the last reset: older images (of any window) are ignored
+        self._others = others
         self._since_refresh = 0
 
     def observe(self, logits: np.ndarray, t: float | None = None) -> bool:
@@ -589,18 +593,16 @@ class LiveEstimator:
             return True
         return False
 
-    def refresh(self, others: Sequence[tuple[np.ndarray, np.ndarray]] = (), since: float = 0.0,
-                confidence: bool = False) -> PriorEstimate:
-        """Re-estimate from this window plus other windows (other workers), the newest `window` images by time.
+    def refresh(self, confidence: bool = False) -> PriorEstimate:
+        """Re-estimate from this window plus the other windows, the newest `window` images by time.
 
         Args:
-            others: (probabilities (n, C), times (n,)) of other windows (`PriorWindow.samples(True)`).
-            since: ignore images seen before this wall-clock time (a reset).
             confidence: also compute the standard errors (a C x C pseudo-inverse: for reports, not per batch).
         """
         s = self.settings
         mine = self.window.samples(probabilities=True)
-        probs, times = merge_samples([mine, *others], s.window, since) if others or since > 0 else mine
+        others = list(self._others()) if self._others is not None else []
+        probs, times = merge_samples([mine, *others], s.window, self.since) if others or self.since else mine
         if len(times) == 0:
             probs = np.zeros((0, self.package.num_classes))
         weights = decay_weights(len(times), s.half_life)
@@ -613,9 +615,10 @@ class LiveEstimator:
         self._since_refresh = 0
         return self.estimate
 
-    def reset(self) -> None:
-        """Forget every image: back to the target prior, no shift."""
-        self.window.clear()
+    def reset(self, at: float | None = None) -> None:
+        """Forget every image seen before wall-clock time `at` (default now): back to the target prior, no shift."""
+        self.since = time.time() if at is None else float(at)
+        self.window.drop_before(self.since)
         self.estimate = PriorEstimate(self.package.target.copy(), "target", 0, 0.0)
         self.shift = None
         self._since_refresh = 0

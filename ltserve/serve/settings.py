@@ -29,8 +29,10 @@ ENV_PREFIX = "LTSERVE_"
 CLASSIFY_ROUTE = "/classify"
 BATCH_ROUTE = "/classify_batch"
 MODEL_ROUTE = "/model"
+PRIOR_ROUTE = "/prior"
+PRIOR_RESET_ROUTE = "/prior/reset"
 UPLOAD_FIELDS = {CLASSIFY_ROUTE: "image", BATCH_ROUTE: "images"}
-PROTECTED_ROUTES = (CLASSIFY_ROUTE, BATCH_ROUTE, MODEL_ROUTE)
+PROTECTED_ROUTES = (CLASSIFY_ROUTE, BATCH_ROUTE, MODEL_ROUTE, PRIOR_ROUTE, PRIOR_RESET_ROUTE)
 
 # The secret is never echoed back in an error message.
 _SECRET_FIELDS = frozenset({"api_key"})
@@ -78,6 +80,21 @@ class ServiceSettings(BaseSettings):
         metrics_dir: the Prometheus multiprocess directory of this server's workers (LTSERVE_METRICS_DIR; default: a
             new private directory per server, removed when it stops). `bentoml serve` empties BentoML's shared one
             at every start, which would reset the counters of a server already running on the host.
+        prior_adapt: live label shift: off; report (estimate the traffic's class prior, GET /prior, gauges); apply
+            (also shift every answer's logits to it) (LTSERVE_PRIOR_ADAPT).
+        prior_method: em (EM over the posteriors) or bbse (needs the val confusion matrix in model.json)
+            (LTSERVE_PRIOR_METHOD).
+        prior_window: images the estimate is computed from, the newest across all workers (LTSERVE_PRIOR_WINDOW).
+        prior_half_life: images; > 0 weighs older images of the window down (LTSERVE_PRIOR_HALF_LIFE; 0 = off).
+        prior_min_samples: below this many images the estimate is the target prior and nothing is adapted
+            (LTSERVE_PRIOR_MIN_SAMPLES).
+        prior_max_shift: cap on the shift added to any logit, nats (LTSERVE_PRIOR_MAX_SHIFT).
+        prior_dead_band: total variation from the package's prior within which nothing is adapted
+            (LTSERVE_PRIOR_DEAD_BAND).
+        prior_state_dir: the server's live prior state (one file per worker, reset marker)
+            (LTSERVE_PRIOR_STATE_DIR; default: <temp dir>/ltserve-prior-<uid>/<package>-<sha>, which outlives
+            restarts but not a reboot; one folder per server).
+        prior_persist_s: longest time between two writes of a worker's state (LTSERVE_PRIOR_PERSIST_S).
     """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid", frozen=True)
@@ -108,6 +125,15 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = None
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     metrics_dir: Path | None = None
+    prior_adapt: Literal["off", "report", "apply"] = "report"
+    prior_method: Literal["em", "bbse"] = "em"
+    prior_window: int = Field(2000, ge=1, le=10_000_000)
+    prior_half_life: float = Field(0.0, ge=0)
+    prior_min_samples: int = Field(200, ge=1)
+    prior_max_shift: float = Field(3.0, ge=0, le=50)
+    prior_dead_band: float = Field(0.05, ge=0, lt=1)
+    prior_state_dir: Path | None = None
+    prior_persist_s: float = Field(5.0, gt=0)
 
     @field_validator("providers", "cors_origins", mode="before")
     @classmethod

@@ -1,0 +1,382 @@
+"""The live class prior of a server's traffic (LTSERVE_PRIOR_ADAPT=off | report | apply), shared by its workers.
+
+Every answer's unadapted logits go into this worker's `LiveEstimator` (`ltserve.runtime.prior`: a time-stamped
+window, EM or BBSE every 200 images); with `apply`, each batch is answered with the shift the estimate had before it
+(log(pi_live / pi_src), dead band, cap; nothing below the sample floor), and every answer says whether it was adapted.
+
+Several workers, one estimate. Each worker owns one state file, `<state_dir>/worker-<index>.npz` (its window's
+logits and wall-clock times, written atomically: a temporary file then a rename, by a background thread every
+`persist_s` seconds when it changed, and at shutdown), and reads the others' files (re-read only when their mtime changes). A re-estimate merges its own window
+with theirs and keeps the newest `window` images by time: the server-wide window is the last N images whichever
+worker served them, never counted twice (each image lives in exactly one worker's file). No lock between processes
+is needed: every file has one writer, and readers see whole files only. A worker restarted with the same index
+loads its own file and so keeps the estimate; other workers' files lag by at most `persist_s`.
+
+Reset (POST /prior/reset) writes `<state_dir>/reset.json` {"at": wall-clock time} atomically; every worker checks it
+at most once a second and then drops the images seen before it, and merging ignores them in any file, so the whole
+server is back at the package's target prior at once.
+
+A state file that cannot be read (corrupt, another package's, another class count) is moved aside to
+`<name>.corrupt-<time>` (kept for inspection: nothing is deleted), logged with the reason, and the worker starts
+from the target prior. Prometheus: `ltserve_prior_estimate{label}` (one series per class of the package, so the
+label values are bounded), `ltserve_prior_distance` (total variation from the target prior),
+`ltserve_prior_images` (images in the estimate) and `ltserve_prior_adapted` (answers adapted).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from pydantic import Field
+
+from ltserve.errors import ConfigError
+from ltserve.fileio import atomic_write, write_json
+from ltserve.package import ModelJson
+from ltserve.runtime import Prediction, Predictor
+from ltserve.runtime.prior import (EstimatorSettings, LiveEstimator, PackagePrior, adapt_logits, softmax64,
+                                   tv_distance)
+
+logger = logging.getLogger(__name__)
+
+MODES = ("off", "report", "apply")
+STATE_VERSION = 1
+RESET_FILE = "reset.json"
+_RESET_CHECK_S = 1.0
+
+
+class LivePrediction(Prediction):
+    """A service answer with label-shift adaptation on (report or apply): the Prediction plus `adapted`."""
+
+    adapted: bool = Field(False, description="whether the logits were shifted to the estimated live class prior "
+                                      "(LTSERVE_PRIOR_ADAPT=apply, past the sample floor and the dead band)")
+
+
+def default_state_dir(meta: ModelJson) -> Path:
+    """<temp dir>/ltserve-prior-<uid>/<package name>-<model.onnx sha256, 12 hex>: one folder per package, so a new
+    package never inherits an old package's estimate. It outlives worker and server restarts, not a reboot or a new
+    container: set LTSERVE_PRIOR_STATE_DIR to a volume for that, and give each server on one host its own."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return (Path(tempfile.gettempdir()) / f"ltserve-prior-{uid}"
+            / f"{meta.name}-{meta.files['model.onnx'].sha256[:12]}")
+
+
+class LivePrior:
+    """One worker's view of the server's live prior: observe, adapt, persist, merge, reset, report.
+
+    Args:
+        meta: the package's model.json.
+        settings: the estimator's window, decay, floor, smoothing, cap, dead band and method.
+        mode: "report" (estimate only) or "apply" (also shift the logits).
+        state_dir: the server's state folder (created).
+        worker: this worker's name in its state file (BentoML's worker index).
+        persist_s: longest time between two writes of this worker's state file.
+        metrics: the Prometheus metrics of `prior_metrics`, or None.
+    """
+
+    def __init__(self, meta: ModelJson, settings: EstimatorSettings, mode: str, state_dir: Path, worker: str,
+                 persist_s: float = 5.0, metrics: dict[str, Any] | None = None) -> None:
+        if mode not in ("report", "apply"):
+            raise ValueError(f"LivePrior runs in mode report or apply, got {mode!r}")
+        self.mode, self.labels, self.metrics = mode, list(meta.labels), metrics
+        self.model_sha = meta.files["model.onnx"].sha256
+        self.state_dir, self.persist_s = Path(state_dir), float(persist_s)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.state_dir / f"worker-{worker}.npz"
+        self.package = PackagePrior.from_meta(meta)
+        self.live = LiveEstimator(self.package, settings, others=self._other_windows)
+        self.adapted = 0  # answers adapted by this worker
+        self._lock = threading.Lock()
+        self._cache: dict[Path, tuple[tuple[int, int], np.ndarray, np.ndarray]] = {}
+        self._reset_mtime: int | None = None
+        self._next_reset_check = 0.0
+        self._last_persist = time.monotonic()
+        self._dirty = False
+        self._check_reset(force=True)
+        self._load_own()
+        with self._lock:
+            self._refresh()
+        # persistence off the request path: an idle worker still writes what it saw and applies a reset
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._background, name="ltserve-prior", daemon=True)
+        self._thread.start()
+
+    # -- the request path --------------------------------------------------------------------------------------------
+
+    def adapt(self, logits: np.ndarray) -> tuple[np.ndarray, bool]:
+        """Observe a batch's unadapted logits (N, C); return the logits to answer with and whether they are shifted.
+
+        The shift is the one known before this batch (apply mode, past the floor and the dead band).
+        """
+        with self._lock:
+            if time.monotonic() >= self._next_reset_check:
+                self._check_reset()
+            shift = self.live.shift if self.mode == "apply" else None
+            if self.live.observe(logits):
+                self._published()
+            self._dirty = True
+        if shift is None:
+            return logits, False
+        self.adapted += len(logits)
+        if self.metrics is not None:
+            self.metrics["adapted"].inc(len(logits))
+        return adapt_logits(logits, shift), True
+
+    # -- reports and control -----------------------------------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        """GET /prior: the server-wide estimate (this worker's window merged with the others' files), with its
+        confidence, the distance from the target prior and the shift apply would add."""
+        with self._lock:
+            self._check_reset()
+            est = self._refresh(confidence=True)
+            shift = self.live.shift
+            predicted = np.zeros(len(self.labels), dtype=np.int64)
+            for p, t in [self.live.window.samples(probabilities=True), *self._other_windows()]:
+                keep = np.asarray(t) >= self.live.since
+                if keep.any():
+                    predicted += np.bincount(np.asarray(p)[keep].argmax(axis=1), minlength=len(self.labels))
+            workers = 1 + len(self._cache)
+        s = self.live.settings
+        classes = []
+        for j, label in enumerate(self.labels):
+            classes.append({"label": label, "estimate": float(est.prior[j]), "target": float(self.package.target[j]),
+                            "predicted": int(predicted[j]),
+                            "std": None if est.std is None else float(est.std[j]),
+                            "shift": None if shift is None else round(float(shift[j]), 6)})
+        return {
+            "mode": self.mode, "method": est.method if est.estimated else s.method, "estimated": est.estimated,
+            "adapting": self.mode == "apply" and shift is not None, "n": int(est.n),
+            "n_effective": round(float(est.n_effective), 2), "target_kind": self.package.kind,
+            "distance": {"total_variation": tv_distance(est.prior, self.package.target)},
+            "expected_tv_error": est.expected_tv_error, "classes": classes,
+            "settings": {"window": s.window, "half_life": s.half_life, "min_samples": s.min_samples,
+                         "pseudo_count": s.pseudo_count, "max_shift": s.max_shift, "dead_band": s.dead_band,
+                         "every": s.every},
+            "reset_at": self.live.since or None, "workers": workers, "state_dir": str(self.state_dir),
+            **({"reason": est.extra["reason"]} if "reason" in est.extra else {}),
+            **({"condition_number": est.extra["condition_number"]} if "condition_number" in est.extra else {}),
+        }
+
+    def reset(self) -> dict[str, Any]:
+        """Forget every image served so far, in every worker: write reset.json, clear this worker at once."""
+        at = time.time()
+        write_json(self.state_dir / RESET_FILE, {"at": at, "model": self.model_sha})
+        with self._lock:
+            self._check_reset(force=True)
+            self._persist()
+        logger.info("live prior reset at %.3f: back to the target prior (%s)", at, self.package.kind)
+        return self.report()
+
+    def close(self) -> None:
+        """Stop the background thread and write this worker's state (shutdown)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with self._lock:
+            if self._dirty:
+                self._persist()
+
+    def _background(self) -> None:
+        """Every persist_s (at most 1 s): apply a reset written by another worker, write the state if it changed."""
+        while not self._stop.wait(min(self.persist_s, _RESET_CHECK_S)):
+            try:
+                with self._lock:
+                    if time.monotonic() >= self._next_reset_check:
+                        self._check_reset()
+                    if self._dirty and time.monotonic() - self._last_persist >= self.persist_s:
+                        self._persist()
+            except Exception:  # noqa: BLE001 - the estimate must never take the worker down
+                logger.exception("live prior: background step failed; retrying in %.1f s", self.persist_s)
+
+    # -- internals (the lock is held) ----------------------------------------------------------------------------------
+
+    def _refresh(self, confidence: bool = False) -> Any:
+        est = self.live.refresh(confidence=confidence)
+        self._published()
+        return est
+
+    def _published(self) -> None:
+        if self.metrics is None:
+            return
+        est = self.live.estimate
+        for label, share in zip(self.labels, est.prior):
+            self.metrics["estimate"].labels(label=label).set(float(share))
+        self.metrics["distance"].set(tv_distance(est.prior, self.package.target))
+        self.metrics["images"].set(est.n)
+
+    def _check_reset(self, force: bool = False) -> None:
+        """Apply a reset another worker (or this one) wrote; at most once a second unless forced."""
+        self._next_reset_check = time.monotonic() + _RESET_CHECK_S
+        path = self.state_dir / RESET_FILE
+        try:
+            mtime = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return
+        if mtime == self._reset_mtime and not force:
+            return
+        self._reset_mtime = mtime
+        try:
+            raw = json.loads(path.read_text())
+            at = float(raw["at"])
+            if raw.get("model") not in (None, self.model_sha):
+                return  # a reset of another package that shared the folder
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("%s: unreadable reset marker (%s); ignored", path, exc)
+            return
+        if at > self.live.since:
+            self.live.reset(at)
+            self._published()
+            self._dirty = True
+
+    def _persist(self) -> None:
+        logits, times = self.live.window.samples()
+        try:
+            atomic_write(self.path, lambda tmp: _save(tmp, logits=logits, times=times,
+                                                      total=np.int64(self.live.window.total),
+                                                      model=np.str_(self.model_sha),
+                                                      version=np.int64(STATE_VERSION)))
+        except OSError as exc:  # a full disk must not fail requests: the estimate lives on in memory
+            logger.error("%s: cannot write the live prior state (%s); the estimate is kept in memory only",
+                         self.path, exc)
+        self._last_persist = time.monotonic()
+        self._dirty = False
+
+    def _load_own(self) -> None:
+        if not self.path.is_file():
+            return
+        try:
+            logits, times, total = self._read(self.path)
+        except _Unusable as exc:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            self.path.replace(aside)
+            logger.error("%s: live prior state unusable (%s); moved to %s, starting from the target prior",
+                         self.path, exc, aside.name)
+            return
+        keep = times >= self.live.since
+        self.live.window.load(logits[keep], times[keep], total)
+        logger.info("%s: live prior state loaded (%d images)", self.path, int(keep.sum()))
+
+    def _read(self, path: Path) -> tuple[np.ndarray, np.ndarray, int]:
+        """(logits (n, C) float32, times (n,), total) of a state file, checked against this package."""
+        c = len(self.labels)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                version, model = int(z["version"]), str(z["model"])
+                logits, times, total = z["logits"], z["times"], int(z["total"])
+        except Exception as exc:  # noqa: BLE001 - zip, npy and key errors all mean "not a state file we can use"
+            raise _Unusable(f"not a readable state file: {type(exc).__name__}: {exc}") from None
+        if version != STATE_VERSION:
+            raise _Unusable(f"state version {version}, this ltserve writes {STATE_VERSION}")
+        if model != self.model_sha:
+            raise _Unusable(f"written for another model (model.onnx sha256 {model[:12]}, this one "
+                            f"{self.model_sha[:12]})")
+        if logits.ndim != 2 or logits.shape[1] != c or times.shape != (len(logits),) or not np.isfinite(logits).all():
+            raise _Unusable(f"logits {logits.shape} / times {times.shape} do not fit {c} classes")
+        return logits.astype(np.float32), times.astype(np.float64), total
+
+    def _other_windows(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(probabilities, times) of the other workers' state files, re-read only when a file changed."""
+        out = []
+        seen = set()
+        for path in sorted(self.state_dir.glob("worker-*.npz")):
+            if path == self.path:
+                continue
+            seen.add(path)
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            key = (st.st_mtime_ns, st.st_size)
+            hit = self._cache.get(path)
+            if hit is None or hit[0] != key:
+                try:
+                    logits, times, _ = self._read(path)
+                except _Unusable as exc:
+                    logger.warning("%s: skipped in the live prior (%s)", path, exc)
+                    logits, times = np.zeros((0, len(self.labels)), np.float32), np.zeros(0)
+                hit = (key, softmax64(logits) if len(logits) else np.zeros((0, len(self.labels))), times)
+                self._cache[path] = hit
+            out.append((hit[1], hit[2]))
+        for gone in set(self._cache) - seen:
+            del self._cache[gone]
+        return out
+
+
+class _Unusable(Exception):
+    pass
+
+
+def _save(tmp: Path, **arrays: Any) -> None:
+    with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
+        np.savez(f, **arrays)
+
+
+class AdaptingPredictor:
+    """The Predictor as the batcher sees it, with `postprocess` observing (and with apply, shifting) the logits.
+
+    The batcher (`AsyncPredictor`) calls `postprocess(logits, top_k)` once per request with that request's rows;
+    everything else is the Predictor's own. Answers are `LivePrediction`s (the Prediction fields plus `adapted`).
+    """
+
+    def __init__(self, predictor: Predictor, prior: LivePrior) -> None:
+        self._predictor, self.prior = predictor, prior
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._predictor, name)
+
+    def postprocess(self, logits: np.ndarray, top_k: int = 5) -> Sequence[Prediction]:
+        shifted, adapted = self.prior.adapt(logits)
+        return [LivePrediction.model_construct(**p.__dict__, adapted=adapted)
+                for p in self._predictor.postprocess(shifted, top_k)]
+
+
+_METRICS: dict[str, Any] = {}
+
+
+def prior_metrics() -> dict[str, Any]:
+    """The live prior's Prometheus metrics (created once per process, inside the worker, like `service_metrics`).
+
+    The gauges hold the most recent value any worker published (multiprocess mode "mostrecent"): every worker
+    publishes the same server-wide estimate.
+    """
+    if not _METRICS:
+        import prometheus_client
+
+        _METRICS["estimate"] = prometheus_client.Gauge(
+            "ltserve_prior_estimate", "Estimated live class prior, per class of the package", ["label"],
+            multiprocess_mode="mostrecent")
+        _METRICS["distance"] = prometheus_client.Gauge(
+            "ltserve_prior_distance", "Total-variation distance of the live prior estimate from the target prior",
+            multiprocess_mode="mostrecent")
+        _METRICS["images"] = prometheus_client.Gauge(
+            "ltserve_prior_images", "Images the live prior estimate is computed from", multiprocess_mode="mostrecent")
+        _METRICS["adapted"] = prometheus_client.Counter(
+            "ltserve_prior_adapted", "Answers whose logits were shifted to the live prior (apply)")
+    return _METRICS
+
+
+def live_prior_from_settings(settings: Any, meta: ModelJson, worker: str,
+                             metrics: dict[str, Any] | None = None) -> LivePrior | None:
+    """The service's LivePrior from its `ServiceSettings` (None for LTSERVE_PRIOR_ADAPT=off).
+
+    Raises:
+        ConfigError: LTSERVE_PRIOR_METHOD=bbse on a package without the val confusion matrix.
+    """
+    if settings.prior_adapt == "off":
+        return None
+    estimator = EstimatorSettings(method=settings.prior_method, window=settings.prior_window,
+                                  half_life=settings.prior_half_life, min_samples=settings.prior_min_samples,
+                                  max_shift=settings.prior_max_shift, dead_band=settings.prior_dead_band)
+    if estimator.method == "bbse" and meta.label_shift is None:
+        raise ConfigError(f"LTSERVE_PRIOR_METHOD=bbse needs the val confusion matrix in {meta.name}'s model.json "
+                          "(label_shift), which this package lacks: re-export it with this ltserve, or set "
+                          "LTSERVE_PRIOR_METHOD=em")
+    state_dir = settings.prior_state_dir.expanduser() if settings.prior_state_dir else default_state_dir(meta)
+    return LivePrior(meta, estimator, settings.prior_adapt, state_dir, worker, settings.prior_persist_s, metrics)
