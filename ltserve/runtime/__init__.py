@@ -5,6 +5,7 @@
     onnx_runner.py  OnnxRunner (model.onnx)
     torch_runner.py TorchRunner (model.pt2; imported only for backend="torch")
     buckets.py      the padded batch sizes
+    prior.py        label shift: the live class prior estimated from the outputs (EM, BBSE), the adapt rule, windows
 """
 
 from ltserve.runtime.prediction import Prediction, TopKEntry, postprocess

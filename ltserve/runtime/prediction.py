@@ -3,7 +3,7 @@ and `postprocess`, which turns logits into predictions (NumPy and pydantic only)
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -31,16 +31,18 @@ class Prediction(BaseModel):
 
 
 def postprocess(logits: np.ndarray, labels: Sequence[str], shot_groups: Sequence[ShotGroup],
-                top_k: int = 5) -> list[Prediction]:
+                top_k: int = 5, answer: type[Prediction] = Prediction, **fields: Any) -> list[Prediction]:
     """Softmax (float64, then float) and the top-k classes of every row.
 
     Args:
         logits: (N, C).
         labels, shot_groups: C class names and shot groups (the package's).
         top_k: classes to list per image (clipped to C); >= 1.
+        answer, fields: a subclass of Prediction to build and the values of its extra fields (the service's
+            `LivePrediction` and its `adapted`), in the one construction each answer pays anyway.
 
     Returns:
-        N `Prediction`s, in row order; ties go to the lower class index (the class argmax picks).
+        N `answer`s, in row order; ties go to the lower class index (the class argmax picks).
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -52,6 +54,6 @@ def postprocess(logits: np.ndarray, labels: Sequence[str], shot_groups: Sequence
         entries = [TopKEntry(label=labels[j], class_index=int(j), probability=float(row[j]),
                              shot_group=shot_groups[j]) for j in idx]
         top = entries[0]
-        out.append(Prediction(label=top.label, class_index=top.class_index, probability=top.probability,
-                              shot_group=top.shot_group, top_k=entries))
+        out.append(answer(label=top.label, class_index=top.class_index, probability=top.probability,
+                          shot_group=top.shot_group, top_k=entries, **fields))
     return out

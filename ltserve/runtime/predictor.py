@@ -149,9 +149,10 @@ class Predictor:
         chunks = [self.runner.run(batch[i:i + step]) for i in range(0, len(batch), step)]
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
-    def postprocess(self, logits: np.ndarray, top_k: int = 5) -> list[Prediction]:
+    def postprocess(self, logits: np.ndarray, top_k: int = 5, answer: type[Prediction] = Prediction,
+                    **fields: Any) -> list[Prediction]:
         """Softmax (float64, then float) and the top-k classes of every row; see `postprocess`."""
-        return postprocess(logits, self.labels, self.shot_groups, top_k)
+        return postprocess(logits, self.labels, self.shot_groups, top_k, answer, **fields)
 
     # -- conveniences ------------------------------------------------------------------------------------------------
 

@@ -333,8 +333,7 @@ class AdaptingPredictor:
 
     def postprocess(self, logits: np.ndarray, top_k: int = 5) -> Sequence[Prediction]:
         shifted, adapted = self.prior.adapt(logits)
-        return [LivePrediction.model_construct(**p.__dict__, adapted=adapted)
-                for p in self._predictor.postprocess(shifted, top_k)]
+        return self._predictor.postprocess(shifted, top_k, LivePrediction, adapted=adapted)
 
 
 _METRICS: dict[str, Any] = {}
