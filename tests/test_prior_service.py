@@ -178,3 +178,64 @@ def test_corrupt_state_is_moved_aside_and_the_server_starts_from_the_target_prio
             assert np.abs(shift).max() <= rep["settings"]["max_shift"] + 1e-6 and shift.argmax() == 1
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LivePrior in process: two instances on one folder are two workers of one server
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_two_workers_merge_by_time_persist_reset_and_skip_a_bad_file(data, tmp_path):
+    from ltserve.runtime.prior import EstimatorSettings
+    from ltserve.serve.live_prior import LivePrior
+
+    meta = data["meta"]
+    predictor = Predictor(DEMO, threads=1)
+    logits = predictor.predict(predictor.preprocess(list(data["images"][data["learn"]][..., None])))
+    settings = EstimatorSettings(window=500, min_samples=100)
+    a = LivePrior(meta, settings, "apply", tmp_path, "1", persist_s=60)
+    b = LivePrior(meta, settings, "apply", tmp_path, "2", persist_s=60)
+    try:
+        for s in range(0, 600, 50):  # alternate the workers, 50 images per request
+            (a if (s // 50) % 2 == 0 else b).adapt(logits[s:s + 50])
+        a.close(), b.close()  # written (the background thread would, every persist_s)
+        rep = a.report()
+        assert rep["n"] == 500 and rep["workers"] == 2  # the newest 500 of 600, whichever worker saw them
+        assert tv_distance(estimate(rep), data["truth"]) < 0.1
+        _, adapted = a.adapt(logits[600:650])
+        assert adapted  # apply: past the floor, far outside the dead band
+        # a restarted worker 1 loads its own file: same images, same estimate
+        a2 = LivePrior(meta, settings, "apply", tmp_path, "1", persist_s=60)
+        assert a2.report()["n"] == 500
+        # a reset by worker 2 reaches worker 1 through the marker file
+        b2 = LivePrior(meta, settings, "apply", tmp_path, "2", persist_s=60)
+        assert b2.reset()["n"] == 0
+        time.sleep(1.1)  # worker 1 looks at the marker at most once a second
+        out, adapted = a2.adapt(logits[:1])
+        assert a2.report()["n"] <= 1 and not a2.report()["estimated"] and np.array_equal(out, logits[:1])
+        # another worker's unreadable file is skipped (with a warning), never fatal
+        (tmp_path / "worker-3.npz").write_bytes(b"garbage")
+        assert a2.report()["workers"] == 3 and a2.report()["n"] <= 1
+        a2.close(), b2.close()
+    finally:
+        for w in (a, b):
+            w.close()
+
+
+def test_live_prior_settings_off_and_bbse_on_an_old_package(data, tmp_path):
+    from ltserve.errors import ConfigError
+    from ltserve.serve.live_prior import default_state_dir, live_prior_from_settings
+    from ltserve.serve.settings import ServiceSettings
+
+    meta = data["meta"]
+    assert live_prior_from_settings(ServiceSettings.from_env(prior_adapt="off"), meta, "1") is None
+    with pytest.raises(ConfigError, match="LTSERVE_PRIOR_METHOD=bbse needs the val confusion matrix.*=em"):
+        live_prior_from_settings(ServiceSettings.from_env(prior_method="bbse", prior_state_dir=tmp_path), meta, "1")
+    assert default_state_dir(meta).name == f"fashion-lt-{meta.files['model.onnx'].sha256[:12]}"
+    prior = live_prior_from_settings(ServiceSettings.from_env(prior_state_dir=tmp_path / "s"), meta, "1")
+    try:
+        assert prior.mode == "report" and prior.state_dir == tmp_path / "s"
+        _, adapted = prior.adapt(np.zeros((300, 10), np.float32))
+        assert adapted is False  # report never adapts
+    finally:
+        prior.close()
