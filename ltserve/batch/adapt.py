@@ -4,7 +4,8 @@ then write every row adapted to it.
 The logits of every predicted file are kept in a memory-mapped file beside the output (N x C float32: a million
 images of 10 classes is 40 MB on disk, not in memory) until the input is done; then the prior is estimated over all
 of them (`ltserve.runtime.prior.estimate_prior`: EM over the posteriors, or BBSE with the package's val confusion
-matrix), the clipped log ratio log(pi_input / pi_src) is added to every row, and the rows are written in input order.
+matrix), the log ratio log(pi_input / pi_src) is added to every row by the service's rule (`prior_shift`: dead band,
+centred, capped; nothing below the sample floor), and the rows are written in input order.
 With labels in a list file the summary gives the accuracy with and without the adaptation.
 """
 

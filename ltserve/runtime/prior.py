@@ -160,8 +160,9 @@ class PriorEstimate:
         n_effective: (sum w)^2 / sum w^2 of the image weights (n without decay).
         iterations: EM iterations (0 for bbse and target).
         converged: EM met its tolerance (True for bbse and target).
-        std: (C,) standard error of each class's share, or None (not computed, or target).
-        expected_tv_error: sum_j sqrt(2 / pi) * std_j / 2: the total-variation error to expect, or None.
+        std: (C,) standard error of each class's share, or None (not computed, or target). It measures the
+            sampling noise of the images seen, not a miscalibration of the head (which biases EM whatever the count).
+        expected_tv_error: sum_j sqrt(2 / pi) * std_j / 2: the total-variation error to expect from that noise.
     """
 
     prior: np.ndarray

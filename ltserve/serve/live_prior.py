@@ -122,9 +122,10 @@ class LivePrior:
             if self.live.observe(logits):
                 self._published()
             self._dirty = True
+            if shift is not None:
+                self.adapted += len(logits)
         if shift is None:
             return logits, False
-        self.adapted += len(logits)
         if self.metrics is not None:
             self.metrics["adapted"].inc(len(logits))
         return adapt_logits(logits, shift), True
