@@ -415,3 +415,18 @@ def test_label_shift_benchmark_smoke(tmp_path):
     assert all(r["acc_ceiling"] >= r["acc_unadapted"] - 1e-9 for r in rows if r["scenario"] != "uniform")
     section = perf_readme.render(perf_readme.load_results(tmp_path), tmp_path)
     assert "### label_shift on" in section and "total-variation error of the estimate" in section
+
+
+def test_predict_adapt_prior_bbse_on_a_package_that_records_the_confusion_matrix(tmp_path, tiny_package,
+                                                                                 skewed_list):
+    from ltserve.batch.job import run_predict
+    from ltserve.batch.options import PredictOptions
+
+    listing, _ = skewed_list
+    s = run_predict(PredictOptions(inputs=[str(listing)], model=tiny_package, out=tmp_path / "p.jsonl", workers=0,
+                                   progress=False, adapt_prior="bbse"))
+    prior = s["prior"]
+    assert prior["method"] == "bbse" and prior["n"] == 1000 and prior["condition_number"] > 1
+    est = np.array(list(prior["estimate"].values()))
+    assert abs(est.sum() - 1) < 1e-6 and (est >= 0).all()
+    assert s["accuracy_unadapted"] is not None and s["accuracy"]["n"] == 1000

@@ -81,6 +81,7 @@ class TransductiveAdapter:
                     "expected_tv_error": None if est.expected_tv_error is None else round(est.expected_tv_error, 6),
                     "shift": None if shift is None else dict(zip(labels, (round(float(v), 4) for v in shift))),
                     "max_shift": self.max_shift, "min_samples": self.min_samples, "dead_band": DEFAULT_DEAD_BAND,
+                    **{k: v for k, v in est.extra.items() if k != "reason"},
                     **({"not_adapted": why} if why else {})}
             if why:
                 logger.warning("--adapt-prior: rows not adapted: %s", why)
