@@ -592,7 +592,8 @@ def test_openapi_lists_every_route_status_and_the_security_scheme(server):
     assert "multipart/form-data" in paths["/classify"]["post"]["requestBody"]["content"]
 
     # every route, every status it answers, errors as ErrorBody, the Bearer scheme where the key is needed
-    assert set(paths) == {"/classify", "/classify_batch", "/model", "/livez", "/healthz", "/readyz", "/metrics"}
+    assert set(paths) == {"/classify", "/classify_batch", "/model", "/prior", "/prior/reset", "/livez", "/healthz",
+                          "/readyz", "/metrics"}
     assert spec["components"]["schemas"]["ErrorBody"]["required"] == ["error", "detail"]
     assert spec["components"]["securitySchemes"]["bearerAuth"] == {
         "type": "http", "scheme": "bearer", "description": "LTSERVE_API_KEY, as `Authorization: Bearer <key>`"}
@@ -600,8 +601,10 @@ def test_openapi_lists_every_route_status_and_the_security_scheme(server):
     upload = {"200", "400", "401", "408", "413", "415", "503", "504"}
     assert statuses[("/classify", "post")] == statuses[("/classify_batch", "post")] == upload
     assert statuses[("/model", "get")] == {"200", "401", "408", "503", "504"}
+    assert statuses[("/prior", "get")] == statuses[("/prior/reset", "post")] == {"200", "401", "404", "408", "503",
+                                                                                 "504"}
     assert statuses[("/readyz", "get")] == {"200", "408", "503"}
-    for route in ("/classify", "/classify_batch", "/model"):
+    for route in ("/classify", "/classify_batch", "/model", "/prior", "/prior/reset"):
         op = next(iter(paths[route].values()))
         assert op["security"] == [{"bearerAuth": []}], route
         for status, answer in op["responses"].items():
@@ -667,7 +670,7 @@ def test_schemathesis_finds_no_failure_in_the_openapi_contract(server, tmp_path)
                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
     summary = out.stdout[-4000:]
     assert out.returncode == 0, summary
-    assert "No issues found" in summary and "7 selected / 7 total" in out.stdout, summary
+    assert "No issues found" in summary and "9 selected / 9 total" in out.stdout, summary
 
 
 def test_serve_load_benchmark_smoke(tmp_path):

@@ -6,7 +6,8 @@ not `GET /model` (a mounted route), not the answers the request guard, the conne
 for these routes, and leaves the upload forms open (any other field, an empty `images` list). `complete_openapi`
 fills that in from what the code does, and the service answers `GET /docs.json` with the result:
 
-- every route: the two upload methods, `GET /model`, `/livez` `/healthz` `/readyz` `/metrics`;
+- every route: the two upload methods, `GET /model`, `GET /prior` and `POST /prior/reset` (live label shift),
+  `/livez` `/healthz` `/readyz` `/metrics`;
 - every status each one answers, errors as the `ErrorBody` schema (`{"error", "detail"}`, both required);
 - the upload forms: only their one field (`additionalProperties: false`), `images` with 1 to max_batch_images
   items, the accepted image media types as the field's encoding;
@@ -20,8 +21,8 @@ from typing import Any
 
 from ltserve.preprocess import FORMAT_NAMES
 from ltserve.serve.guard import ErrorBody
-from ltserve.serve.settings import (BATCH_ROUTE, CLASSIFY_ROUTE, MODEL_ROUTE, PROTECTED_ROUTES, UPLOAD_FIELDS,
-                                   ServiceSettings)
+from ltserve.serve.settings import (BATCH_ROUTE, CLASSIFY_ROUTE, MODEL_ROUTE, PRIOR_RESET_ROUTE, PRIOR_ROUTE,
+                                   PROTECTED_ROUTES, UPLOAD_FIELDS, ServiceSettings)
 
 SCHEMAS = "#/components/schemas/"
 SECURITY_SCHEME = "bearerAuth"
@@ -39,6 +40,21 @@ MODEL_INFO_SCHEMA: dict[str, Any] = {
         "preprocess": {"type": "object"}, "head": {"type": "object"}, "metrics": {"type": "object"},
         "provenance": {"type": "object"}, "runtime": {"type": "object"},
         "service": {"type": "object", "description": "this server's limits, workers, and the answering worker's pid"},
+    },
+}
+
+
+PRIOR_REPORT_SCHEMA: dict[str, Any] = {
+    "type": "object", "title": "PriorReport",
+    "description": "The live class prior of this server's traffic, merged over its workers (GET /prior)",
+    "required": ["mode", "method", "estimated", "adapting", "n", "distance", "classes"],
+    "properties": {
+        "mode": {"type": "string", "enum": ["report", "apply"]},
+        "method": {"type": "string", "enum": ["em", "bbse"]},
+        "estimated": {"type": "boolean", "description": "false below the sample floor: the estimate is the target"},
+        "adapting": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0},
+        "distance": {"type": "object", "description": "from the package's target prior (total variation)"},
+        "classes": {"type": "array", "items": {"type": "object", "required": ["label", "estimate", "target"]}},
     },
 }
 
@@ -112,6 +128,21 @@ def _model_operation(settings: ServiceSettings) -> dict[str, Any]:
     }
 
 
+def _prior_operation(settings: ServiceSettings, route: str) -> dict[str, Any]:
+    reset = route == PRIOR_RESET_ROUTE
+    return {
+        "tags": ["Service APIs"], "operationId": "ltserve__prior_reset" if reset else "ltserve__prior",
+        "description": ("Forget the traffic seen so far, in every worker: back to the package's target prior"
+                        if reset else "The class prior of the live traffic, estimated from the model's outputs"),
+        "responses": {
+            "200": {"description": "Successful Response" + (": the report after the reset" if reset else ""),
+                    "content": {"application/json": {"schema": {"$ref": SCHEMAS + "PriorReport"}}}},
+            "404": _error("live label-shift estimation is off (LTSERVE_PRIOR_ADAPT=off)"),
+            **error_answers(settings, route=route),
+        },
+    }
+
+
 def complete_openapi(spec: dict[str, Any], settings: ServiceSettings, version: str) -> dict[str, Any]:
     """BentoML's OpenAPI document of the service (`Service.openapi_spec.asdict()`), completed (see the module).
 
@@ -131,6 +162,8 @@ def complete_openapi(spec: dict[str, Any], settings: ServiceSettings, version: s
     for route in (CLASSIFY_ROUTE, BATCH_ROUTE):
         _upload_operation(paths[route]["post"], route, settings)
     paths[MODEL_ROUTE] = {"get": _model_operation(settings)}
+    paths[PRIOR_ROUTE] = {"get": _prior_operation(settings, PRIOR_ROUTE)}
+    paths[PRIOR_RESET_ROUTE] = {"post": _prior_operation(settings, PRIOR_RESET_ROUTE)}
     for route in ("/livez", "/healthz", "/readyz", "/metrics"):
         op = paths[route]["get"]
         op["responses"] = {"200": _text("OK" if route != "/metrics" else "Prometheus text exposition"),
@@ -140,6 +173,7 @@ def complete_openapi(spec: dict[str, Any], settings: ServiceSettings, version: s
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     schemas["ErrorBody"] = ErrorBody.model_json_schema()
     schemas["ModelInfo"] = MODEL_INFO_SCHEMA
+    schemas["PriorReport"] = PRIOR_REPORT_SCHEMA
     if settings.api_key is not None:
         doc["components"]["securitySchemes"] = {SECURITY_SCHEME: {
             "type": "http", "scheme": "bearer", "description": "LTSERVE_API_KEY, as `Authorization: Bearer <key>`"}}
