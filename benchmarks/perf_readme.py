@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,8 @@ def own_table(item: dict[str, Any]) -> str:
     lines = path.read_text().splitlines()
     body = [ln for ln in lines if not ln.startswith("# ") and not ln.startswith("Machine: ")]
     text = "\n".join(body).strip()
-    return text.replace("\n## ", "\n##### ").replace("\n# ", "\n##### ")
+    # headings of the results file sit below the README's "### <benchmark>" heading, the first line included
+    return re.sub(r"^#{1,2} ", "##### ", text, flags=re.MULTILINE)
 
 
 def render(items: list[dict[str, Any]], root: Path) -> str:
