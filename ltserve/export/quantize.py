@@ -492,26 +492,12 @@ def build_int8(run: "Run", head: CalibratedHead, inputs: Int8Inputs, dst: Path,
 
 
 def attempt_table(attempts: Sequence[dict[str, Any]], per_group: dict[str, int] | None = None) -> str:
-    """The attempts as a plain-text table: nodes kept float, agreement, and each group's fp32 -> int8 accuracy with
-    the change in points; a failed bound is marked with '!'."""
-    from ltserve.export.verify import GROUP_LABELS
+    """The attempts as a plain-text table (`ltserve.export.verify.group_table`): nodes kept float, agreement, and
+    each group's fp32 -> int8 accuracy with the change in points; a failed bound is marked with '!'."""
+    from ltserve.export.verify import group_table
 
-    keys = ("many", "medium", "few", "top1")
-    head = ["attempt", "float nodes", "agree"] + [
-        GROUP_LABELS[k] + (f" (n={per_group[k]})" if per_group and k in per_group else "") for k in keys]
-    rows = []
-    for a in attempts:
-        failed = " ".join(a["failures"])
-        cells = [str(a["attempt"]), _short(a["float_nodes"]),
-                 f"{a['top1_agreement_vs_fp32']:.4f}"]
-        for k in keys:
-            before, after, change = a["accuracy_fp32"][k], a["accuracy"][k], a["accuracy_change"][k]
-            mark = " !" if GROUP_LABELS[k] + " accuracy drops" in failed else ""
-            cells.append("empty" if change is None else
-                         f"{before * 100:.1f} -> {after * 100:.1f} ({change * 100:+.2f}){mark}")
-        rows.append(cells)
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows])
+    return group_table(["attempt", "float nodes"], [([str(a["attempt"]), _short(a["float_nodes"])], a)
+                                                    for a in attempts], "fp32", per_group)
 
 
 def _short(float_nodes: dict[str, str]) -> str:

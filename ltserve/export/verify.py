@@ -129,6 +129,73 @@ def int8_bounds(max_few_drop: float, max_all_drop: float) -> PrecisionBounds:
                            max_size_ratio=None)
 
 
+def compare_groups(logits: np.ndarray, base_logits: np.ndarray, labels: np.ndarray, info: RunInfo,
+                   max_drop: dict[str, float], min_top1_agreement: float | None = None,
+                   base: str = "fp32") -> dict[str, Any]:
+    """A faster path's logits against the exact path's on the same images, per shot group: the one accuracy
+    comparison reduced precision (fp16, int8) and JPEG draft decoding (`ltserve.export.draft`) are accepted by.
+
+    Args:
+        logits, base_logits: (N, K) of the faster and the exact path.
+        labels: (N,) true classes.
+        info: the run (class counts, shot thresholds).
+        max_drop: accuracy key -> the largest allowed drop (fraction); keys left out are reported, not checked.
+        min_top1_agreement: the least share of images with the exact path's top-1 (None: reported, not checked).
+        base: how the report names the exact path ("fp32", "exact").
+
+    Returns:
+        f"top1_agreement_vs_{base}", f"accuracy_{base}", "accuracy", "accuracy_change" (fractions; None for an empty
+        group), "images_per_group", "max_accuracy_drop", "min_top1_agreement" and "failures" (one sentence per failed
+        check).
+    """
+    agree = float(np.mean(logits.argmax(axis=1) == base_logits.argmax(axis=1)))
+    acc_base, acc = group_accuracy(base_logits, labels, info), group_accuracy(logits, labels, info)
+    change = {k: (None if acc_base[k] is None or acc[k] is None else acc[k] - acc_base[k]) for k in acc_base}
+    groups = np.asarray(shot_groups(info.class_counts, info.many_threshold, info.few_threshold))[labels]
+    failures = []
+    if min_top1_agreement is not None and agree < min_top1_agreement:
+        failures.append(f"top-1 agreement with {base} {agree:.4f} < {min_top1_agreement}")
+    for key, limit in max_drop.items():
+        if change.get(key) is not None and change[key] < -limit - 1e-12:
+            failures.append(f"{GROUP_LABELS[key]} accuracy drops {-change[key] * 100:.2f} points "
+                            f"(> {limit * 100:.2f})" if limit >= 0 else
+                            f"{GROUP_LABELS[key]} accuracy changes {change[key] * 100:+.2f} points (a gain of at "
+                            f"least {-limit * 100:.2f} is demanded)")
+    return {f"top1_agreement_vs_{base}": agree, f"accuracy_{base}": acc_base, "accuracy": acc,
+            "accuracy_change": change, "images_per_group": {g: int((groups == g).sum()) for g in SHOT_GROUPS},
+            "max_accuracy_drop": max_drop, "min_top1_agreement": min_top1_agreement, "failures": failures}
+
+
+TABLE_GROUPS = ("many", "medium", "few", "top1")
+
+
+def group_table(lead: Sequence[str], rows: Sequence[tuple[Sequence[str], dict[str, Any]]], base: str = "fp32",
+                per_group: dict[str, int] | None = None) -> str:
+    """Comparisons (`compare_groups` reports) as a plain-text table: the leading cells of each row, agreement, and
+    each group's exact -> faster accuracy with the change in points; a failed bound is marked with '!'.
+
+    Args:
+        lead: the headers of the leading columns (e.g. ["attempt", "float nodes"]).
+        rows: (leading cells, report) per row.
+        base: the exact path's name in the reports' keys.
+        per_group: images per group, shown in the headers.
+    """
+    head = [*lead, "agree"] + [GROUP_LABELS[k] + (f" (n={per_group[k]})" if per_group and k in per_group else "")
+                              for k in TABLE_GROUPS]
+    lines = []
+    for cells, r in rows:
+        failed = " ".join(r["failures"])
+        line = [*cells, f"{r[f'top1_agreement_vs_{base}']:.4f}"]
+        for k in TABLE_GROUPS:
+            before, after, change = r[f"accuracy_{base}"][k], r["accuracy"][k], r["accuracy_change"][k]
+            mark = " !" if GROUP_LABELS[k] + " accuracy " in failed else ""
+            line.append("empty" if change is None else
+                        f"{before * 100:.1f} -> {after * 100:.1f} ({change * 100:+.2f}){mark}")
+        lines.append(line)
+    widths = [max(len(r[i]) for r in [head, *lines]) for i in range(len(head))]
+    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *lines])
+
+
 def compare_precision(precision: str, path: Path, fp32_path: Path, x: np.ndarray, labels: np.ndarray,
                       fp32_logits: np.ndarray, ref: np.ndarray, per_row: bool, info: RunInfo,
                       bounds: PrecisionBounds) -> dict[str, Any]:
@@ -145,8 +212,8 @@ def compare_precision(precision: str, path: Path, fp32_path: Path, x: np.ndarray
 
     Returns:
         the report for model.json: agreement, Many / Medium / Few / All accuracy of both and the change
-        (fractions; None for an empty group), images per group, sizes, the bounds, "passed" and "failures"
-        (one sentence per failed check). Raising is the caller's choice (int8 may retry).
+        (`compare_groups`), sizes, the bounds, "passed" and "failures" (one sentence per failed check). Raising is
+        the caller's choice (int8 may retry).
     """
     import onnx
 
@@ -154,26 +221,13 @@ def compare_precision(precision: str, path: Path, fp32_path: Path, x: np.ndarray
     io_types = {v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
     logits = _run(_session(path), x)
     diff, _, _ = _compare(logits, ref, per_row_constant=per_row)
-    agree = float(np.mean(logits.argmax(axis=1) == fp32_logits.argmax(axis=1)))
-    acc32, acc = group_accuracy(fp32_logits, labels, info), group_accuracy(logits, labels, info)
-    change = {k: (None if acc32[k] is None or acc[k] is None else acc[k] - acc32[k]) for k in acc32}
+    groups = compare_groups(logits, fp32_logits, labels, info, bounds.max_drop, bounds.min_top1_agreement)
     size, size32 = path.stat().st_size, fp32_path.stat().st_size
-    groups = np.asarray(shot_groups(info.class_counts, info.many_threshold, info.few_threshold))[labels]
-    failures = []
-    if io_types != {onnx.TensorProto.FLOAT}:
-        failures.append("input and output must stay float32")
-    if bounds.min_top1_agreement is not None and agree < bounds.min_top1_agreement:
-        failures.append(f"top-1 agreement with fp32 {agree:.4f} < {bounds.min_top1_agreement}")
-    for key, limit in bounds.max_drop.items():
-        if change.get(key) is not None and change[key] < -limit - 1e-12:
-            failures.append(f"{GROUP_LABELS[key]} accuracy drops {-change[key] * 100:.2f} points "
-                            f"(> {limit * 100:.2f})")
+    failures = ["input and output must stay float32"] if io_types != {onnx.TensorProto.FLOAT} else []
+    failures += groups.pop("failures")
     if bounds.max_size_ratio is not None and size / size32 > bounds.max_size_ratio:
         failures.append(f"{precision} file is {size / size32:.2f} x the fp32 size (> {bounds.max_size_ratio})")
-    return {"precision": precision, "images": int(len(x)),
-            "images_per_group": {g: int((groups == g).sum()) for g in SHOT_GROUPS},
-            "top1_agreement_vs_fp32": agree, "min_top1_agreement": bounds.min_top1_agreement,
-            "accuracy_fp32": acc32, "accuracy": acc, "accuracy_change": change, "max_accuracy_drop": bounds.max_drop,
+    return {"precision": precision, "images": int(len(x)), **groups,
             "max_abs_diff_vs_unfolded": diff, "bytes_fp32": size32, "bytes": size, "size_ratio": size / size32,
             "max_size_ratio": bounds.max_size_ratio, "passed": not failures, "failures": failures}
 
