@@ -113,6 +113,12 @@ class ModelJson(_Strict):
                              f"({len(self.shot_groups)}) must have the same length")
         if "model.onnx" not in self.files:
             raise ValueError("files must list model.onnx")
+        draft = self.verification.get("jpeg_draft")
+        if isinstance(draft, dict) and (draft.get("decision") == "on") != self.preprocess.allow_draft:
+            # export decides allow_draft from its check (ltserve.export.draft): the two never differ in a package
+            # it wrote, and a hand edit must not turn an unverified faster path on
+            raise ValueError(f"preprocess.allow_draft is {self.preprocess.allow_draft} but verification.jpeg_draft "
+                             f"decided {draft.get('decision')!r}; re-export the package")
         if self.label_shift is not None:
             k = self.label_shift.confusion
             if len(k) != n or any(len(row) != n for row in k) or any(v < 0 for row in k for v in row):

@@ -342,6 +342,25 @@ def image_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, 
         img.close()
 
 
+def jpeg_draft_applies(data: bytes, resize: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
+    """Whether JPEG draft decoding (`PreprocessSpec.allow_draft`) decodes these bytes differently at this resize: a
+    JPEG whose shorter side is at least about twice `resize`, which libjpeg then decodes at 1/2, 1/4 or 1/8 scale.
+    Every other image is decoded exactly as without draft. From the header alone (no pixel is decoded).
+
+    Raises:
+        InvalidImage (400), UnsupportedFormat (415), ImageTooLarge (413): as `image_size`.
+    """
+    img, fmt = _open_header(data, max_pixels)
+    try:
+        if fmt != "JPEG":
+            return False
+        size = img.size
+        img.draft(None, _draft_size(size, resize))
+        return img.size != size
+    finally:
+        img.close()
+
+
 def open_image(data: bytes, spec: PreprocessSpec | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open, check and fully decode image bytes: the first frame or page, upright (EXIF orientation applied).
 

@@ -2,7 +2,8 @@
 
     POST /classify        multipart field `image`  -> Prediction (top-k)
     POST /classify_batch  repeated field `images`  -> {"predictions": [Prediction, ...]} (at most max_batch_images)
-    GET  /model           precision, labels, shot groups, head, metrics, verification, provenance, runtime
+    GET  /model           precision, labels, shot groups, JPEG draft on/off, head, metrics, verification, provenance,
+                          runtime
     GET  /prior           the live class prior estimated from the traffic (LTSERVE_PRIOR_ADAPT=report | apply)
     POST /prior/reset     forget the traffic seen so far, in every worker: back to the package's target prior
     GET  /livez /readyz /metrics (Prometheus: BentoML's, plus predictions per shot group and batch sizes run, and

@@ -1,10 +1,17 @@
 """`ltserve export runs/NAME --head HEAD|best --out models/NAME [--precision fp32|fp16|int8] [--opset N]
-[--model-format onnx[,pt2]]`: fold a head, export it, verify it and write the model package.
+[--model-format onnx[,pt2]] [--jpeg-draft auto|on|off]`: fold a head, export it, verify it and write the model package.
 
 int8 calibrates on a class-balanced sample of the run's training images, compares Many / Medium / Few / All with
 the fp32 graph on the test images, and refuses (exit status 2, with the per-group table) when few-shot accuracy
 drops more than --int8-max-few-drop points or All more than --int8-max-all-drop points, after retrying with the
 most sensitive layers kept in float (--int8-retries).
+
+--jpeg-draft decides whether the package lets large JPEGs be decoded at reduced scale (DCT-domain downscaling, never
+below the model's resize): the shipped graph runs on the verification split decoded exactly and with draft, and
+draft is turned on only when no group's accuracy (Many / Medium / Few / All) drops more than --jpeg-draft-max-drop
+points. auto (default): on when the check passes, off otherwise (and off when no image of the split would be decoded
+differently); on: the same, but a failed check refuses the export (exit status 2, with the per-group table); off: no
+check.
 """
 
 from __future__ import annotations
@@ -46,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--keep-float", default=None, metavar="NODES",
                    help="nodes kept in float: head (the Gemm), stem (the first Conv) or ONNX node names, comma-"
                    "separated, '' for none (default head,stem: the measured choice, see ltserve.export.quantize)")
+    d = p.add_argument_group("JPEG draft decoding")
+    d.add_argument("--jpeg-draft", choices=("auto", "on", "off"), default="auto",
+                   help="auto (default): allow draft decoding when the per-group check passes; on: refuse the export "
+                   "when it does not; off: never, no check")
+    d.add_argument("--jpeg-draft-max-drop", type=float, default=None, metavar="POINTS",
+                   help="the largest accuracy drop allowed in any of Many, Medium, Few, All (default 0.3 point)")
+    d.add_argument("--jpeg-draft-images", type=int, default=None,
+                   help="verification-split images the check decodes both ways (default 2000)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 18; default: the exporter's)")
     p.add_argument("--model-format", default="onnx", help="onnx, or onnx,pt2 to also write a torch.export program")
     p.add_argument("--verify-images", type=int, default=None,
@@ -62,7 +77,7 @@ def cli(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--verify-images {args.verify_images}: use at least {MIN_VERIFY_IMAGES} (batch 1 and 7 "
                           "are checked)")
     from ltserve.evaluate import best_head
-    from ltserve.export import Int8Options, export_package
+    from ltserve.export import Int8Options, JpegDraftOptions, export_package
     from ltserve.rundir import open_run
 
     given = {"calibration_images": args.calibration_images, "seed": args.calibration_seed,
@@ -72,14 +87,17 @@ def cli(argv: list[str] | None = None) -> int:
              "keep_float": None if args.keep_float is None else tuple(
                  n.strip() for n in args.keep_float.split(",") if n.strip())}
     int8 = Int8Options(**{k: v for k, v in given.items() if v is not None})
+    draft_given = {"max_drop": None if args.jpeg_draft_max_drop is None else args.jpeg_draft_max_drop / 100.0,
+                   "images": args.jpeg_draft_images}
+    draft = JpegDraftOptions(mode=args.jpeg_draft, **{k: v for k, v in draft_given.items() if v is not None})
 
     run = open_run(args.run_dir)
     head = best_head(run) if args.head == "best" else args.head
     out = args.out or Path("models") / f"{args.run_dir.name}-{head}"
     meta = export_package(run, head, out, precision=args.precision, opset=args.opset, formats=args.model_format,
-                          verify_images=args.verify_images, int8=int8,
+                          verify_images=args.verify_images, int8=int8, jpeg_draft=draft,
                           command=shlex.join(["ltserve", "export", *argv]), progress=not args.no_progress)
-    from ltserve.cli.inspect import precision_lines
+    from ltserve.cli.inspect import draft_lines, precision_lines
 
     v = meta.verification
     size = sum(f.bytes for f in meta.files.values())
@@ -88,7 +106,7 @@ def cli(argv: list[str] | None = None) -> int:
     print(f"  verified on {v['inputs']['images']} {v['inputs']['split']} images: max |diff| "
           f"{v['fp32']['max_abs_diff']:.2g} (tol {v['fp32']['tolerance']:.2g}), top-1 agreement "
           f"{v['fp32']['top1_agreement']:.4f}")
-    for line in precision_lines(v):
+    for line in [*precision_lines(v), *draft_lines(meta)]:
         print("  " + line)
     for name, entry in meta.files.items():
         print(f"  {name}  {entry.bytes} bytes  sha256 {entry.sha256[:16]}...")

@@ -64,6 +64,36 @@ def _fmt_value(value: Any) -> str:
 _GROUPS = {"many": "Many", "medium": "Medium", "few": "Few", "top1": "All"}
 
 
+def _group_changes(r: dict[str, Any], base: str, after_default: dict[str, Any] | None = None) -> str:
+    """Each group's accuracy exact -> faster path with the change in points and its bound: "Many 90.0 -> 89.5
+    (-0.50, bound -1.00), ..." (a `compare_groups` report; `after_default`: older fp16 reports' key)."""
+    bounds = r.get("max_accuracy_drop")
+    groups = []
+    for key, label in _GROUPS.items():
+        before, after = r.get(f"accuracy_{base}", {}).get(key), r.get("accuracy", after_default or {}).get(key)
+        if before is None or after is None:
+            continue
+        limit = bounds.get(key) if isinstance(bounds, dict) else bounds
+        groups.append(f"{label} {before * 100:.1f} -> {after * 100:.1f} ({(after - before) * 100:+.2f}"
+                      + (f", bound -{limit * 100:.2f})" if limit is not None else ")"))
+    return ", ".join(groups)
+
+
+def draft_lines(meta: ModelJson) -> list[str]:
+    """Whether the package decodes JPEGs in draft mode and why (the export summary and `ltserve inspect`)."""
+    state = "on" if meta.preprocess.allow_draft else "off"
+    r = meta.verification.get("jpeg_draft")
+    if not r:
+        return [f"JPEG draft decoding: {state} (not checked: exported before ltserve checked it)"]
+    lines = [f"JPEG draft decoding: {state} (--jpeg-draft {r['mode']}): {r['reason']}"]
+    if "accuracy_exact" in r:
+        lines.append(f"  draft vs exact decoding on the same {r['images']} {r['split']} images "
+                     f"({r['images_affected']} decoded differently, mean |pixel diff| "
+                     f"{r['mean_abs_pixel_diff']:.2f} levels): top-1 agreement {r['top1_agreement_vs_exact']:.4f}; "
+                     + _group_changes(r, "exact"))
+    return lines
+
+
 def precision_lines(verification: dict[str, Any]) -> list[str]:
     """fp16 / int8 against fp32 (the export summary and `ltserve inspect`): agreement, each group's accuracy
     fp32 -> reduced with the change in points and its bound, and for int8 the calibration sample and the nodes kept
@@ -73,17 +103,8 @@ def precision_lines(verification: dict[str, Any]) -> list[str]:
         r = verification.get(precision)
         if not r:
             continue
-        bounds = r.get("max_accuracy_drop")
-        groups = []
-        for key, label in _GROUPS.items():
-            before, after = r.get("accuracy_fp32", {}).get(key), r.get("accuracy", r.get("accuracy_fp16", {})).get(key)
-            if before is None or after is None:
-                continue
-            limit = bounds.get(key) if isinstance(bounds, dict) else bounds
-            groups.append(f"{label} {before * 100:.1f} -> {after * 100:.1f} ({(after - before) * 100:+.2f}"
-                          + (f", bound -{limit * 100:.2f})" if limit is not None else ")"))
         lines.append(f"{precision} vs fp32 on the same {r.get('images', '?')} images: top-1 agreement "
-                     f"{r['top1_agreement_vs_fp32']:.4f}; " + ", ".join(groups))
+                     f"{r['top1_agreement_vs_fp32']:.4f}; " + _group_changes(r, "fp32", r.get("accuracy_fp16")))
         if precision == "int8":
             c, st = r["calibration"], r["settings"]
             lines.append(f"  calibrated on {c['images']} {c['split']} images ({c['per_class_min']}-"
@@ -118,7 +139,7 @@ def describe(meta: ModelJson) -> list[str]:
                       f"{v['fp32']['tolerance']:.3g}, {v['fp32'].get('compared', '')}), top-1 agreement "
                       f"{v['fp32']['top1_agreement']:.4f}"]
     lines += [f"  warning: {w}" for w in v.get("warnings", [])]
-    lines += [f"  {line}" for line in precision_lines(v)]
+    lines += [f"  {line}" for line in [*precision_lines(v), *draft_lines(meta)]]
     p = meta.preprocess
     lines += ["", f"preprocess: resize {p.resize} ({p.interpolation}), centre crop {p.crop}, {p.channels} channel(s), "
                   f"mean {list(p.mean)}, std {list(p.std)}{', JPEG draft allowed' if p.allow_draft else ''}",

@@ -1,7 +1,7 @@
 """Fold a head into one Gemm and export a verified model package: `model.onnx` (+ `model.pt2`) and `model.json`.
 
-    export_package(run, head, out_dir, precision="fp32" | "fp16" | "int8")
-        (`ltserve export runs/NAME --head HEAD --out models/NAME [--precision int8]`)
+    export_package(run, head, out_dir, precision="fp32" | "fp16" | "int8", jpeg_draft="auto" | "on" | "off")
+        (`ltserve export runs/NAME --head HEAD --out models/NAME [--precision int8] [--jpeg-draft auto]`)
 
     fold.py       the exported module: backbone -> (ncm: centring + L2) -> one Gemm holding (W / T, b / T)
     graph.py      torch.export -> ONNX (symbolic batch), the head sub-graph check, fp16 conversion
@@ -10,6 +10,8 @@
     reference.py  verification images (the run's test split) and the unfolded head's logits (the registry)
     verify.py     ONNX Runtime vs unfolded (fp32), fp16 / int8 vs fp32 per shot group (one comparison), pt2 vs ONNX,
                   lws scales
+    draft.py      JPEG draft decoding: the shipped graph on the verification split decoded exactly and with draft,
+                  per shot group (the same comparison); on, off or refused, and why
 
 Every folded head therefore has exactly the node count of the joint export; ncm adds its four normalisation nodes
 (Sub, ReduceL2, Clip, Div). Verification is part of export and a package that fails it is never written (it is
@@ -38,6 +40,7 @@ from ltserve.config import config_hash
 from ltserve.errors import ConfigError, PackageError, RunError, unknown_choice
 from ltserve.evaluate.run import head_report
 from ltserve.evaluate.selection import recorded_metrics
+from ltserve.export.draft import JPEG_DRAFT_MODES, JpegDraftOptions, check_jpeg_draft
 from ltserve.export.fold import FoldedClassifier
 from ltserve.export.graph import MIN_OPSET, check_model, export_onnx, to_fp16
 from ltserve.export.reference import backbone_features, unfolded_logits, verification_images
@@ -51,6 +54,7 @@ from ltserve.heads.calibrate import BIAS_ALPHA, fit_class_bias
 from ltserve.heads.head import served_prior
 from ltserve.package import (MODEL_JSON, HeadInfo, LabelShiftInfo, ModelJson, ShotThresholds, graph_info,
                              write_package)
+from ltserve.preprocess import PreprocessSpec
 from ltserve.progress import progress_bar
 from ltserve.rundir import Run, open_run
 
@@ -62,8 +66,8 @@ INT8_VERIFY_IMAGES = 2000
 """int8's default verification sample: its bounds are a point or less per shot group, and with 256 images a few-shot
 group of two classes holds ~50 images, where one flipped image moves its accuracy by 2 points."""
 
-__all__ = ["DEFAULT_KEEP_FLOAT", "FORMATS", "INT8_VERIFY_IMAGES", "Int8Options", "PRECISIONS", "VERIFY_IMAGES",
-           "export_package", "head_params", "parse_formats"]
+__all__ = ["DEFAULT_KEEP_FLOAT", "FORMATS", "INT8_VERIFY_IMAGES", "Int8Options", "JPEG_DRAFT_MODES", "JpegDraftOptions",
+           "PRECISIONS", "VERIFY_IMAGES", "export_package", "head_params", "parse_formats"]
 
 
 def head_params(head: CalibratedHead) -> dict[str, Any]:
@@ -183,7 +187,8 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
 
 def export_package(run: Run | str | Path, head: str, out_dir: str | Path, precision: str = "fp32",
                    opset: int | None = None, formats: str | Sequence[str] = ("onnx",), *,
-                   verify_images: int | None = None, int8: Int8Options | None = None, command: str | None = None,
+                   verify_images: int | None = None, int8: Int8Options | None = None,
+                   jpeg_draft: str | JpegDraftOptions = "auto", command: str | None = None,
                    progress: bool = True) -> ModelJson:
     """Fold `head` of a run, export it and write a verified model package to `out_dir`.
 
@@ -199,6 +204,11 @@ def export_package(run: Run | str | Path, head: str, out_dir: str | Path, precis
         verify_images: how many test-split images the checks run on (stratified, every class represented);
             None: VERIFY_IMAGES (256), INT8_VERIFY_IMAGES (2000) for int8.
         int8: calibration, bounds and retries of int8 (None: `Int8Options()`); ignored for other precisions.
+        jpeg_draft: whether the package allows JPEG draft decoding (`ltserve.export.draft`): "auto" (on when the
+            shipped graph keeps every group's accuracy within 0.3 point on the verification split decoded with
+            draft, else off), "on" (the same check; refuse the export when it fails), "off" (no check); or a
+            `JpegDraftOptions` with the bound and sample size. The run config's `preprocess.allow_draft` is not
+            used: this decides it, and model.json records why (`verification["jpeg_draft"]`).
         command: the command line recorded in provenance (default: this process's argv).
         progress: show a progress bar over the steps (on a terminal).
 
@@ -208,8 +218,8 @@ def export_package(run: Run | str | Path, head: str, out_dir: str | Path, precis
     Raises:
         ConfigError: unknown head, format or precision, unsupported opset.
         RunError: the run or the head is missing or inconsistent (or, for int8, its data set is not on disk).
-        PackageError: a check failed (nothing is written; for int8 the message holds the per-group table), or
-            out_dir is something other than a model package.
+        PackageError: a check failed (nothing is written; for int8 and `jpeg_draft="on"` the message holds the
+            per-group table), or out_dir is something other than a model package.
     """
     t_start = time.perf_counter()
     run, out_dir = open_run(run), Path(out_dir)
@@ -218,19 +228,20 @@ def export_package(run: Run | str | Path, head: str, out_dir: str | Path, precis
     formats = parse_formats(formats)
     if precision not in PRECISIONS:
         raise ConfigError(unknown_choice("--precision", precision, PRECISIONS))
+    draft = jpeg_draft if isinstance(jpeg_draft, JpegDraftOptions) else JpegDraftOptions(mode=jpeg_draft)
     if verify_images is None:
         verify_images = INT8_VERIFY_IMAGES if precision == "int8" else VERIFY_IMAGES
     if opset is not None and opset < MIN_OPSET:
         raise ConfigError(f"--opset {opset}: the exporter writes opset {MIN_OPSET} or newer; choose >= {MIN_OPSET}")
     _check_target(out_dir)
     steps = ["load", "export", "verify", *([precision] if precision != "fp32" else []),
-             *(["pt2"] if "pt2" in formats else []), "write"]
+             *(["jpeg draft"] if draft.mode != "off" else []), *(["pt2"] if "pt2" in formats else []), "write"]
     bar = progress_bar(total=len(steps), desc=f"export {head}", unit="step", enabled=progress)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         meta = _build(run, head, out_dir, tmp, precision, opset, formats, verify_images, int8 or Int8Options(),
-                      command, bar, t_start)
+                      draft, command, bar, t_start)
         _move_into_place(tmp, out_dir)
     except PackageError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -266,8 +277,8 @@ def _load(run: Run, head_name: str) -> tuple[CalibratedHead, CalibratedHead, nn.
 
 
 def _build(run: Run, head_name: str, out_dir: Path, tmp: Path, precision: str, opset: int | None,
-           formats: tuple[str, ...], n_images: int, int8: Int8Options, command: str | None, bar: Any,
-           t_start: float) -> ModelJson:
+           formats: tuple[str, ...], n_images: int, int8: Int8Options, draft: JpegDraftOptions,
+           command: str | None, bar: Any, t_start: float) -> ModelJson:
     """Export, verify and describe into `tmp`; raise on the first failed check."""
     head, joint, backbone = _load(run, head_name)
     info, cfg = run.info, run.config
@@ -305,27 +316,31 @@ def _build(run: Run, head_name: str, out_dir: Path, tmp: Path, precision: str, o
     if precision != "fp32":
         fp32_path.unlink()
         bar.update()
+    verification["jpeg_draft"] = check_jpeg_draft(run, cfg.preprocess, tmp / "model.onnx", draft)
+    if draft.mode != "off":
+        bar.update()
+    spec = cfg.preprocess.model_copy(update={"allow_draft": verification["jpeg_draft"]["decision"] == "on"})
     if "pt2" in formats:
         verification["pt2"] = write_pt2(program, tmp / "model.pt2", x, onnx_logits)
         bar.update()
     verification["exporter"] = {"name": "torch.onnx.export(dynamo=True) from torch.export", "torch": torch.__version__,
                                 "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"),
                                 "export_seconds": export_s, "total_seconds": time.perf_counter() - t_start}
-    meta = _describe(run, out_dir, tmp, head, verification, precision, command,
+    meta = _describe(run, out_dir, tmp, head, spec, verification, precision, command,
                      ["model.onnx", *(["model.pt2"] if "pt2" in formats else [])])
     bar.update()
     return meta
 
 
-def _describe(run: Run, out_dir: Path, tmp: Path, head: CalibratedHead, verification: dict[str, Any],
-              precision: str, command: str | None, files: list[str]) -> ModelJson:
+def _describe(run: Run, out_dir: Path, tmp: Path, head: CalibratedHead, spec: PreprocessSpec,
+              verification: dict[str, Any], precision: str, command: str | None, files: list[str]) -> ModelJson:
     """Write model.json for the files in `tmp` (through the one writer, which reads it back and verifies it)."""
     import onnx
 
     info = run.info
     return write_package(
         tmp, name=out_dir.name, labels=info.class_names, class_counts=info.class_counts,
-        thresholds=ShotThresholds(many=info.many_threshold, few=info.few_threshold), preprocess=run.config.preprocess,
+        thresholds=ShotThresholds(many=info.many_threshold, few=info.few_threshold), preprocess=spec,
         head=HeadInfo(name=head.method, params=head_params(head), temperature=head.temperature),
         metrics=head_metrics(run, head), verification=verification,
         graph=graph_info(onnx.load(str(tmp / "model.onnx")), precision), files=files,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ltserve.config import DataConfig
-from ltserve.data import stratified_subsample
+from ltserve.data import ImageSet, stratified_subsample
 from ltserve.errors import PackageError, RunError
 from ltserve.features.cache import splits_for
 from ltserve.heads import HEADS, PRIOR_KEY, CalibratedHead
@@ -56,18 +56,28 @@ def backbone_features(backbone: nn.Module, x: np.ndarray, batch: int = 64) -> np
                                                 pre_logits=True) for i in range(0, len(x), batch)]).double().numpy()
 
 
-@functools.lru_cache(maxsize=4)
-def verification_images(data_json: str, spec_json: str, n: int) -> tuple[np.ndarray, np.ndarray, str, str]:
-    """(images float32 NCHW (n, C, H, W), labels (n,), split name, data fingerprint); cached (read-only)."""
-    splits = splits_for(DataConfig.model_validate_json(data_json))  # shared with the feature cache (once per process)
+def verification_split(data: DataConfig) -> tuple[str, ImageSet, str]:
+    """(split name, its images, data fingerprint): the split export verifies on, test, else val.
+
+    Raises:
+        RunError: the data set has neither.
+    """
+    splits = splits_for(data)  # shared with the feature cache (once per process)
     split, images = ("test", splits.test) if splits.test is not None and len(splits.test) else ("val", splits.val)
     if images is None or len(images) == 0:
         raise RunError("the run's data set has no test or val images to verify an export on")
+    return split, images, splits.fingerprint
+
+
+@functools.lru_cache(maxsize=4)
+def verification_images(data_json: str, spec_json: str, n: int) -> tuple[np.ndarray, np.ndarray, str, str]:
+    """(images float32 NCHW (n, C, H, W), labels (n,), split name, data fingerprint); cached (read-only)."""
+    split, images, fingerprint = verification_split(DataConfig.model_validate_json(data_json))
     idx = stratified_subsample(images.labels, n, seed=0)  # every class represented, for the shot-group check
     spec = PreprocessSpec.model_validate_json(spec_json)
     x = to_model_input([transform_image(images.load(int(i)), spec) for i in idx], spec)
     x.setflags(write=False)
     labels = images.labels[idx].copy()
     labels.setflags(write=False)
-    return x, labels, split, splits.fingerprint
+    return x, labels, split, fingerprint
 

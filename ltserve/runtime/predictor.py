@@ -169,9 +169,18 @@ class Predictor:
         """
         return self.classify([self.decode(d, max_pixels) for d in data], top_k)
 
+    def jpeg_draft(self) -> dict[str, Any]:
+        """Whether `decode` runs JPEG draft decoding (`PreprocessSpec.allow_draft`) and the export's reason:
+        {"on": bool, "mode", "reason", "images_affected", "top1_agreement_vs_exact", "accuracy_change" (what
+        model.json recorded; "reason" only, for a package exported before the check)}."""
+        r = self.meta.verification.get("jpeg_draft") or {
+            "reason": "not checked: exported before ltserve checked it"}
+        keep = ("mode", "reason", "images_affected", "top1_agreement_vs_exact", "accuracy_change")
+        return {"on": bool(self.spec.allow_draft), **{k: r[k] for k in keep if k in r}}
+
     def info(self) -> dict[str, Any]:
-        """What the package and this runner are: precision, labels, shot groups, head, metrics, provenance,
-        runtime."""
+        """What the package and this runner are: precision, labels, shot groups, preprocessing and whether JPEG
+        draft decoding runs, head, metrics, provenance, runtime."""
         m = self.meta
         runner = self.runner.info()
         runtime = {"backend": self.backend, "providers": self.providers, "threads": self.threads, **({"torch": runner} if self.backend == "torch" else {}),
@@ -186,6 +195,7 @@ class Predictor:
             "shot_groups": m.shot_groups,
             "shot_thresholds": m.shot_thresholds.model_dump(),
             "preprocess": self.spec.model_dump(mode="json"),
+            "jpeg_draft": self.jpeg_draft(),
             "head": m.head.model_dump(mode="json"),
             "metrics": m.metrics,
             "verification": m.verification,

@@ -30,14 +30,18 @@ SECURITY_SCHEME = "bearerAuth"
 MODEL_INFO_SCHEMA: dict[str, Any] = {
     "type": "object", "title": "ModelInfo",
     "description": "The served model package and this worker's runtime (GET /model)",
-    "required": ["name", "labels", "class_counts", "shot_groups", "preprocess", "head", "metrics", "provenance",
-                 "runtime", "service"],
+    "required": ["name", "labels", "class_counts", "shot_groups", "preprocess", "jpeg_draft", "head", "metrics",
+                 "provenance", "runtime", "service"],
     "properties": {
         "name": {"type": "string"},
         "labels": {"type": "array", "items": {"type": "string"}},
         "class_counts": {"type": "array", "items": {"type": "integer"}},
         "shot_groups": {"type": "array", "items": {"type": "string", "enum": ["many", "medium", "few"]}},
-        "preprocess": {"type": "object"}, "head": {"type": "object"}, "metrics": {"type": "object"},
+        "preprocess": {"type": "object"},
+        "jpeg_draft": {"type": "object", "required": ["on"], "description": "whether JPEG draft (DCT-domain) "
+                       "decoding runs, and the reason export recorded",
+                       "properties": {"on": {"type": "boolean"}, "reason": {"type": "string"}}},
+        "head": {"type": "object"}, "metrics": {"type": "object"},
         "provenance": {"type": "object"}, "runtime": {"type": "object"},
         "service": {"type": "object", "description": "this server's limits, workers, and the answering worker's pid"},
     },
