@@ -108,24 +108,28 @@ def convert_mode(img: Image.Image, channels: int) -> Image.Image:
     return img if mode == target else img.convert(target)
 
 
-def transform_image(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+def transform_image(img: Image.Image, spec: PreprocessSpec,
+                    box: tuple[float, float, float, float] | None = None) -> np.ndarray:
     """Resize the shorter side to `spec.resize`, centre-crop `spec.crop`, convert to the spec's channels.
 
     Args:
         img: a Pillow image of any mode and size.
         spec: the preprocessing spec.
+        box: the region (left, top, right, bottom, in `img`'s pixels, fractional) that holds the picture, resized
+            as the whole image would be; None: all of `img`. A JPEG decoded in draft mode at 1/s scale is
+            ceil(size / s) pixels, a fraction of a pixel more than the picture (`decode` passes its box).
 
     Returns:
         uint8 array of shape (crop, crop, channels).
     """
     img = convert_mode(img, spec.channels)
-    w, h = img.size
-    if min(w, h) != spec.resize:
+    w, h = img.size if box is None else (box[2] - box[0], box[3] - box[1])
+    if box is not None or min(w, h) != spec.resize:
         scale = spec.resize / min(w, h)
         # round like torchvision's Resize(int): the shorter side is exactly `resize`
         new_w = spec.resize if w <= h else max(1, int(round(w * scale)))
         new_h = spec.resize if h <= w else max(1, int(round(h * scale)))
-        img = img.resize((new_w, new_h), _PIL_INTERPOLATION[spec.interpolation])
+        img = img.resize((new_w, new_h), _PIL_INTERPOLATION[spec.interpolation], box=box)
         w, h = new_w, new_h
     if (w, h) != (spec.crop, spec.crop):
         left = int(round((w - spec.crop) / 2.0))
@@ -366,7 +370,9 @@ def open_image(data: bytes, spec: PreprocessSpec | None, max_pixels: int = DEFAU
 
     The format is sniffed from the bytes and only that format's Pillow plugin may parse them (`IMAGE_FORMATS`). The
     pixel limit is checked on the header's size before any pixel is decoded. JPEG DCT-domain downscaling
-    (`Image.draft`) is used only when `spec.allow_draft`, and never below `spec.resize` on the shorter side.
+    (`Image.draft`) is used only when `spec.allow_draft`, and never below `spec.resize` on the shorter side (then
+    the image can hold a fraction of a pixel more than the picture at its right and bottom edges: `decode` resizes
+    only the picture's box).
 
     Args:
         data: the encoded file.
@@ -381,20 +387,55 @@ def open_image(data: bytes, spec: PreprocessSpec | None, max_pixels: int = DEFAU
         UnsupportedFormat: a recognised image format other than JPEG, PNG, WebP, BMP, GIF, TIFF, PNM (415).
         ImageTooLarge: more than `max_pixels` pixels (413).
     """
+    return _open(data, spec, max_pixels)[0]
+
+
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                   7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+"""EXIF orientation -> the transposition that makes the image upright (as `ImageOps.exif_transpose`)."""
+
+
+def _upright_margins(margins: tuple[float, float, float, float], orientation: int) -> tuple[float, ...]:
+    """Margins (left, top, right, bottom) of a stored image, moved to the sides they take once it is upright: the
+    transposition of a 2 x 2 image of corner numbers says which stored edge each upright edge was."""
+    method = _EXIF_TRANSPOSE.get(orientation)
+    if method is None:
+        return margins
+    c = np.asarray(Image.fromarray(np.array([[0, 1], [2, 3]], np.uint8)).transpose(method))
+    stored = {frozenset((0, 2)): margins[0], frozenset((0, 1)): margins[1], frozenset((1, 3)): margins[2],
+              frozenset((2, 3)): margins[3]}
+    edges = ((c[0, 0], c[1, 0]), (c[0, 0], c[0, 1]), (c[0, 1], c[1, 1]), (c[1, 0], c[1, 1]))
+    return tuple(stored[frozenset(int(v) for v in e)] for e in edges)
+
+
+def _open(data: bytes, spec: PreprocessSpec | None,
+          max_pixels: int) -> tuple[Image.Image, tuple[float, float, float, float] | None]:
+    """`open_image`, and the box of the upright image that holds the picture after a draft decode (else None)."""
     img, fmt = _open_header(data, max_pixels)
     title = _TITLES[fmt]
+    margins = None
     try:
         if fmt == "JPEG" and spec is not None and spec.allow_draft:
-            img.draft(None, _draft_size(img.size, spec.resize))
+            size = img.size
+            drafted = img.draft(None, _draft_size(size, spec.resize))
+            if drafted is not None and img.size != size:  # decoded at 1/s scale: ceil(size / s) pixels
+                right, bottom = drafted[1][2], drafted[1][3]  # size / s, unrounded
+                margins = (0.0, 0.0, img.size[0] - right, img.size[1] - bottom)
         img.load()  # decodes the first frame or page (GIF, APNG, animated WebP, multi-page TIFF)
         if fmt == "PPM" and img.mode == "I":
             img = _pnm16(img)
+        if margins is not None:
+            margins = _upright_margins(margins, img.getexif().get(0x0112, 1))
         img = ImageOps.exif_transpose(img)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"{title} image too large ({exc}); the limit is {max_pixels} pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
         raise InvalidImage(f"corrupt or truncated {title} file: {exc}") from None
-    return img
+    if margins is None:
+        return img, None
+    w, h = img.size
+    return img, (margins[0], margins[1], w - margins[2], h - margins[3])
 
 
 def _pnm16(img: Image.Image) -> Image.Image:
@@ -426,8 +467,8 @@ def decode(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXE
     Raises:
         InvalidImage (400), UnsupportedFormat (415), ImageTooLarge (413): see `open_image`.
     """
-    img = open_image(data, spec, max_pixels)
+    img, box = _open(data, spec, max_pixels)
     try:
-        return transform_image(img, spec)
+        return transform_image(img, spec, box)
     except (OSError, ValueError) as exc:  # a mode Pillow cannot convert
         raise InvalidImage(f"cannot convert a {img.format or ''} image of mode {img.mode}: {exc}") from None

@@ -295,6 +295,21 @@ def test_jpeg_draft_only_when_allowed(photo):
     assert 0 < diff.mean() < 4  # a DCT-domain downscale happened, and it is a small numerical change
 
 
+@pytest.mark.parametrize("orientation", [1, 2, 5, 6, 8])
+def test_jpeg_draft_resizes_only_the_picture_whatever_the_exif_orientation(photo, orientation):
+    """A draft decode at 1/8 of 1203 x 901 is 151 x 113 pixels for a 150.375 x 112.625 picture: resizing all of it
+    shifts the content (about 1.5 levels from the exact decode here); the picture's box, moved with the EXIF
+    rotation or flip to the side it ends up on, keeps draft within about 0.3 level."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    photo.resize((1203, 901), Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=92, exif=exif)
+    spec = PreprocessSpec(resize=36, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3, channels=3)
+    exact = decode(buf.getvalue(), spec).astype(int)
+    drafted = decode(buf.getvalue(), spec.model_copy(update={"allow_draft": True})).astype(int)
+    assert 0 < np.abs(drafted - exact).mean() < 0.8
+
+
 def test_decode_of_png_equals_transform_of_array():
     """The in-memory path of package evaluation (PIL -> transform_image) is exactly what decode does to a PNG."""
     arr = np.random.default_rng(1).integers(0, 256, (5, 28, 28), dtype=np.uint8)
