@@ -40,9 +40,9 @@ def _photos() -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def photo_run(tmp_path_factory) -> Path:
-    """A trained run on the photo folder (classes "china", "flower", ... one photo each)."""
-    from ltserve.config import load_config
+def photo_run(tmp_path_factory, tiny_config) -> Path:
+    """A trained run of configs/tiny.yaml's recipe on the photo folder (classes "china", "flower", ... one photo
+    each), 32 px RGB."""
     from ltserve.train import train
 
     root = tmp_path_factory.mktemp("photos")
@@ -65,8 +65,8 @@ def photo_run(tmp_path_factory) -> Path:
                  "preprocess": {"resize": 32, "crop": 32, "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
                                 "std": [0.229, 0.224, 0.225], "channels": 3},
                  "train": {"epochs": 15, "batch_size": 16}}
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
-    cfg = cfg.model_validate({**cfg.model_dump(), **{k: {**cfg.model_dump()[k], **v} for k, v in overrides.items()}})
+    base = tiny_config.model_dump()
+    cfg = tiny_config.model_validate({**base, **{k: {**base[k], **v} for k, v in overrides.items()}})
     out = tmp_path_factory.mktemp("runs") / "photos"
     train(cfg, out)
     return out
