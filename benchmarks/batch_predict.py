@@ -79,8 +79,9 @@ def photo_sources() -> list[tuple[str, np.ndarray]]:
     return photos
 
 
-def make_corpus(out: Path, n: int, seed: int) -> list[Path]:
-    """Write `n` JPEGs: seeded random crops of the photos, shorter side 256-640 px, quality 75-95.
+def make_corpus(out: Path, n: int, seed: int, quality: tuple[int, int] = (75, 95)) -> list[Path]:
+    """Write `n` JPEGs: seeded random crops of the photos, shorter side 256-640 px, quality 75-95 (`quality`: the
+    range, inclusive).
 
     Returns:
         the file paths, sorted.
@@ -102,7 +103,7 @@ def make_corpus(out: Path, n: int, seed: int) -> list[Path]:
         crop = crop.resize((max(1, round(crop.size[0] * scale)), max(1, round(crop.size[1] * scale))),
                            Image.Resampling.BILINEAR)
         path = out / f"{i:05d}-{name}.jpg"
-        crop.save(path, quality=int(rng.integers(75, 96)))
+        crop.save(path, quality=int(rng.integers(quality[0], quality[1] + 1)))
         files.append(path)
     return sorted(files)
 

@@ -28,7 +28,7 @@ from benchmarks.common import RESULTS_ROOT, markdown_table
 
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ("model_latency", "model_latency_int8", "serve_load", "serve_load_int8", "batch_predict", "stage2",
+ORDER = ("model_latency", "model_latency_int8", "serve_load", "serve_load_int8", "batch_predict", "decode", "stage2",
          "accuracy", "accuracy_int8", "int8_placement", "sampler_ablation", "label_shift")
 MET_WORDS = {True: "yes", False: "**no**", None: "not measured"}
 

@@ -11,6 +11,7 @@ Order and budgets (CPU):
   stage2         cached features vs --no-cache on the demo run
   serve_load     `bentoml serve` vs in process (5 s per point)
   batch_predict  `ltserve predict` vs a naive loop
+  decode         JPEG decode + preprocess images/s on one core, exact vs draft, inputs 32-224 px (~30 s)
   sampler_ablation  stage-1 IB / CB / SR / PB x every head, rho 100, 3 seeds, the recipe's 60 epochs (~10 min)
   accuracy_int8  `accuracy --int8 best`: int8 vs fp32 packages on the embedded default as shipped, 3 seeds (~10 min)
   int8_placement which nodes int8 keeps float: ResNet-50 speed + embedded-default accuracy (~15 min)
@@ -88,6 +89,7 @@ STEPS = (
     Step("serve_load_int8", script="serve_load", timeout_s=3600, options=lambda ctx: {} if ctx.smoke else {
         "--models": "resnet18", "--precisions": "fp32,int8", "--concurrency": "1,16", "--repeat": "3"}),
     Step("batch_predict", timeout_s=3600),
+    Step("decode", timeout_s=1800),
     Step("sampler_ablation", timeout_s=2 * 3600),
     Step("accuracy_int8", script="accuracy", options=lambda ctx: {"--int8": "best"}, timeout_s=2 * 3600),
     Step("int8_placement", timeout_s=2 * 3600),

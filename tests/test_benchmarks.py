@@ -213,6 +213,21 @@ def test_sampler_ablation_smoke(tmp_path):
     assert f"/{len(decoupled)} heads" in goal["measured"]
 
 
+def test_decode_smoke(tmp_path):
+    """Exact vs draft decoding on a few photos: every file is large enough for draft at 32 px, few are at 224 px,
+    draft changes the pixels a little, and the process gets its cores back."""
+    from benchmarks import decode
+
+    cores = os.sched_getaffinity(0)
+    out = tmp_path / "decode"
+    assert decode.main(["--smoke", "--out", str(out), "--sizes", "32,224"]) == 0
+    assert os.sched_getaffinity(0) == cores
+    res = _check_trio(out, "decode")["results"]
+    assert [r["size"] for r in res] == [32, 224] and all(r["images"] == 12 for r in res)
+    assert res[0]["affected_share"] == 1.0 > res[1]["affected_share"]  # shorter sides 256-640 px vs 2 x 256
+    assert 0.0 < res[0]["mean_abs_levels"] < 8.0 and res[0]["exact_img_s"] > 0 and res[0]["draft_img_s"] > 0
+
+
 def test_soak_smoke(tmp_path):
     """A few seconds of the mixed soak load on a real server: every answer as expected, memory sampled."""
     from benchmarks import soak
