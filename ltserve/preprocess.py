@@ -216,22 +216,27 @@ class ImageFormat:
         title: how messages and documentation name it.
         extensions: lower-case file name endings an image folder is read with (`ltserve.data.read_image_folder`).
         sniff: True when the first 32 bytes of a file are this format's magic number.
+        media_types: its Content-Type values, registered name first: what a raw-body request may declare (the
+            bytes still decide the format).
     """
 
     pillow: str
     title: str
     extensions: tuple[str, ...]
     sniff: Callable[[bytes], bool]
+    media_types: tuple[str, ...] = ()
 
 
 IMAGE_FORMATS: tuple[ImageFormat, ...] = (
-    ImageFormat("JPEG", "JPEG", (".jpg", ".jpeg"), _is_jpeg),
-    ImageFormat("PNG", "PNG", (".png",), _is_png),
-    ImageFormat("WEBP", "WebP", (".webp",), _is_webp),
-    ImageFormat("BMP", "BMP", (".bmp",), _is_bmp),
-    ImageFormat("GIF", "GIF", (".gif",), _is_gif),
-    ImageFormat("TIFF", "TIFF", (".tif", ".tiff"), _is_tiff),
-    ImageFormat("PPM", "PNM", (".ppm", ".pgm", ".pbm", ".pnm"), _is_pnm),
+    ImageFormat("JPEG", "JPEG", (".jpg", ".jpeg"), _is_jpeg, ("image/jpeg", "image/pjpeg")),
+    ImageFormat("PNG", "PNG", (".png",), _is_png, ("image/png",)),
+    ImageFormat("WEBP", "WebP", (".webp",), _is_webp, ("image/webp",)),
+    ImageFormat("BMP", "BMP", (".bmp",), _is_bmp, ("image/bmp", "image/x-ms-bmp")),
+    ImageFormat("GIF", "GIF", (".gif",), _is_gif, ("image/gif",)),
+    ImageFormat("TIFF", "TIFF", (".tif", ".tiff"), _is_tiff, ("image/tiff",)),
+    ImageFormat("PPM", "PNM", (".ppm", ".pgm", ".pbm", ".pnm"), _is_pnm,
+                ("image/x-portable-anymap", "image/x-portable-pixmap", "image/x-portable-graymap",
+                 "image/x-portable-bitmap")),
 )
 """The one list of accepted formats: sniffed from the bytes (never from a file name or content type) by `decode`;
 the extensions are how an image folder finds its files."""
@@ -241,6 +246,9 @@ SUPPORTED_FORMATS: tuple[str, ...] = tuple(f.pillow for f in IMAGE_FORMATS)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = tuple(ext for f in IMAGE_FORMATS for ext in f.extensions)
 """File name endings (lower case) of the accepted formats: what an image folder is read with."""
+
+IMAGE_MEDIA_TYPES: tuple[str, ...] = tuple(m for f in IMAGE_FORMATS for m in f.media_types)
+"""Content-Type values (lower case) of the accepted formats: what the service's raw-body route takes."""
 
 FORMAT_NAMES = ", ".join(f.title for f in IMAGE_FORMATS[:-1]) + f" or {IMAGE_FORMATS[-1].title}"
 """The accepted formats in words, for messages: "JPEG, PNG, WebP, BMP, GIF, TIFF or PNM"."""

@@ -91,7 +91,7 @@ from ltserve.serve.live_prior import AdaptingPredictor, LivePrediction, live_pri
 from ltserve.serve.metrics import service_metrics
 from ltserve.serve.openapi import complete_openapi
 from ltserve.serve.settings import (BATCH_ROUTE, CLASSIFY_ROUTE, MODEL_ROUTE, PRIOR_RESET_ROUTE, PRIOR_ROUTE,
-                                    ServiceSettings)
+                                    RAW_ROUTE, ServiceSettings)
 from ltserve.serve.worker import cpu_threads, prepare_server, setup_worker, worker_count
 
 logger = logging.getLogger(__name__)
@@ -253,6 +253,21 @@ class Classifier:
         result = await self._predict([image], ctx)
         return result if isinstance(result, ErrorBody) else result[0]
 
+    @bentoml.api(route=RAW_ROUTE, output_spec=ANSWER)
+    async def classify_raw(self, image: bytes, /, ctx: bentoml.Context = NO_REQUEST) -> Prediction | ErrorBody:
+        """Classify one image sent as the request body (`Content-Type: image/jpeg`, another image type, or
+        application/octet-stream): the cheapest request, with the answers and errors of `classify`.
+
+        Args:
+            image: the request body (positional-only: BentoML passes the whole body, no multipart, no file).
+            ctx: as for `classify`.
+
+        Returns:
+            As `classify`, for the same image the same answer.
+        """
+        result = await self._predict([image], ctx)
+        return result if isinstance(result, ErrorBody) else result[0]
+
     @bentoml.api(route=BATCH_ROUTE, output_spec=BatchResponse)
     async def classify_batch(self, images: list[Path],
                              ctx: bentoml.Context = NO_REQUEST) -> BatchResponse | ErrorBody:
@@ -270,7 +285,7 @@ class Classifier:
         result = await self._predict(images, ctx)
         return result if isinstance(result, ErrorBody) else BatchResponse(predictions=result)
 
-    async def _predict(self, files: Sequence[Path], ctx: bentoml.Context) -> list[Prediction] | ErrorBody:
+    async def _predict(self, files: Sequence[bytes | Path], ctx: bentoml.Context) -> list[Prediction] | ErrorBody:
         """Decode, batch with concurrent requests, predict; one Prediction per file, or the ErrorBody of the first
         unusable file (its status set on the answer)."""
         try:

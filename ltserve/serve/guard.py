@@ -12,7 +12,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from ltserve.errors import InvalidInput
-from ltserve.serve.settings import BATCH_ROUTE, PROTECTED_ROUTES, UPLOAD_FIELDS, ServiceSettings
+from ltserve.preprocess import FORMAT_NAMES, IMAGE_MEDIA_TYPES
+from ltserve.serve.settings import BATCH_ROUTE, PROTECTED_ROUTES, RAW_ROUTE, UPLOAD_FIELDS, ServiceSettings
+
+RAW_MEDIA_TYPES = (*IMAGE_MEDIA_TYPES, "application/octet-stream")
+"""What a raw-body request (RAW_ROUTE) may declare as its Content-Type; the format is sniffed from the bytes."""
 
 
 class ErrorBody(BaseModel):
@@ -93,6 +97,10 @@ class RequestGuard:
     """Checks API key, content type, body size and the multipart fields of the upload routes, then passes the
     request on; it never answers a request that passed.
 
+    The raw-body route (RAW_ROUTE: the image bytes are the body) gets the same key and size checks, and its
+    Content-Type must be an image media type or application/octet-stream (`RAW_MEDIA_TYPES`); there is no form to
+    check.
+
     The body is read here (counting streamed bytes against max_upload_bytes, whatever Content-Length says), parsed
     and checked: the upload field is present and holds files only (a string there is refused: BentoML would fetch
     a URL given in a file field), no other field, one file for /classify (BentoML would silently keep the first).
@@ -116,6 +124,10 @@ class RequestGuard:
             if path in UPLOAD_FIELDS and scope.get("method") == "POST":
                 body = await self._read_body(scope, receive)
                 await self._check_form(scope, body, UPLOAD_FIELDS[path])
+                receive = _replay(body, receive)
+            elif path == RAW_ROUTE and scope.get("method") == "POST":
+                body = await self._read_body(scope, receive)
+                _check_raw(scope, body)
                 receive = _replay(body, receive)
         except _Reject as r:
             headers = {"WWW-Authenticate": 'Bearer realm="ltserve"'} if r.status == 401 else None
@@ -194,6 +206,20 @@ class RequestGuard:
                                                      f"{BATCH_ROUTE} with repeated field 'images'")
         finally:
             await form.close()
+
+
+def _check_raw(scope: dict, body: bytes) -> None:
+    """A raw-body request: a body, and an image Content-Type (BentoML would read any other, multipart or JSON, its
+    own way)."""
+    ctype = _header(scope, b"content-type")
+    media = ctype.split(";")[0].strip().lower()
+    example = f"curl -H 'Content-Type: image/jpeg' --data-binary @photo.jpg URL{RAW_ROUTE}"
+    if not body:
+        raise _Reject(400, "empty_body", f"the request body is empty; send the image bytes as the body ({example})")
+    if media not in RAW_MEDIA_TYPES:
+        raise _Reject(415, "unsupported_media_type", (
+            f"Content-Type {ctype or '(missing)'!r} is not accepted on {RAW_ROUTE}; send the bytes of a "
+            f"{FORMAT_NAMES} image with its type ({', '.join(RAW_MEDIA_TYPES)}) ({example})"))
 
 
 def _header(scope: dict, name: bytes) -> str:

@@ -6,11 +6,12 @@ not `GET /model` (a mounted route), not the answers the request guard, the conne
 for these routes, and leaves the upload forms open (any other field, an empty `images` list). `complete_openapi`
 fills that in from what the code does, and the service answers `GET /docs.json` with the result:
 
-- every route: the two upload methods, `GET /model`, `GET /prior` and `POST /prior/reset` (live label shift),
+- every route: the three classify methods (two multipart, one raw body), `GET /model`, `GET /prior` and `POST /prior/reset` (live label shift),
   `/livez` `/healthz` `/readyz` `/metrics`;
 - every status each one answers, errors as the `ErrorBody` schema (`{"error", "detail"}`, both required);
 - the upload forms: only their one field (`additionalProperties: false`), `images` with 1 to max_batch_images
-  items, the accepted image media types as the field's encoding;
+  items; the raw-body route: a binary body under each accepted media type (image types, application/octet-stream),
+  where BentoML says text/plain;
 - the Bearer security scheme on the protected routes when an API key is set.
 """
 
@@ -20,9 +21,9 @@ import copy
 from typing import Any
 
 from ltserve.preprocess import FORMAT_NAMES
-from ltserve.serve.guard import ErrorBody
+from ltserve.serve.guard import RAW_MEDIA_TYPES, ErrorBody
 from ltserve.serve.settings import (BATCH_ROUTE, CLASSIFY_ROUTE, MODEL_ROUTE, PRIOR_RESET_ROUTE, PRIOR_ROUTE,
-                                   PROTECTED_ROUTES, UPLOAD_FIELDS, ServiceSettings)
+                                   PROTECTED_ROUTES, RAW_ROUTE, UPLOAD_FIELDS, ServiceSettings)
 
 SCHEMAS = "#/components/schemas/"
 SECURITY_SCHEME = "bearerAuth"
@@ -106,19 +107,38 @@ def _upload_operation(op: dict[str, Any], route: str, settings: ServiceSettings)
     else:
         prop["description"] = f"one image file: {FORMAT_NAMES}"
     op["requestBody"]["required"] = True
-    op["responses"] = {
+    op["responses"] = _classify_answers(op, route, settings, (
+        "a malformed request (empty body, bad multipart, a missing, unknown or text field, two files for /classify) "
+        "or a file that is not a decodable image"), "not multipart/form-data, or an image format that is not accepted")
+    return op
+
+
+def _raw_operation(op: dict[str, Any], settings: ServiceSettings) -> dict[str, Any]:
+    """The raw-body route: BentoML documents its positional-only `bytes` parameter as a text/plain body; it is the
+    image bytes, under any of the image media types or application/octet-stream."""
+    body = {"type": "string", "format": "binary",
+            "description": f"the bytes of one image ({FORMAT_NAMES}); the format is read from the bytes"}
+    op["requestBody"] = {"required": True, "content": {media: {"schema": dict(body)} for media in RAW_MEDIA_TYPES}}
+    op["responses"] = _classify_answers(op, RAW_ROUTE, settings, "an empty body, or bytes that are not a decodable "
+                                        "image", "a Content-Type that is not an image type or "
+                                        "application/octet-stream, or an image format that is not accepted")
+    return op
+
+
+def _classify_answers(op: dict[str, Any], route: str, settings: ServiceSettings, bad_request: str,
+                      unsupported: str) -> dict[str, Any]:
+    """Every answer of a classify route: BentoML's 200, the 4xx of the guard and the method, and `error_answers`."""
+    return {
         "200": op["responses"].get(200) or op["responses"]["200"],  # BentoML's dict keys statuses as ints
-        "400": _error("a malformed request (empty body, bad multipart, a missing, unknown or text field, two files "
-                      "for /classify) or a file that is not a decodable image"),
+        "400": _error(bad_request),
         "413": _error(f"the body is over {settings.max_upload_bytes} bytes (LTSERVE_MAX_UPLOAD_BYTES), an image over "
                       f"{settings.max_pixels} pixels (LTSERVE_MAX_PIXELS), the images over "
                       f"{settings.max_request_pixels} pixels in all (LTSERVE_MAX_REQUEST_PIXELS)"
                       + (f", or more than {settings.max_batch_images} images (LTSERVE_MAX_BATCH_IMAGES)"
                          if route == BATCH_ROUTE else "")),
-        "415": _error("not multipart/form-data, or an image format that is not accepted"),
+        "415": _error(unsupported),
         **error_answers(settings, route=route),
     }
-    return op
 
 
 def _model_operation(settings: ServiceSettings) -> dict[str, Any]:
@@ -165,6 +185,7 @@ def complete_openapi(spec: dict[str, Any], settings: ServiceSettings, version: s
     paths = doc["paths"]
     for route in (CLASSIFY_ROUTE, BATCH_ROUTE):
         _upload_operation(paths[route]["post"], route, settings)
+    _raw_operation(paths[RAW_ROUTE]["post"], settings)
     paths[MODEL_ROUTE] = {"get": _model_operation(settings)}
     paths[PRIOR_ROUTE] = {"get": _prior_operation(settings, PRIOR_ROUTE)}
     paths[PRIOR_RESET_ROUTE] = {"post": _prior_operation(settings, PRIOR_RESET_ROUTE)}

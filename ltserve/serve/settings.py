@@ -28,11 +28,12 @@ from ltserve.preprocess import DEFAULT_MAX_PIXELS
 ENV_PREFIX = "LTSERVE_"
 CLASSIFY_ROUTE = "/classify"
 BATCH_ROUTE = "/classify_batch"
+RAW_ROUTE = "/classify_raw"
 MODEL_ROUTE = "/model"
 PRIOR_ROUTE = "/prior"
 PRIOR_RESET_ROUTE = "/prior/reset"
 UPLOAD_FIELDS = {CLASSIFY_ROUTE: "image", BATCH_ROUTE: "images"}
-PROTECTED_ROUTES = (CLASSIFY_ROUTE, BATCH_ROUTE, MODEL_ROUTE, PRIOR_ROUTE, PRIOR_RESET_ROUTE)
+PROTECTED_ROUTES = (CLASSIFY_ROUTE, BATCH_ROUTE, RAW_ROUTE, MODEL_ROUTE, PRIOR_ROUTE, PRIOR_RESET_ROUTE)
 
 # The secret is never echoed back in an error message.
 _SECRET_FIELDS = frozenset({"api_key"})
@@ -74,7 +75,7 @@ class ServiceSettings(BaseSettings):
         max_latency_ms: longest a request waits in the queue for companions (LTSERVE_MAX_LATENCY_MS).
         decode_threads: threads decoding uploads (LTSERVE_DECODE_THREADS; default: every core when the model runs
             on a GPU, whose cores have nothing else to run; else min(4, cores), leaving the rest to inference).
-        api_key: when set, /classify, /classify_batch and /model need `Authorization: Bearer <key>`
+        api_key: when set, the classify routes, /model and /prior need `Authorization: Bearer <key>`
             (LTSERVE_API_KEY). Health and metrics routes stay open for probes and scrapers.
         cors_origins: origins allowed by CORS, comma separated; empty = CORS off (LTSERVE_CORS_ORIGINS).
         metrics_dir: the Prometheus multiprocess directory of this server's workers (LTSERVE_METRICS_DIR; default: a
