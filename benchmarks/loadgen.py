@@ -170,6 +170,20 @@ def tree_memory(pid: int) -> dict[str, Any]:
             "processes": rows}
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and all its living descendants."""
+    import psutil
+
+    total = 0.0
+    for p in [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:  # gone between the listing and the read
+            pass
+    return total
+
+
 def _role(p: Any) -> str:
     cmd = " ".join(p.cmdline())
     if "_bentoml_impl.worker.service" in cmd:

@@ -46,9 +46,16 @@ import numpy as np
 from ltserve.serve.process import ServerProcess
 
 from benchmarks.common import add_common_args, markdown_table, output_dir, percentiles, write_results
+from benchmarks.loadgen import Connection, multipart, tree_cpu_s
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "serve_load"
+ROUTES = {"multipart": "/classify", "raw": "/classify_raw", "batch": "/classify_batch"}
+"""The request kinds a server is swept with: one image as multipart, one image as the raw body, BATCH_IMAGES
+images per multipart request."""
+BATCH_IMAGES = 64
+GPU_CONCURRENCY = "1,4,16,64,256"
+CPU_CONCURRENCY = "1,4,16"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -127,24 +134,43 @@ def tiny_images(n: int, seed: int) -> list[bytes]:
     return out
 
 
-def photo_images() -> list[bytes]:
-    """Real photos as JPEG bytes: scikit-learn's china.jpg and flower.jpg, scikit-image's astronaut, coffee, chelsea."""
+TYPICAL_SHORTER_SIDE = (256, 640)
+
+
+def typical_photos(work: Path, seed: int, corpus: Path | None = None, n: int = 48) -> list[bytes]:
+    """Real JPEG photos of a typical upload's size (shorter side 256-640 px): the JPEGs of that size under `corpus`,
+    or `n` seeded crops of the photos scikit-learn and scikit-image ship, re-encoded at quality 75-95
+    (`benchmarks.batch_predict.make_corpus`)."""
+    if corpus is None:
+        from benchmarks.batch_predict import make_corpus
+
+        return [p.read_bytes() for p in make_corpus(work / "photos", n, seed)]
     from PIL import Image
 
-    import sklearn.datasets
-
-    folder = Path(sklearn.datasets.__file__).parent / "images"
-    out = [(folder / "china.jpg").read_bytes(), (folder / "flower.jpg").read_bytes()]
-    try:
-        import skimage.data
-
-        for name in ("astronaut", "coffee", "chelsea"):
-            buf = io.BytesIO()
-            Image.fromarray(getattr(skimage.data, name)()).save(buf, format="JPEG", quality=90)
-            out.append(buf.getvalue())
-    except Exception:
-        pass
+    out = []
+    for path in sorted(corpus.rglob("*")):
+        if path.suffix.lower() in (".jpg", ".jpeg"):
+            with Image.open(path) as im:
+                if TYPICAL_SHORTER_SIDE[0] <= min(im.size) <= TYPICAL_SHORTER_SIDE[1]:
+                    out.append(path.read_bytes())
+    if not out:
+        raise SystemExit(f"--corpus {corpus}: no JPEG with its shorter side {TYPICAL_SHORTER_SIDE[0]}-"
+                         f"{TYPICAL_SHORTER_SIDE[1]} px under it")
     return out
+
+
+def corpus_stats(images: list[bytes]) -> dict[str, Any]:
+    """What the images sent are: count, formats, shorter sides and sizes in bytes."""
+    from PIL import Image
+
+    sides, formats = [], set()
+    for data in images:
+        with Image.open(io.BytesIO(data)) as im:
+            sides.append(min(im.size))
+            formats.add(im.format)
+    sizes = [len(d) for d in images]
+    return {"images": len(images), "formats": sorted(formats), "shorter_side_px": [min(sides), max(sides)],
+            "bytes_mean": float(np.mean(sizes)), "bytes_max": max(sizes)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -156,8 +182,9 @@ def measure_in_process(package: Path, images: list[bytes], threads: int, max_bat
                        seconds: float, backend: str = "onnxruntime") -> dict[str, Any]:
     """The same work without HTTP: p50/p99 of one image end to end, decode and inference rates, and the ceiling.
 
-    The ceiling is the in-process batched pipeline a server could at best match: a decode thread pool (as in the
-    server) decoding the next batch while the Predictor runs the current one at `max_batch_size`, back to back.
+    The ceiling is the in-process batched pipeline a server could at best match: a decode thread pool decoding the
+    next batch while the Predictor runs the current one at `max_batch_size`, back to back, every core busy; the
+    better of a pool of the server's size (min(4, cores)) and one of every core.
     """
     from ltserve.runtime import Predictor
 
@@ -167,8 +194,13 @@ def measure_in_process(package: Path, images: list[bytes], threads: int, max_bat
     cores = os.cpu_count() or 1
     batch = pred.preprocess([pred.decode(images[k % len(images)]) for k in range(max_batch_size)])
     infer_ips = max_batch_size * _rate(lambda k: pred.postprocess(pred.predict(batch), 5) is not None, seconds / 4)
+    # the whole pipeline with every core busy: inference at max_batch_size overlapped with a decode pool of the
+    # server's size (min(4, cores)) and of every core; the faster is the ceiling
+    ceilings = {t: _pipelined_rate(pred, images, max_batch_size, seconds, t) for t in sorted({min(4, cores), cores})}
+    best = max(ceilings, key=ceilings.get)
     return {"single": single, "decode_img_s": decode_ips, "infer_img_s": infer_ips,
-            "ceiling_img_s": _pipelined_rate(pred, images, max_batch_size, seconds),
+            "ceiling_img_s": ceilings[best], "ceiling_decode_threads": best,
+            "ceiling_by_decode_threads": ceilings,
             # what a GPU server can at best be fed: every core decoding (Pillow releases the GIL while it decodes)
             "cpu_decode_img_s": _decode_pool_rate(pred, images, cores, seconds / 4), "cores": cores,
             "bucket_ms": pred.bucket_ms, "max_batch_size": max_batch_size, "threads": threads, "backend": backend}
@@ -208,11 +240,12 @@ def _decode_pool_rate(pred: Any, images: list[bytes], threads: int, seconds: flo
         return n / (time.perf_counter() - t0)
 
 
-def _pipelined_rate(pred: Any, images: list[bytes], batch_size: int, seconds: float) -> float:
-    """Images/s of decode (thread pool) overlapped with batched predict + postprocess, in one process."""
+def _pipelined_rate(pred: Any, images: list[bytes], batch_size: int, seconds: float, threads: int) -> float:
+    """Images/s of decode (a pool of `threads`) overlapped with batched preprocess + predict + postprocess, in one
+    process."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(threads) as pool:
         def submit(first: int) -> list:
             return [pool.submit(pred.decode, images[(first + i) % len(images)]) for i in range(batch_size)]
 
@@ -251,55 +284,74 @@ class Server(ServerProcess):
 
 def multipart_request(port: int, image: bytes, field: str = "image", route: str = "/classify") -> bytes:
     """The bytes of one keep-alive HTTP/1.1 multipart POST (built once, sent many times)."""
-    boundary = "ltservebench7f3a"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"img\"\r\n"
-            f"Content-Type: application/octet-stream\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
-    head = (f"POST {route} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; "
-            f"boundary={boundary}\r\nContent-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n").encode()
-    return head + body
+    return multipart(port, [(field, "img", image)], route)
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    length = 0
-    for line in lines[1:]:
-        if line.lower().startswith("content-length:"):
-            length = int(line.split(":", 1)[1])
-    return status, await reader.readexactly(length)
+def raw_request(port: int, image: bytes) -> bytes:
+    """The bytes of one keep-alive POST /classify_raw: the image as the body, under its own media type."""
+    from ltserve.preprocess import IMAGE_FORMATS, sniff_format
+
+    fmt = sniff_format(image)
+    media = next((f.media_types[0] for f in IMAGE_FORMATS if f.pillow == fmt), "application/octet-stream")
+    return (f"POST /classify_raw HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {media}\r\n"
+            f"Content-Length: {len(image)}\r\nConnection: keep-alive\r\n\r\n").encode() + image
 
 
-async def closed_loop(port: int, requests: list[bytes], expected: list[int], concurrency: int,
+def route_requests(port: int, route: str, images: list[bytes], expected: list[int],
+                   per_request: int = BATCH_IMAGES) -> tuple[list[bytes], list[list[int]]]:
+    """The requests a sweep of `route` cycles through, and the class indices each must be answered with: one image
+    per request (ROUTES), or `per_request` images per /classify_batch request, every image used."""
+    if route == "batch":
+        groups = [[(first + k) % len(images) for k in range(per_request)]
+                  for first in range(0, len(images), per_request)]
+        return ([multipart(port, [("images", f"{k}", images[k]) for k in g], "/classify_batch") for g in groups],
+                [[expected[k] for k in g] for g in groups])
+    build = raw_request if route == "raw" else multipart_request
+    return [build(port, im) for im in images], [[e] for e in expected]
+
+
+async def closed_loop(port: int, requests: list[bytes], expected: list[list[int]], concurrency: int,
                       seconds: float) -> dict[str, Any]:
-    """`concurrency` clients, each sending the next request as soon as its previous answer arrived."""
+    """`concurrency` clients, each sending the next request as soon as its previous answer arrived; an answer that is
+    not a 200 with the expected classes, and a failed connection (then reopened), count as errors."""
     latencies: list[float] = []
     errors: list[str] = []
+    images = 0
     stop_at = time.perf_counter() + seconds
 
     async def client(k: int) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        nonlocal images
+        conn = Connection(port)
         i = k
         try:
             while time.perf_counter() < stop_at:
                 j = i % len(requests)
+                i += concurrency
                 t0 = time.perf_counter()
-                writer.write(requests[j])
-                status, body = await _read_response(reader)
+                try:
+                    status, _, body = await conn.request(requests[j])
+                except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+                    errors.append(f"connection: {exc!r}")
+                    continue
                 latencies.append((time.perf_counter() - t0) * 1000)
                 if status != 200:
                     errors.append(f"{status} {body[:200]!r}")
-                elif json.loads(body)["class_index"] != expected[j]:
-                    errors.append(f"image {j}: class {json.loads(body)['class_index']} != {expected[j]}")
-                i += concurrency
+                    continue
+                answer = json.loads(body)
+                got = [p["class_index"] for p in answer["predictions"]] if "predictions" in answer else \
+                    [answer["class_index"]]
+                if got != expected[j]:
+                    errors.append(f"request {j}: classes {got} != {expected[j]}")
+                else:
+                    images += len(got)
         finally:
-            writer.close()
+            conn.close()
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client(k) for k in range(concurrency)))
     wall = time.perf_counter() - t0
     return {"concurrency": concurrency, "requests": len(latencies), "req_s": len(latencies) / wall,
-            "errors": len(errors), "first_errors": errors[:3], **percentiles(latencies)}
+            "img_s": images / wall, "errors": len(errors), "first_errors": errors[:3], **percentiles(latencies)}
 
 
 def batch_stats(metrics_text: str) -> tuple[float, float]:
@@ -315,34 +367,41 @@ def batch_stats(metrics_text: str) -> tuple[float, float]:
 
 
 def measure_server(target: str, env: dict[str, str], images: list[bytes], expected: list[int],
-                   concurrencies: list[int], seconds: float, log: Path,
-                   baseline: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """A closed-loop sweep over `concurrencies` against a fresh server; `baseline()` (in-process latency) runs
-    right before the first point, so that the HTTP overhead compares measurements taken minutes apart at most.
+                   sweeps: dict[str, list[int]], seconds: float, log: Path,
+                   baseline: Any = None) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """Closed-loop sweeps against one fresh server: for each request kind of `sweeps` (ROUTES: "multipart", "raw",
+    "batch"), one point per concurrency; the kinds alternate point by point, so that they share the machine's state
+    of each minute. `baseline()` (in-process latency) runs right before the first point, so that the HTTP overhead
+    compares measurements taken minutes apart at most.
 
-    Returns the rows (one per concurrency) and the server's own account of its runtime (GET /model "runtime":
-    backend, providers, torch device and precision), or {} when the target has no such route."""
+    Returns the rows (one per concurrency) of each kind, and the server's own account of its runtime (GET /model
+    "runtime": backend, providers, torch device and precision), or {} when the target has no such route."""
     server = Server(env, log, target=target, cwd=REPO)
-    rows = []
+    rows: dict[str, list[dict[str, Any]]] = {kind: [] for kind in sweeps}
     try:
         server.wait_ready()
         runtime = server.runtime()
-        requests = [multipart_request(server.port, im) for im in images]
-        asyncio.run(closed_loop(server.port, requests, expected, 2, min(2.0, seconds)))  # warm connections/caches
+        requests = {kind: route_requests(server.port, kind, images, expected) for kind in sweeps}
+        for kind in sweeps:  # warm connections and caches
+            asyncio.run(closed_loop(server.port, *requests[kind], 2, min(2.0, seconds)))
         in_process = baseline() if baseline is not None else None
-        for c in concurrencies:
+        points = [(i, kind, c) for kind, cs in sweeps.items() for i, c in enumerate(cs)]
+        for _, kind, c in sorted(points, key=lambda p: p[0]):
             load = os.getloadavg()[0]  # this run's server and client included: shows other work on the machine
-            before = batch_stats(server.metrics())
-            row = asyncio.run(closed_loop(server.port, requests, expected, c, seconds))
-            after = batch_stats(server.metrics())
+            before, cpu0 = batch_stats(server.metrics()), tree_cpu_s(server.proc.pid)
+            row = asyncio.run(closed_loop(server.port, *requests[kind], c, seconds))
+            after, cpu1 = batch_stats(server.metrics()), tree_cpu_s(server.proc.pid)
             batches, imgs = after[0] - before[0], after[1] - before[1]
             row["mean_batch"] = imgs / batches if batches else None
+            # the server's CPU per request: two /metrics reads included (~ms), small next to thousands of requests
+            row["server_cpu_ms_per_req"] = 1000 * (cpu1 - cpu0) / max(row["requests"], 1)
             row["load_1min"] = load
-            if in_process is not None and not rows:
+            if in_process is not None and not any(rows.values()):
                 row["in_process_single"] = in_process
-            rows.append(row)
-            print(f"    c={c:<3} {row['req_s']:8.1f} req/s  p50 {row['p50']:7.2f} ms  p99 {row['p99']:7.2f} ms  "
-                  f"mean batch {row['mean_batch'] or float('nan'):.2f}  errors {row['errors']}", flush=True)
+            rows[kind].append(row)
+            print(f"    {kind:<9} c={c:<3} {row['req_s']:8.1f} req/s {row['img_s']:8.1f} img/s  p50 {row['p50']:7.2f} ms"
+                  f"  p99 {row['p99']:7.2f} ms  server CPU {row['server_cpu_ms_per_req']:6.2f} ms/req  mean batch "
+                  f"{row['mean_batch'] or float('nan'):.2f}  errors {row['errors']}", flush=True)
     finally:
         server.stop()
     return rows, runtime
@@ -357,7 +416,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser, NAME)
     parser.add_argument("--models", default="tiny,resnet18", help="tiny, resnet18, or paths of model packages")
-    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--concurrency", default=None,
+                        help="clients of the /classify and /classify_raw sweeps, up to 256 (default: 1,4,16,64,256 "
+                        f"with a GPU; {CPU_CONCURRENCY} on CPU, where 16 clients already keep every core busy and "
+                        "more only add queueing)")
+    parser.add_argument("--batch-concurrency", default="1,2,4",
+                        help=f"clients of the /classify_batch sweep, {BATCH_IMAGES} images per request")
+    parser.add_argument("--corpus", type=Path, default=None,
+                        help="a folder of JPEG photos (those with a shorter side of 256-640 px are used) for the "
+                        "photo models; default: 48 seeded crops of the photos scikit-learn and scikit-image ship")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per measured point")
     parser.add_argument("--repeat", type=int, default=1, help="sweeps per server configuration, interleaved; the "
                         "median of each point is reported (shared machines are noisy)")
@@ -378,7 +445,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.models, args.concurrency, args.duration, args.repeat, args.paths = "tiny", "1,4", 1.0, 1, "inprocess"
+        args.batch_concurrency = "1"
+    if args.concurrency is None:
+        args.concurrency = GPU_CONCURRENCY if _has_gpu(args.backend) else CPU_CONCURRENCY
+    if max(int(c) for c in args.concurrency.split(",")) > 256:
+        raise SystemExit(f"--concurrency {args.concurrency}: at most 256 clients")
     return args
+
+
+def _has_gpu(backend: str) -> bool:
+    """Whether the model will run on a GPU: CUDA in ONNX Runtime's providers, or in torch for the torch backend."""
+    try:
+        if backend == "torch":
+            import torch
+
+            return bool(torch.cuda.is_available())
+        import onnxruntime
+
+        return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    except ImportError:
+        return False
 
 
 def server_configs(args: argparse.Namespace) -> list[tuple[str, str, dict[str, str]]]:
@@ -399,7 +485,7 @@ def median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     for points in zip(*runs):
         row = {"concurrency": points[0]["concurrency"], "errors": sum(p["errors"] for p in points),
                "requests": sum(p["requests"] for p in points), "runs": list(points)}
-        for k in ("req_s", "p50", "p90", "p99", "mean"):
+        for k in ("req_s", "img_s", "p50", "p90", "p99", "mean", "server_cpu_ms_per_req"):
             row[k] = float(np.median([p[k] for p in points]))
         batches = [p["mean_batch"] for p in points if p["mean_batch"] is not None]
         row["mean_batch"] = float(np.median(batches)) if batches else None
@@ -409,12 +495,12 @@ def median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 def benchmark_model(model: str, args: argparse.Namespace, work: Path, out: Path) -> dict[str, dict[str, Any]]:
     """In-process numbers, then every server configuration of every precision's package, `repeat` times
-    interleaved (the order reverses every sweep). Returns {name: result}, name = model, or model-int8."""
-    packages, images = _model(model, work, args.seed, precisions_of(args))
-    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    interleaved (the order reverses every sweep). Returns {name: result}, name = model, or model-int8; its "http"
+    holds one row list per configuration and request kind (`result_key`)."""
+    packages, images = _model(model, work, args.seed, precisions_of(args), args.corpus)
     configs = server_configs(args)
     base_env = {"LTSERVE_THREADS": str(args.threads), "LTSERVE_MAX_LATENCY_MS": str(args.max_latency_ms),
-                "LTSERVE_TOP_K": "5", "LTSERVE_MAX_BATCH_IMAGES": "64", "LTSERVE_BACKEND": args.backend}
+                "LTSERVE_TOP_K": "5", "LTSERVE_MAX_BATCH_IMAGES": str(BATCH_IMAGES), "LTSERVE_BACKEND": args.backend}
     if not args.access_log:
         base_env["BENTOML_CONFIG_OPTIONS"] = "api_server.logging.access.enabled=false"
     res: dict[str, dict[str, Any]] = {}
@@ -423,25 +509,61 @@ def benchmark_model(model: str, args: argparse.Namespace, work: Path, out: Path)
     for name, package in packages.items():
         print(f"== {name}: {package}", flush=True)
         res[name], expected[name], baselines[name] = _in_process(package, images, args)
-    runs: dict[tuple[str, str], list[list[dict[str, Any]]]] = {(n, key): [] for n in packages for key, _, _ in configs}
+        res[name]["corpus"] = corpus_stats(images)
+    runs: dict[tuple[str, str], list[list[dict[str, Any]]]] = {}
     runtimes: dict[str, dict[str, dict[str, Any]]] = {n: {} for n in packages}
     order = [(n, cfg) for cfg in configs for n in packages]  # fp32 and int8 of one config run back to back
     for r in range(args.repeat):
         for name, (key, target, env) in (order if r % 2 == 0 else order[::-1]):
             print(f"  {name} {key} (sweep {r + 1}/{args.repeat}):", flush=True)
             log = work / f"server_{Path(name).name}_{key.replace('/', '_')}.log"
-            rows, runtimes[name][key] = measure_server(
+            rows, runtime = measure_server(
                 target, {**base_env, "LTSERVE_MODEL": str(packages[name]), **env}, images, expected[name],
-                concurrencies, args.duration, log, baselines[name] if key == "inprocess/batched" else None)
-            runs[(name, key)].append(rows)
+                sweeps_of(key, args), args.duration, log, baselines[name] if key == "inprocess/batched" else None)
+            for kind, kind_rows in rows.items():
+                runs.setdefault((name, result_key(key, kind)), []).append(kind_rows)
+                runtimes[name][result_key(key, kind)] = runtime
     for name in packages:
         res[name].update({"server_runtime": runtimes[name],
-                          "http": {key: median_rows(runs[(name, key)]) for key, _, _ in configs}})
-        res[name]["http_overhead_ms"] = http_overhead(res[name]["http"]["inprocess/batched"], concurrencies[0])
-        print(f"  {name}: HTTP overhead at concurrency {concurrencies[0]}: p50 "
-              f"{res[name]['http_overhead_ms']['p50']:.2f} ms, p99 {res[name]['http_overhead_ms']['p99']:.2f} ms",
-              flush=True)
+                          "http": {key: median_rows(r) for (n, key), r in runs.items() if n == name}})
+        low = sweeps_of("inprocess/batched", args)["multipart"][0]
+        res[name]["http_overhead_ms"] = http_overhead(res[name]["http"]["inprocess/batched"], low)
+        print(f"  {name}: HTTP overhead at concurrency {low}: p50 {res[name]['http_overhead_ms']['p50']:.2f} ms, p99 "
+              f"{res[name]['http_overhead_ms']['p99']:.2f} ms", flush=True)
+        res[name]["raw_vs_multipart"] = raw_vs_multipart(res[name]["http"])
     return res
+
+
+def sweeps_of(key: str, args: argparse.Namespace) -> dict[str, list[int]]:
+    """The request kinds (ROUTES) and concurrencies a server configuration is swept with: the in-process batcher
+    with batching gets all three; the others, /classify only."""
+    sweeps = {"multipart": [int(c) for c in args.concurrency.split(",")]}
+    if key == "inprocess/batched":
+        sweeps["raw"] = sweeps["multipart"]
+        sweeps["batch"] = [int(c) for c in args.batch_concurrency.split(",")]
+    return sweeps
+
+
+def result_key(config: str, kind: str) -> str:
+    """The name of a sweep in results: the configuration for /classify ("inprocess/batched"), else configuration
+    and request kind ("inprocess/batched raw", "inprocess/batched batch64")."""
+    return config if kind == "multipart" else f"{config} {kind}" + (str(BATCH_IMAGES) if kind == "batch" else "")
+
+
+def raw_vs_multipart(http: dict[str, list[dict[str, Any]]], config: str = "inprocess/batched") -> list[dict[str, Any]]:
+    """Per concurrency: the raw route against /classify on the same server (medians over sweeps): req/s, p50, and
+    the server's CPU per request."""
+    raw = {r["concurrency"]: r for r in http.get(result_key(config, "raw"), [])}
+    out = []
+    for m in http.get(config, []):
+        r = raw.get(m["concurrency"])
+        if r is None:
+            continue
+        out.append({"concurrency": m["concurrency"], "req_s_ratio": r["req_s"] / max(m["req_s"], 1e-9),
+                    "p50_ms_saved": m["p50"] - r["p50"],
+                    "server_cpu_ms_per_req": {"multipart": m["server_cpu_ms_per_req"],
+                                              "raw": r["server_cpu_ms_per_req"]}})
+    return out
 
 
 def _in_process(package: Path, images: list[bytes], args: argparse.Namespace) -> tuple[dict[str, Any], list[int], Any]:
@@ -517,25 +639,39 @@ def main(argv: list[str] | None = None) -> int:
         raise
     shutil.rmtree(work, ignore_errors=True)
     rows_md = [{"model": m, "path": key, "runs_on": runs_on(res["server_runtime"].get(key, {})), **r,
-                "of_ceiling_%": 100.0 * r["req_s"] / res["in_process"]["ceiling_img_s"]}
+                "of_ceiling_%": 100.0 * r["img_s"] / res["in_process"]["ceiling_img_s"]}
                for m, res in results.items() for key, rows in res["http"].items() for r in rows]
-    table = markdown_table(rows_md, ["model", "path", "runs_on", "concurrency", "req_s", "p50", "p99", "mean_batch",
-                                     "of_ceiling_%", "errors"])
+    table = markdown_table(rows_md, ["model", "path", "runs_on", "concurrency", "req_s", "img_s", "p50", "p99",
+                                     "server_cpu_ms_per_req", "mean_batch", "of_ceiling_%", "errors"])
     inproc_rows = [{"model": m, "backend": r["in_process"]["backend"],
                     "p50_ms": r["in_process"]["single"]["p50"], "p99_ms": r["in_process"]["single"]["p99"],
                     "decode_img_s": r["in_process"]["decode_img_s"], "infer_img_s": r["in_process"]["infer_img_s"],
                     "ceiling_img_s": r["in_process"]["ceiling_img_s"],
+                    "ceiling_decode_threads": r["in_process"]["ceiling_decode_threads"],
                     "cpu_decode_img_s": r["in_process"]["cpu_decode_img_s"],
                     "http_overhead_p50_ms": r["http_overhead_ms"]["p50"],
                     "http_overhead_p99_ms": r["http_overhead_ms"]["p99"]} for m, r in results.items()]
-    notes = ("HTTP: POST /classify, one image per request, closed loop, keep-alive; req_s, p50, p99 (ms) are medians "
-             f"over {args.repeat} interleaved sweep(s) of {args.duration:g} s per point. In process: one image end "
-             "to end (decode, preprocess, predict, postprocess); decode (one thread) and batched inference rates; "
-             "ceiling = decode thread pool overlapped with inference at max_batch_size, back to back; "
-             "cpu_decode = every core decoding, the most a GPU server can be fed. "
-             "HTTP overhead = HTTP at the lowest concurrency minus in process measured just before it on the same "
-             "warm machine (median over sweeps).\n\n"
-             + markdown_table(inproc_rows, list(inproc_rows[0])))
+    corpus_rows = [{"model": m, **r["corpus"]} for m, r in results.items()]
+    raw_rows = [{"model": m, "concurrency": x["concurrency"], "raw/multipart req_s": x["req_s_ratio"],
+                 "p50_ms_saved": x["p50_ms_saved"], "server_cpu_ms_multipart": x["server_cpu_ms_per_req"]["multipart"],
+                 "server_cpu_ms_raw": x["server_cpu_ms_per_req"]["raw"]}
+                for m, r in results.items() for x in r["raw_vs_multipart"]]
+    notes = ("HTTP, closed loop, keep-alive, one server per configuration: POST /classify (one image, multipart), "
+             f"POST /classify_raw (\"raw\": one image as the body) and POST /classify_batch (\"batch{BATCH_IMAGES}\": "
+             f"{BATCH_IMAGES} images per multipart request), their points alternating on the same server; req_s, img_s, "
+             f"p50, p99 (ms) are medians over {args.repeat} interleaved sweep(s) of {args.duration:g} s per point; "
+             "errors = answers other than a 200 with the expected classes, and failed connections; server_cpu = CPU "
+             "time of the server's process tree per request. In process: one image end to end (decode, preprocess, "
+             "predict, postprocess); decode (one thread) and batched inference rates; ceiling = the whole pipeline "
+             "with every core busy, a decode thread pool overlapped with preprocess + inference at max_batch_size, back "
+             "to back (the better of the server's pool size and one thread per core); of_ceiling = HTTP img/s over "
+             "it; cpu_decode = every core decoding, the most a GPU server can be fed. HTTP overhead = HTTP at the "
+             "lowest concurrency minus in process measured just before it on the same warm machine (median over "
+             "sweeps).\n\n" + markdown_table(inproc_rows, list(inproc_rows[0]))
+             + "\n\nImages sent:\n\n" + markdown_table(corpus_rows, list(corpus_rows[0])))
+    if raw_rows:
+        notes += ("\n\nRaw body against multipart, same server, same images:\n\n"
+                  + markdown_table(raw_rows, list(raw_rows[0])))
     goals = int8_goals(results, concurrency=max(int(c) for c in args.concurrency.split(",")))
     if goals:
         notes += ("\n\nint8 vs fp32: in every sweep the fp32 and int8 servers of one configuration run back to back; "
@@ -568,20 +704,22 @@ def precisions_of(args: argparse.Namespace) -> list[str]:
     return items
 
 
-def _model(name: str, work: Path, seed: int,
-           precisions: Sequence[str] = ("fp32",)) -> tuple[dict[str, Path], list[bytes]]:
-    """({result name: package} per precision, the images to send). int8 only for resnet18 (the others are not
-    exported from a run here)."""
+def _model(name: str, work: Path, seed: int, precisions: Sequence[str] = ("fp32",),
+           corpus: Path | None = None) -> tuple[dict[str, Path], list[bytes]]:
+    """({result name: package} per precision, the images to send: Fashion-MNIST PNGs for a 28 px grey model, else
+    JPEG photos of typical size, `typical_photos`). int8 only for resnet18 (the others are not exported from a run
+    here)."""
     if name == "tiny":
         return {"tiny": make_tiny(work / "tiny", seed)}, tiny_images(64, seed)
     if name == "resnet18":
         return ({name + ("" if p == "fp32" else f"-{p}"): make_resnet18(work / f"resnet18-{p}", seed, p)
-                 for p in precisions}, photo_images())
+                 for p in precisions}, typical_photos(work, seed, corpus))
     path = Path(name)
     from ltserve.package import load_package
 
     spec = load_package(path).preprocess
-    return {path.name: path}, tiny_images(64, seed) if spec.crop <= 64 and spec.channels == 1 else photo_images()
+    photos = spec.crop > 64 or spec.channels != 1
+    return {path.name: path}, typical_photos(work, seed, corpus) if photos else tiny_images(64, seed)
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:

@@ -779,16 +779,24 @@ def test_serve_load_benchmark_smoke(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     result = json.loads((tmp_path / "results.json").read_text())
-    rows = result["results"]["tiny"]["http"]["inprocess/batched"]
-    assert [r["concurrency"] for r in rows] == [1, 4]
-    assert all(r["errors"] == 0 and r["requests"] > 0 for r in rows)
+    http = result["results"]["tiny"]["http"]
+    # /classify and /classify_raw at the same concurrencies, /classify_batch with 64 images per request
+    assert set(http) == {"inprocess/batched", "inprocess/batched raw", "inprocess/batched batch64"}
+    for key, concurrencies, per_request in [("inprocess/batched", [1, 4], 1), ("inprocess/batched raw", [1, 4], 1),
+                                            ("inprocess/batched batch64", [1], 64)]:
+        rows = http[key]
+        assert [r["concurrency"] for r in rows] == concurrencies, key
+        assert all(r["errors"] == 0 and r["requests"] > 0 and r["server_cpu_ms_per_req"] > 0 for r in rows), key
+        assert all(abs(r["img_s"] - per_request * r["req_s"]) <= 1e-6 * r["img_s"] for r in rows), key
+    assert [x["concurrency"] for x in result["results"]["tiny"]["raw_vs_multipart"]] == [1, 4]
     inproc = result["results"]["tiny"]["in_process"]
     assert inproc["ceiling_img_s"] > 0 and inproc["cpu_decode_img_s"] > 0 and inproc["backend"] == "onnxruntime"
+    assert str(inproc["ceiling_decode_threads"]) in inproc["ceiling_by_decode_threads"]  # JSON: keys are strings
     # the server's own account of what it ran, so that a run can show both sides used the same backend
     runtime = result["results"]["tiny"]["server_runtime"]["inprocess/batched"]
     assert runtime["backend"] == "onnxruntime" and runtime["providers"] == ["CPUExecutionProvider"]
     assert result["environment"]["versions"]["bentoml"]
-    assert (tmp_path / "results.md").read_text().count("inprocess/batched") == 2
+    assert (tmp_path / "results.md").read_text().count("inprocess/batched raw") == 2
     assert (tmp_path / "results.png").is_file()
 
 
