@@ -387,8 +387,9 @@ def check_own_data(run: BlockRun, work: Path) -> None:
 
 
 def check_serve(run: BlockRun, work: Path) -> None:
-    assert len(run.curl) == 3, f"expected 3 curl answers, got {len(run.curl)}"
-    one, batch, model = (json.loads(text) for text in run.curl)
+    assert len(run.curl) == 4, f"expected 4 curl answers, got {len(run.curl)}"
+    one, batch, model, raw = (json.loads(text) for text in run.curl)
+    assert raw == one, "the raw body route answers as /classify for the same image"
     assert PREDICTION_KEYS <= set(one), one
     assert one["top_k"][0]["class_index"] == one["class_index"]
     assert [set(p) >= PREDICTION_KEYS for p in batch["predictions"]] == [True, True], batch
