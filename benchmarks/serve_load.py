@@ -7,12 +7,19 @@
 
 For each model it measures
   - in process: p50/p99 of one image (decode + preprocess + predict + postprocess); images/s of decode (one
-    thread) and of inference at batch `max_batch_size`; and the batched ceiling: a decode thread pool overlapped
-    with inference at `max_batch_size`, back to back (the same work as the server, without HTTP);
-  - over HTTP (`POST /classify`, one image per request, keep-alive, closed loop): throughput and p50/p99 at each
-    concurrency, with adaptive batching (LTSERVE_MAX_BATCH_SIZE=32) and without (=1), and the mean batch size the
-    server ran (from /metrics);
+    thread) and of inference at batch `max_batch_size`; and the ceiling of the whole pipeline with every core busy:
+    a decode thread pool overlapped with preprocess + inference at the batch size with the most images/s in the
+    warm-up timings, back to back (the same work as the server, without HTTP);
+  - over HTTP, closed loop, keep-alive, on one server: `POST /classify` (one image, multipart) and
+    `POST /classify_raw` (one image as the body) at each concurrency, points alternating, and `POST /classify_batch`
+    with 64 images per request (`--batch-concurrency`): req/s, img/s, p50/p99, the server's CPU per request, the
+    mean batch size it ran (from /metrics), errors (a non-200 or wrong class, a failed connection), img/s as a share
+    of the in-process ceiling; /classify also without adaptive batching (LTSERVE_MAX_BATCH_SIZE=1);
   - HTTP overhead = p50 (p99) over HTTP at concurrency 1 minus the in-process p50 (p99) measured right before it.
+Images: Fashion-MNIST PNGs for the tiny model (its data; the cost is all serving overhead), JPEG photos of typical
+size for the others (shorter side 256-640 px: 48 seeded crops of the photos scikit-learn and scikit-image ship, or
+the JPEGs of that size under `--corpus`). Concurrency goes up to 256; the default sweep is 1,4,16,64,256 with a GPU
+and 1,4,16 on CPU, where 16 clients already keep every core busy (on 2 cores more only add queueing).
 The ResNet-18 package is the product's export (`ltserve export` of a run with a seeded random timm ResNet-18, 1000
 classes); `--precisions fp32,int8` also exports it as int8 (`--precision int8`, calibrated on the training images
 of the data set its config names) and serves both, their sweeps interleaved, as "resnet18" and "resnet18-int8".
@@ -403,9 +410,9 @@ def measure_server(target: str, env: dict[str, str], images: list[bytes], expect
             if in_process is not None and not any(rows.values()):
                 row["in_process_single"] = in_process
             rows[kind].append(row)
-            print(f"    {kind:<9} c={c:<3} {row['req_s']:8.1f} req/s {row['img_s']:8.1f} img/s  p50 {row['p50']:7.2f} ms"
-                  f"  p99 {row['p99']:7.2f} ms  server CPU {row['server_cpu_ms_per_req']:6.2f} ms/req  mean batch "
-                  f"{row['mean_batch'] or float('nan'):.2f}  errors {row['errors']}", flush=True)
+            print(f"    {kind:<9} c={c:<3} {row['req_s']:8.1f} req/s {row['img_s']:8.1f} img/s  p50 "
+                  f"{row['p50']:7.2f} ms  p99 {row['p99']:7.2f} ms  server CPU {row['server_cpu_ms_per_req']:6.2f} "
+                  f"ms/req  mean batch {row['mean_batch'] or float('nan'):.2f}  errors {row['errors']}", flush=True)
     finally:
         server.stop()
     return rows, runtime
@@ -663,10 +670,10 @@ def main(argv: list[str] | None = None) -> int:
                 for m, r in results.items() for x in r["raw_vs_multipart"]]
     notes = ("HTTP, closed loop, keep-alive, one server per configuration: POST /classify (one image, multipart), "
              f"POST /classify_raw (\"raw\": one image as the body) and POST /classify_batch (\"batch{BATCH_IMAGES}\": "
-             f"{BATCH_IMAGES} images per multipart request), their points alternating on the same server; req_s, img_s, "
-             f"p50, p99 (ms) are medians over {args.repeat} interleaved sweep(s) of {args.duration:g} s per point; "
-             "errors = answers other than a 200 with the expected classes, and failed connections; server_cpu = CPU "
-             "time of the server's process tree per request. In process: one image end to end (decode, preprocess, "
+             f"{BATCH_IMAGES} images per multipart request), their points alternating on the same server; req_s, "
+             f"img_s, p50, p99 (ms) are medians over {args.repeat} interleaved sweep(s) of {args.duration:g} s per "
+             "point; errors = answers other than a 200 with the expected classes, and failed connections; "
+             "server_cpu = CPU time of the server's process tree per request. In process: one image end to end (decode, preprocess, "
              "predict, postprocess); decode (one thread) and batched inference rates; ceiling = the whole pipeline "
              "with every core busy, a decode thread pool overlapped with preprocess + inference at the batch size with "
              "the most img/s in the warm-up timings (ceiling_batch), back to back (the better of the server's pool "

@@ -6,7 +6,8 @@ not `GET /model` (a mounted route), not the answers the request guard, the conne
 for these routes, and leaves the upload forms open (any other field, an empty `images` list). `complete_openapi`
 fills that in from what the code does, and the service answers `GET /docs.json` with the result:
 
-- every route: the three classify methods (two multipart, one raw body), `GET /model`, `GET /prior` and `POST /prior/reset` (live label shift),
+- every route: the three classify methods (two multipart, one raw body), `GET /model`, `GET /prior` and
+  `POST /prior/reset` (live label shift),
   `/livez` `/healthz` `/readyz` `/metrics`;
 - every status each one answers, errors as the `ErrorBody` schema (`{"error", "detail"}`, both required);
 - the upload forms: only their one field (`additionalProperties: false`), `images` with 1 to max_batch_images
