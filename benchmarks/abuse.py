@@ -52,17 +52,6 @@ NAME = "abuse"
 SCENARIOS = ("unknown_paths", "decode_flood", "half_sent", "kill_worker", "parent_kill", "workers")
 
 
-def workers_of(server: ServerProcess) -> list[psutil.Process]:
-    """The live worker processes of a server (zombies not yet reaped by the supervisor left out)."""
-    found = []
-    for p in psutil.Process(server.proc.pid).children(recursive=True):
-        try:
-            if "_bentoml_impl.worker.service" in " ".join(p.cmdline()):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
-
 
 def probe(port: int, path: str, timeout_s: float = 5.0) -> tuple[int | None, float]:
     """(status or None, seconds) of one GET on a new connection, as a health checker makes it."""
@@ -282,7 +271,7 @@ def half_sent(server: ServerProcess, n: int, processes: int, deadline_s: float) 
 
 def kill_worker(server: ServerProcess, seconds: float, concurrency: int, kill_at: float) -> dict[str, Any]:
     """Closed-loop load for `seconds`; one worker is killed with SIGKILL at `kill_at`."""
-    old = workers_of(server)
+    old = server.workers()
     requests = [multipart(server.port, [("image", "a.png", p)]) for p in fashion_pngs(16, 0)]
     events: list[tuple[float, str]] = []  # (time, "ok" | error)
     health: list[tuple[float, str, int | None, float]] = []
@@ -311,7 +300,7 @@ def kill_worker(server: ServerProcess, seconds: float, concurrency: int, kill_at
                 status, took = await asyncio.to_thread(probe, server.port, path, 2.0)
                 health.append((t, path, status, took))
             if killed and "answered_at" not in replaced:
-                pids = {p.pid for p in workers_of(server)} - {p.pid for p in old}
+                pids = {p.pid for p in server.workers()} - {p.pid for p in old}
                 if pids:
                     replaced.setdefault("started_at", time.monotonic() - t0)
                     # the new worker answers once BentoML routes to it: its pid shows in GET /model
@@ -358,7 +347,7 @@ def parent_kill(env: dict[str, str], log: Path) -> dict[str, Any]:
     workers: list[psutil.Process] = []
     try:
         server.wait_ready()
-        workers = workers_of(server)
+        workers = server.workers()
         server.proc.kill()
         t0 = time.monotonic()
         while any(_alive(p) for p in workers) and time.monotonic() - t0 < 30:

@@ -8,7 +8,6 @@ test is one finding of issue 13, mounted at a small scale; the full-size figures
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import socket
 import threading
@@ -21,13 +20,14 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from PIL import Image
 
 from ltserve.errors import ImageTooLarge
 from ltserve.runtime import Predictor
 from ltserve.serve.batcher import AsyncPredictor
 from ltserve.serve.process import ServerProcess, free_port
 from package_helpers import build_lsq_package, read_fashion
+
+from benchmarks.loadgen import blank_png, png
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_REQUEST_PIXELS = 20_000_000
@@ -60,29 +60,6 @@ def server(package, tmp_path_factory):
         srv.stop()
 
 
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def blank_png(side: int) -> bytes:
-    """A black side x side PNG: side**2 pixels to decode from a few kB on the wire (0.15 s for 6300 px here)."""
-    buf = io.BytesIO()
-    Image.new("L", (side, side)).save(buf, format="PNG", optimize=True)
-    return buf.getvalue()
-
-
-def workers(srv: ServerProcess) -> list[psutil.Process]:
-    """The server's live worker processes (BentoML's `_bentoml_impl.worker.service`), found from its supervisor."""
-    found = []
-    for p in psutil.Process(srv.proc.pid).children(recursive=True):
-        try:
-            if "_bentoml_impl.worker.service" in " ".join(p.cmdline()):
-                found.append(p)
-        except psutil.Error:  # gone, or a zombie the supervisor has not reaped yet
-            pass
-    return found
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -177,12 +154,12 @@ def test_unknown_paths_answer_404_json_and_add_no_metric_series(server):
             assert c.get(f"/warm-up/{i}").status_code == 404
         assert c.get("/classify").status_code == 405  # a served path with another method is not "unknown"
         before = c.get("/metrics").text
-        rss = sum(p.memory_info().rss for p in workers(server))
+        rss = sum(p.memory_info().rss for p in server.workers())
         for i in range(2000):
             r = c.request("GET" if i % 2 else "POST", f"/scan-{i}/wp-login.php", params={"q": i})
             assert r.status_code == 404 and r.json()["error"] == "not_found", r.text
         after = c.get("/metrics").text
-        growth = sum(p.memory_info().rss for p in workers(server)) - rss
+        growth = sum(p.memory_info().rss for p in server.workers()) - rss
     assert "scan-" not in after and "warm-up" not in after
     assert metric(after, "ltserve_unmatched_requests_total") - metric(before, "ltserve_unmatched_requests_total") \
         == 2000
@@ -223,7 +200,7 @@ def test_half_sent_requests_are_closed_at_the_deadline_and_health_keeps_answerin
     """400 connections that send nothing, half the headers, or half the body: /readyz answers throughout, a real
     request is served, the workers never hold more than their cap, and every connection is closed by the deadline
     (those that sent part of a request answered 408, 503 or 504 first)."""
-    procs = workers(server)
+    procs = server.workers()
     fds0 = {p.pid: p.num_fds() for p in procs}
     host, port = "127.0.0.1", server.port
     partial = [b"", b"POST /classify HTTP/1.1\r\nHost: x\r\n",
@@ -364,7 +341,7 @@ def test_killing_one_worker_under_load_leaves_the_service_answering(server, fash
     """kill -9 of one of the two workers while 4 clients classify: /livez and /readyz never fail, only requests
     the killed worker had in flight fail, and BentoML's supervisor starts a replacement (it looks for dead workers
     every 10 s: circus's check_delay as `bentoml serve` sets it)."""
-    old = workers(server)
+    old = server.workers()
     assert len(old) == 2, "two workers by default on a machine with 2 cores"
     stop = threading.Event()
     failures: list[str] = []
@@ -405,8 +382,8 @@ def test_killing_one_worker_under_load_leaves_the_service_answering(server, fash
     bad = [h for h in health if h[1] != 200]
     assert bad == [] and len(health) > 20, f"health routes failed after the kill: {bad[:5]}"
     assert len(failures) <= 4, f"{len(failures)} of {served} requests failed: {failures[:4]}"
-    while len(workers(server)) < 2 or not any(p.pid == httpx.get(server.url + "/model").json()["service"]["pid"]
-                                              for p in workers(server) if p.pid != old[1].pid):
+    while len(server.workers()) < 2 or not any(p.pid == httpx.get(server.url + "/model").json()["service"]["pid"]
+                                              for p in server.workers() if p.pid != old[1].pid):
         assert time.monotonic() - killed_at < 15, "no replacement worker answered within 15 s of the kill"
         time.sleep(0.2)
 
@@ -431,7 +408,7 @@ def test_a_second_server_keeps_its_own_metrics_and_its_workers_die_with_its_supe
         assert after >= count, f"the second server's start reset the first one's /classify count {count} -> {after}"
         assert metric(httpx.get(second.url + "/metrics").text, "bentoml_service_request_total",
                       endpoint="/classify") == 0
-        orphans = workers(second)
+        orphans = second.workers()
         metrics_dir = Path(orphans[0].environ()["LTSERVE_METRICS_DIR"])  # the supervisor gave it to its workers
         assert metrics_dir.is_dir() and "bentoml" not in str(metrics_dir)
         second.proc.kill()  # SIGKILL of the supervisor alone

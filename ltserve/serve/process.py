@@ -81,6 +81,20 @@ class ServerProcess:
             time.sleep(0.3)
         raise RuntimeError(f"bentoml serve not ready in {timeout:.0f} s:\n{self.log_tail()}")
 
+    def workers(self) -> list:
+        """The server's live worker processes (psutil.Process of BentoML's `_bentoml_impl.worker.service`, found
+        from the supervisor; zombies the supervisor has not reaped yet are left out)."""
+        import psutil  # a BentoML dependency; only callers that inspect workers need it
+
+        found = []
+        for p in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE and "_bentoml_impl.worker.service" in " ".join(p.cmdline()):
+                    found.append(p)
+            except psutil.Error:  # gone meanwhile
+                pass
+        return found
+
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM the server's process group, SIGKILL it if it has not stopped within `timeout` seconds."""
         if self.proc.poll() is None:
