@@ -5,6 +5,11 @@ turn an image into model input everywhere, so there is no train/serve skew:
 
     transform_image(PIL image, spec) -> uint8 array (crop, crop, channels)   # resize shorter side, centre crop
     to_model_input([uint8 arrays]) -> float32 NCHW, normalised with spec.mean / spec.std
+        = normalize_pixels(stack_pixels([uint8 arrays]))   # the split point: uint8 NHWC in between
+
+`stack_pixels` is what a runner that normalises on its device (the torch runner's `device_preprocess`) receives:
+the same pixels, a quarter of the bytes; `normalize_pixels` is the arithmetic such a runner repeats there, and
+`resize_geometry` the resize and crop arithmetic a device-side decoder repeats.
 
 `decode(bytes, spec)` (bytes -> uint8 array) is the serving entry point built on `transform_image`.
 `IMAGE_FORMATS` is the one list of accepted image formats (Pillow name, file extensions, magic number): training's
@@ -124,16 +129,10 @@ def transform_image(img: Image.Image, spec: PreprocessSpec,
     """
     img = convert_mode(img, spec.channels)
     w, h = img.size if box is None else (box[2] - box[0], box[3] - box[1])
-    if box is not None or min(w, h) != spec.resize:
-        scale = spec.resize / min(w, h)
-        # round like torchvision's Resize(int): the shorter side is exactly `resize`
-        new_w = spec.resize if w <= h else max(1, int(round(w * scale)))
-        new_h = spec.resize if h <= w else max(1, int(round(h * scale)))
+    new_w, new_h, left, top = resize_geometry(w, h, spec)
+    if box is not None or (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), _PIL_INTERPOLATION[spec.interpolation], box=box)
-        w, h = new_w, new_h
-    if (w, h) != (spec.crop, spec.crop):
-        left = int(round((w - spec.crop) / 2.0))
-        top = int(round((h - spec.crop) / 2.0))
+    if (new_w, new_h) != (spec.crop, spec.crop):
         img = img.crop((left, top, left + spec.crop, top + spec.crop))
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
@@ -141,8 +140,55 @@ def transform_image(img: Image.Image, spec: PreprocessSpec,
     return arr
 
 
+def resize_geometry(width: float, height: float, spec: PreprocessSpec) -> tuple[int, int, int, int]:
+    """Where `transform_image` resizes and crops an image of this size: the one definition of that arithmetic.
+
+    Args:
+        width, height: the decoded image's size (after EXIF orientation).
+        spec: the preprocessing spec (resize, crop).
+
+    Returns:
+        (new_width, new_height, left, top): the size after resizing the shorter side to `spec.resize` (unchanged when
+        it already is), and the top-left corner of the centred `spec.crop` square in the resized image.
+    """
+    new_w, new_h = int(round(width)), int(round(height))  # a draft decode's picture box may be fractional
+    if min(width, height) != spec.resize:
+        scale = spec.resize / min(width, height)
+        # round like torchvision's Resize(int): the shorter side is exactly `resize`
+        new_w = spec.resize if width <= height else max(1, int(round(width * scale)))
+        new_h = spec.resize if height <= width else max(1, int(round(height * scale)))
+    left = int(round((new_w - spec.crop) / 2.0))
+    top = int(round((new_h - spec.crop) / 2.0))
+    return new_w, new_h, left, top
+
+
+def stack_pixels(images: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
+    """Stack uint8 (H, W, C) images into one uint8 (N, crop, crop, channels) array: model input before normalising.
+
+    Args:
+        images: uint8 arrays of shape (crop, crop, channels) (or anything of that many pixels, e.g. (crop, crop)),
+            as `transform_image` or `decode` return.
+        spec: the preprocessing spec (crop, channels).
+
+    Returns:
+        C-contiguous uint8 array of shape (N, crop, crop, channels).
+    """
+    return np.stack([np.asarray(a, dtype=np.uint8).reshape(spec.crop, spec.crop, spec.channels) for a in images])
+
+
+def normalize_pixels(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 (N, H, W, C) pixels -> float32 (N, C, H, W) = (pixel * (1 / 255) - mean) / std, in float32.
+
+    The torch runner's `device_preprocess` repeats exactly these float32 operations, in this order, on its device.
+    """
+    x = pixels.astype(np.float32) * np.float32(1.0 / 255.0)
+    x -= np.asarray(spec.mean, dtype=np.float32)
+    x /= np.asarray(spec.std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
 def to_model_input(images: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
-    """Stack uint8 (H, W, C) images into normalised float32 NCHW.
+    """Stack uint8 (H, W, C) images into normalised float32 NCHW: `normalize_pixels(stack_pixels(images))`.
 
     Args:
         images: uint8 arrays of shape (crop, crop, channels), as `transform_image` or `decode` return.
@@ -151,11 +197,7 @@ def to_model_input(images: Sequence[np.ndarray], spec: PreprocessSpec) -> np.nda
     Returns:
         float32 array of shape (N, channels, crop, crop): (pixel / 255 - mean) / std.
     """
-    batch = np.stack([np.asarray(a, dtype=np.uint8).reshape(spec.crop, spec.crop, spec.channels) for a in images])
-    x = batch.astype(np.float32) * np.float32(1.0 / 255.0)
-    x -= np.asarray(spec.mean, dtype=np.float32)
-    x /= np.asarray(spec.std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return normalize_pixels(stack_pixels(images, spec), spec)
 
 
 def arrays_are_model_sized(arrays: np.ndarray, spec: PreprocessSpec) -> bool:
