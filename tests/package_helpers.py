@@ -31,8 +31,9 @@ def read_fashion(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_gemm_package(out: Path, weight: np.ndarray, bias: np.ndarray, spec, labels: Sequence[str],
-                       class_counts: Sequence[int], name: str = "gemm-test", metrics: dict | None = None) -> Path:
-    """Write model.onnx (Flatten -> Gemm) and model.json into `out`.
+                       class_counts: Sequence[int], name: str = "gemm-test", metrics: dict | None = None,
+                       pt2: bool = False) -> Path:
+    """Write model.onnx (Flatten -> Gemm) and model.json into `out` (and model.pt2, the same graph, when `pt2`).
 
     Args:
         weight: (C, D) with D = channels * crop * crop (NCHW flattening order).
@@ -61,10 +62,28 @@ def write_gemm_package(out: Path, weight: np.ndarray, bias: np.ndarray, spec, la
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(out / "model.onnx"))
+    if pt2:
+        write_gemm_pt2(out / "model.pt2", weight, bias, spec)
     write_package(out, name=name, labels=labels, class_counts=class_counts, preprocess=spec,
                   head=HeadInfo(name="lstsq", params={"fit": "ridge least squares, one-hot targets"}),
-                  metrics=metrics, graph=graph_info(model), files=["model.onnx"], command="tests/package_helpers.py")
+                  metrics=metrics, graph=graph_info(model), files=["model.onnx", *(["model.pt2"] if pt2 else [])],
+                  command="tests/package_helpers.py")
     return out
+
+
+def write_gemm_pt2(path: Path, weight: np.ndarray, bias: np.ndarray, spec) -> None:
+    """model.pt2 for the torch backend: Flatten -> Linear, a dynamic batch of 1..1024, like the exporter's."""
+    import torch
+
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(weight.astype(np.float32)))
+        layer.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
+    module = torch.nn.Sequential(torch.nn.Flatten(), layer).eval()
+    x = torch.zeros((2, spec.channels, spec.crop, spec.crop))
+    program = torch.export.export(module, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+    program.example_inputs = None
+    torch.export.save(program, str(path))
 
 
 def build_lsq_package(out: Path, n_train: int = 12000, seed: int = 0, ridge: float = 10.0) -> Path:
@@ -87,7 +106,7 @@ def build_lsq_package(out: Path, n_train: int = 12000, seed: int = 0, ridge: flo
 
 
 def build_random_rgb_package(out: Path, size: int = 32, num_classes: int = 5, seed: int = 0,
-                             allow_draft: bool = False) -> Path:
+                             allow_draft: bool = False, pt2: bool = False) -> Path:
     """A 3-channel package with random Gemm weights (for colour paths: RGB, CMYK, RGBA, draft)."""
     from ltserve.preprocess import PreprocessSpec
 
@@ -98,4 +117,4 @@ def build_random_rgb_package(out: Path, size: int = 32, num_classes: int = 5, se
     bias = rng.normal(0, 0.1, size=num_classes)
     labels = [f"class_{j}" for j in range(num_classes)]
     counts = [500, 150, 60, 30, 5][:num_classes] + [50] * max(0, num_classes - 5)
-    return write_gemm_package(out, weight, bias, spec, labels, counts, name="random-rgb")
+    return write_gemm_package(out, weight, bias, spec, labels, counts, name="random-rgb", pt2=pt2)

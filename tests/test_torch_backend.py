@@ -6,6 +6,7 @@ the inputs are real Fashion-MNIST test images through the serving preprocessing.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -227,3 +228,142 @@ def test_cuda_fp16_graphs_agree_with_cpu(pt2_package, test_batch):
         np.testing.assert_allclose(got, ref, atol=atol * max(1.0, float(np.abs(ref).max())), rtol=0)
         assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.98
         assert len(runner.device_latency_ms(8, iters=3)) == 3
+
+
+# -- device_preprocess: uint8 pixels in, normalised by the runner (on CPU here; the gpu test below on CUDA) ----------
+
+@pytest.fixture(scope="module")
+def fashion_pixels(pt2_package) -> np.ndarray:
+    """64 Fashion-MNIST test images as PNG bytes through the serving decoder: uint8 (64, 28, 28, 1)."""
+    from PIL import Image
+
+    from ltserve.data import find_fashion_mnist, read_idx
+    from ltserve.package import load_package
+    from ltserve.preprocess import decode, stack_pixels
+
+    spec = load_package(pt2_package, verify=False).preprocess
+    out = []
+    for img in read_idx(find_fashion_mnist() / "t10k-images-idx3-ubyte.gz")[64:128]:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        out.append(decode(buf.getvalue(), spec))
+    return stack_pixels(out, spec)
+
+
+@pytest.fixture(scope="module")
+def rgb_pt2_package(tmp_path_factory) -> Path:
+    """A 3-channel package (random Gemm, 64 px, ImageNet mean/std) with model.onnx and model.pt2."""
+    from tests.package_helpers import build_random_rgb_package
+
+    return build_random_rgb_package(tmp_path_factory.mktemp("models") / "rgb-pt2", size=64, pt2=True)
+
+
+@pytest.fixture(scope="module")
+def photo_pixels(rgb_pt2_package) -> np.ndarray:
+    """Real photos (scikit-learn, scikit-image), 4 random crops each as JPEG bytes, through the serving decoder."""
+    from PIL import Image
+
+    from benchmarks.gpu.prepare_corpus import source_photos
+    from ltserve.package import load_package
+    from ltserve.preprocess import decode, stack_pixels
+
+    spec = load_package(rgb_pt2_package, verify=False).preprocess
+    rng = np.random.default_rng(0)
+    out = []
+    for photo in source_photos().values():
+        h, w = photo.shape[:2]
+        for _ in range(4):
+            ch, cw = int(h * rng.uniform(0.4, 1)), int(w * rng.uniform(0.4, 1))
+            y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            buf = io.BytesIO()
+            Image.fromarray(photo[y:y + ch, x:x + cw]).convert("RGB").save(buf, format="JPEG", quality=90)
+            out.append(decode(buf.getvalue(), spec))
+    return stack_pixels(out, spec)
+
+
+@pytest.mark.parametrize("package, pixels", [("pt2_package", "fashion_pixels"), ("rgb_pt2_package", "photo_pixels")])
+def test_device_preprocess_gives_the_float_paths_logits(package, pixels, request):
+    """uint8 pixels normalised by the runner = the host's float32 NCHW, on real PNGs (grey) and JPEG photos (RGB)."""
+    from ltserve.preprocess import normalize_pixels
+    from ltserve.runtime.torch_runner import TorchRunner
+
+    model_dir, px = request.getfixturevalue(package), request.getfixturevalue(pixels)
+    runner = TorchRunner(model_dir, device="cpu", max_batch_size=16, device_preprocess=True)
+    exact = runner.run(normalize_pixels(px, runner.meta.preprocess))
+    fast = runner.run_pixels(px)  # 64 rows in chunks of 16; the photos' last chunk is short
+    assert fast.dtype == np.float32 and fast.shape == exact.shape and len(px) >= 28
+    assert np.abs(fast - exact).max() <= 1e-5 * max(1.0, float(np.abs(exact).max()))
+    assert np.array_equal(fast.argmax(1), exact.argmax(1))
+    assert runner.info()["device_preprocess"] is True
+
+
+def test_predictor_hands_the_runner_pixels_when_it_normalises_on_its_device(pt2_package, fashion_pixels):
+    from ltserve.runtime import Predictor
+
+    host = Predictor(pt2_package, threads=2, max_batch_size=16, backend="torch", torch_options={"device": "cpu"})
+    dev = Predictor(pt2_package, threads=2, max_batch_size=16, backend="torch",
+                    torch_options={"device": "cpu", "device_preprocess": True})
+    images = list(fashion_pixels[:37])
+    assert host.preprocess(images).dtype == np.float32 and dev.preprocess(images).dtype == np.uint8
+    want, got = host.predict(host.preprocess(images)), dev.predict(dev.preprocess(images))
+    assert np.abs(want - got).max() < 1e-5 and np.array_equal(want.argmax(1), got.argmax(1))
+    # either kind of batch goes to either predictor
+    assert np.abs(dev.predict(host.preprocess(images)) - want).max() < 1e-5
+    assert np.abs(host.predict(dev.preprocess(images)) - want).max() < 1e-5
+    runtime = dev.info()["runtime"]
+    assert runtime["preprocess_on"] == "cpu" and runtime["device_preprocess_check"]["passed"] is True
+    assert host.info()["runtime"]["preprocess_on"] == "host" and "device_preprocess_check" not in host.info()["runtime"]
+
+
+def test_a_device_path_that_disagrees_is_not_used(pt2_package, fashion_pixels, monkeypatch, caplog):
+    """The start-up check catches a wrong device normalisation (here: std forgotten) and normalises on the host."""
+    from ltserve.runtime import Predictor
+    from ltserve.runtime.torch_runner import TorchRunner
+
+    monkeypatch.setattr(TorchRunner, "_normalize",
+                        lambda self, px: ((px.float() / 255.0) - self._mean).permute(0, 3, 1, 2).contiguous())
+    pred = Predictor(pt2_package, threads=2, max_batch_size=8, backend="torch",
+                     torch_options={"device": "cpu", "device_preprocess": True})
+    check = pred.info()["runtime"]["device_preprocess_check"]
+    assert check["passed"] is False and check["max_abs_diff"] > check["tolerance"]
+    assert pred.info()["runtime"]["preprocess_on"] == "host" and pred.preprocess(list(fashion_pixels[:3])).dtype == np.float32
+    assert "normalising on the host instead" in caplog.text
+
+
+def test_run_pixels_checks_its_input(pt2_package):
+    from ltserve.runtime.torch_runner import TorchRunner
+
+    with pytest.raises(RuntimeError, match="device_preprocess=True"):
+        TorchRunner(pt2_package, device="cpu").run_pixels(np.zeros((1, 28, 28, 1), np.uint8))
+    runner = TorchRunner(pt2_package, device="cpu", device_preprocess=True)
+    for bad in (np.zeros((1, 28, 28, 1), np.float32), np.zeros((1, 1, 28, 28), np.uint8), np.zeros((0, 28, 28, 1), np.uint8)):
+        with pytest.raises(ValueError, match=r"uint8 \(N, 28, 28, 1\)"):
+            runner.run_pixels(bad)
+
+
+def test_device_preprocess_setting_reaches_the_runner_options(monkeypatch):
+    from ltserve.serve.settings import ServiceSettings
+
+    assert ServiceSettings.from_env().torch_options()["device_preprocess"] is False
+    monkeypatch.setenv("LTSERVE_TORCH_DEVICE_PREPROCESS", "1")
+    assert ServiceSettings.from_env().torch_options()["device_preprocess"] is True
+
+
+@pytest.mark.gpu
+def test_cuda_device_preprocess_agrees_with_the_host_path(pt2_package, fashion_pixels):
+    """On CUDA (fp32 and fp16, CUDA graphs): pixels normalised in the graph = float32 input normalised on the host."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from ltserve.preprocess import normalize_pixels
+    from ltserve.runtime.torch_runner import TorchRunner
+
+    for precision, atol in (("fp32", 1e-3), ("fp16", 2e-2)):
+        runner = TorchRunner(pt2_package, device="cuda", precision=precision, max_batch_size=32, device_preprocess=True)
+        runner.warmup([1, 5, 32])
+        exact = runner.run(normalize_pixels(fashion_pixels, runner.meta.preprocess))
+        fast = np.concatenate([runner.run_pixels(fashion_pixels[:5]), runner.run_pixels(fashion_pixels[5:])])
+        np.testing.assert_allclose(fast, exact, atol=atol * max(1.0, float(np.abs(exact).max())), rtol=0)
+        assert (fast.argmax(1) == exact.argmax(1)).mean() >= 0.99
+        on_device = runner.run_pixels(torch.from_numpy(fashion_pixels).cuda())
+        np.testing.assert_allclose(on_device, fast, atol=1e-6, rtol=0)

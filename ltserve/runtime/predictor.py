@@ -3,6 +3,11 @@
     images (bytes) --decode--> uint8 (crop, crop, C) --preprocess--> float32 NCHW --predict--> logits (N, C)
                    --postprocess--> list[Prediction]
 
+With the torch runner's `device_preprocess` on, `preprocess` stops at the uint8 pixels (N, crop, crop, C) and the
+runner normalises them on its device; the Predictor checks that path against the host's normalisation once at
+start-up and uses it only when the logits agree (`info()["runtime"]["preprocess_on"]` says which path runs).
+`predict` takes either kind of batch whatever the runner.
+
 A model package (`model.onnx` + `model.json`) is loaded and verified (schema, every sha256) once, and a runner is
 picked from `RUNNERS`: ONNX Runtime (`model.onnx`), or PyTorch (`model.pt2`, for GPU machines with torch and no
 onnxruntime-gpu). Every batch size the runner will run is warmed up once and timed (`bucket_ms`), so a serving
@@ -23,7 +28,7 @@ import numpy as np
 from ltserve.errors import ConfigError, unknown_choice
 from ltserve.metrics import ShotGroup
 from ltserve.package import ModelJson, load_package
-from ltserve.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec, decode, to_model_input
+from ltserve.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec, decode, normalize_pixels, stack_pixels
 from ltserve.runtime.buckets import bucket_for
 from ltserve.runtime.prediction import Prediction, postprocess
 
@@ -57,7 +62,8 @@ class Predictor:
         max_batch_size: the largest batch one runner call runs; larger inputs to `predict` are split.
         backend: "onnxruntime", or "torch": the package's `model.pt2` through PyTorch (CUDA, fp16, CUDA graphs per
             bucket; needs `ltserve export ... --model-format onnx,pt2`).
-        torch_options: the torch runner's device, precision, cuda_graphs, compile (see `TorchRunner`).
+        torch_options: the torch runner's device, precision, cuda_graphs, compile, device_preprocess (see
+            `TorchRunner`).
 
     Raises:
         PackageError: the package is missing, invalid, fails its sha256 check, or its graph does not match
@@ -88,6 +94,7 @@ class Predictor:
         self.buckets: list[int] = list(self.runner.buckets)
         self.providers: list[str] = list(self.runner.providers)
         self.threads: int | None = self.runner.info().get("threads")
+        self.device_preprocess_check: dict[str, Any] | None = self._check_device_preprocess()
         self.warmup_s = self._warm_up()
         logger.info("loaded %s (%s, %s, %d classes) on %s, batch buckets %s, warm-up %.2f s", self.model_dir,
                     self.meta.name, self.meta.graph.precision, self.num_classes, self.providers[0], self.buckets,
@@ -97,6 +104,36 @@ class Predictor:
     def on_accelerator(self) -> bool:
         """Whether the model runs on a GPU: then the CPU cores are free for decoding uploads."""
         return bool(self.runner.on_accelerator)
+
+    @property
+    def pixel_input(self) -> bool:
+        """Whether `preprocess` stops at uint8 pixels because the runner normalises on its device."""
+        return bool(getattr(self.runner, "device_preprocess", False))
+
+    def _check_device_preprocess(self, rows: int = 8, seed: int = 0) -> dict[str, Any] | None:
+        """Before the runner's device-side normalisation is used, compare it with the host's on random pixels.
+
+        Logits must agree to 1e-3 (fp32) or 2e-2 (fp16) times max(1, the largest |logit|); otherwise the runner falls
+        back to float32 input normalised on the host, with a warning, and `info()` says why.
+
+        Returns:
+            None when the runner has no device path; else {"passed", "max_abs_diff", "tolerance", "rows"}.
+        """
+        if not self.pixel_input:
+            return None
+        n = self.bucket_for(min(rows, self.max_batch_size))
+        pixels = np.random.default_rng(seed).integers(0, 256, size=(n, self.spec.crop, self.spec.crop,
+                                                                      self.spec.channels), dtype=np.uint8)
+        exact = self.runner.run(normalize_pixels(pixels, self.spec))
+        fast = self.runner.run_pixels(pixels)
+        diff = float(np.abs(exact - fast).max())
+        tol = (2e-2 if self.runner.precision == "fp16" else 1e-3) * max(1.0, float(np.abs(exact).max()))
+        passed = bool(np.isfinite(diff) and diff <= tol)
+        if not passed:
+            logger.warning("device-side preprocessing disagrees with the host's (max |logit diff| %.3g > %.3g): "
+                           "normalising on the host instead", diff, tol)
+            self.runner.device_preprocess = False
+        return {"passed": passed, "max_abs_diff": diff, "tolerance": tol, "rows": n}
 
     def _warm_up(self) -> float:
         """Run every bucket so that no request pays for a first-shape plan or allocation, and time each one.
@@ -108,11 +145,13 @@ class Predictor:
         start = time.perf_counter()
         c, s = self.spec.channels, self.spec.crop
         self.bucket_ms: dict[int, float] = {}
+        # the kind of batch `preprocess` will hand over: uint8 NHWC pixels or float32 NCHW
+        run = self.runner.run_pixels if self.pixel_input else self.runner.run
         for b in self.buckets:
-            x = np.zeros((b, c, s, s), dtype=np.float32)
-            self.runner.run(x)
+            x = np.zeros((b, s, s, c), dtype=np.uint8) if self.pixel_input else np.zeros((b, c, s, s), np.float32)
+            run(x)
             t0 = time.perf_counter()
-            self.runner.run(x)
+            run(x)
             self.bucket_ms[b] = (time.perf_counter() - t0) * 1000.0
         return time.perf_counter() - start
 
@@ -127,26 +166,35 @@ class Predictor:
         return decode(data, self.spec, max_pixels)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """uint8 (crop, crop, C) images -> normalised float32 (N, C, crop, crop)."""
-        return to_model_input(images, self.spec)
+        """uint8 (crop, crop, C) images -> normalised float32 (N, C, crop, crop); or, when the runner normalises on
+        its device (`pixel_input`), the stacked uint8 pixels (N, crop, crop, C)."""
+        pixels = stack_pixels(images, self.spec)
+        return pixels if self.pixel_input else normalize_pixels(pixels, self.spec)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Logits of a preprocessed batch.
 
         Args:
-            batch: float32 (N, C, crop, crop), N >= 1; any N (split into max_batch_size chunks, each padded to its
-                bucket).
+            batch: float32 (N, C, crop, crop), or uint8 pixels (N, crop, crop, C) before normalisation (what
+                `preprocess` returns when the runner normalises on its device; normalised here otherwise); N >= 1,
+                any N (split into max_batch_size chunks, each padded to its bucket).
 
         Returns:
             float32 logits (N, num_classes).
         """
-        batch = np.asarray(batch, dtype=np.float32)
-        want = (self.spec.channels, self.spec.crop, self.spec.crop)
-        if batch.ndim != 4 or batch.shape[1:] != want or batch.shape[0] < 1:
-            raise ValueError(f"predict expects float32 (N, {want[0]}, {want[1]}, {want[2]}) with N >= 1, "
-                             f"got {batch.shape}")
+        batch = np.asarray(batch)
+        c, s = self.spec.channels, self.spec.crop
+        if batch.dtype == np.uint8 and batch.ndim == 4 and batch.shape[1:] == (s, s, c) and batch.shape[0] >= 1:
+            if not self.pixel_input:
+                batch = normalize_pixels(batch, self.spec)
+        else:
+            batch = batch.astype(np.float32, copy=False)
+            if batch.ndim != 4 or batch.shape[1:] != (c, s, s) or batch.shape[0] < 1:
+                raise ValueError(f"predict expects float32 (N, {c}, {s}, {s}) or uint8 (N, {s}, {s}, {c}) with "
+                                 f"N >= 1, got {batch.dtype} {batch.shape}")
+        run = self.runner.run_pixels if batch.dtype == np.uint8 else self.runner.run
         step = self.max_batch_size
-        chunks = [self.runner.run(batch[i:i + step]) for i in range(0, len(batch), step)]
+        chunks = [run(batch[i:i + step]) for i in range(0, len(batch), step)]
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
     def postprocess(self, logits: np.ndarray, top_k: int = 5, answer: type[Prediction] = Prediction,
@@ -183,7 +231,12 @@ class Predictor:
         draft decoding runs, head, metrics, provenance, runtime."""
         m = self.meta
         runner = self.runner.info()
-        runtime = {"backend": self.backend, "providers": self.providers, "threads": self.threads, **({"torch": runner} if self.backend == "torch" else {}),
+        runtime = {"backend": self.backend, "providers": self.providers, "threads": self.threads,
+                   **({"torch": runner} if self.backend == "torch" else {}),
+                   # which path runs: "host" (float32 NCHW normalised by NumPy) or the runner's device
+                   "preprocess_on": runner.get("device", "host") if self.pixel_input else "host",
+                   **({"device_preprocess_check": self.device_preprocess_check}
+                      if self.device_preprocess_check is not None else {}),
                    "batch_buckets": self.buckets, "warmup_s": round(self.warmup_s, 4),
                    "bucket_ms": {str(b): round(t, 4) for b, t in self.bucket_ms.items()}}
         return {

@@ -11,6 +11,12 @@ The model package's `model.pt2` (written by `ltserve export RUN --head HEAD --ou
   replay and one device-to-host copy. The float32 -> fp16 cast and the NCHW -> channels_last reorder are captured
   inside the graph, so the host only ever copies plain float32 NCHW.
 
+With `device_preprocess=True` the runner also takes the uint8 pixels before normalisation (N, H, W, C), as
+`ltserve.preprocess.stack_pixels` makes them (`run_pixels`): the host copies a quarter of the bytes, and the cast,
+`(pixel * (1 / 255) - mean) / std` (`ltserve.preprocess.normalize_pixels`, the same float32 operations in the same
+order) and NHWC -> NCHW run on the device, captured in the same CUDA graph as the model (one static uint8 input per
+bucket). A permuted NHWC tensor already has channels_last strides, so the reorder costs nothing on CUDA.
+
 Only the Predictor imports this module, and only for `backend="torch"`: the serving install needs no torch.
 No environment variables are read here: the service's settings (`LTSERVE_TORCH_*`) arrive as arguments.
 """
@@ -27,7 +33,7 @@ import numpy as np
 
 from ltserve.errors import ConfigError, PackageError
 from ltserve.package import ModelJson, load_package, verify_files
-from ltserve.runtime.buckets import batch_buckets, bucket_for, pad_to
+from ltserve.runtime.buckets import batch_buckets, bucket_for
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,9 @@ class TorchRunner:
         threads: CPU threads for PyTorch's intra-op pool (None leaves torch's default: the physical cores).
         compile: wrap the module in `torch.compile` (inductor, mode "max-autotune-no-cudagraphs") before the CUDA
             graphs are captured; compiles once per bucket shape, which takes minutes for a ResNet-50.
+        device_preprocess: also accept uint8 (N, crop, crop, C) pixels (`run_pixels`) and normalise them on the
+            device, inside the CUDA graph. The Predictor checks this path against the host's normalisation at
+            start-up before it uses it (`Predictor(..., torch_options={"device_preprocess": True})`).
 
     Raises:
         PackageError: model.pt2 is missing, not listed in model.json, fails its sha256 check, or cannot be loaded by
@@ -66,7 +75,7 @@ class TorchRunner:
 
     def __init__(self, model_dir: str | Path, meta: ModelJson | None = None, device: Device = "auto",
                  precision: Precision = "auto", cuda_graphs: bool = True, max_batch_size: int = 32,
-                 threads: int | None = None, compile: bool = False) -> None:
+                 threads: int | None = None, compile: bool = False, device_preprocess: bool = False) -> None:
         import torch
 
         self._torch = torch
@@ -79,6 +88,8 @@ class TorchRunner:
             torch.set_num_threads(int(threads))
         spec = self.meta.preprocess
         self.input_shape = (spec.channels, spec.crop, spec.crop)
+        self.pixel_shape = (spec.crop, spec.crop, spec.channels)
+        self.device_preprocess = bool(device_preprocess)
         self.num_classes = len(self.meta.labels)
 
         program = self._load_program()
@@ -91,7 +102,10 @@ class TorchRunner:
         self.cuda_graphs = bool(cuda_graphs) and self.device == "cuda"
         self.compiled = bool(compile)
         self.module = self._prepare_module(program.module())
-        self._graphs: dict[int, tuple[Any, Any, Any]] = {}  # bucket -> (CUDAGraph, static input, static output)
+        # (bucket, "float" or "pixels") -> (CUDAGraph, static input, static output)
+        self._graphs: dict[tuple[int, str], tuple[Any, Any, Any]] = {}
+        self._mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device)
+        self._std = torch.tensor(spec.std, dtype=torch.float32, device=self.device)
         self._pool = None
         self._lock = threading.Lock()  # static buffers and graphs are shared: one run at a time
         if self.device == "cuda":
@@ -99,9 +113,12 @@ class TorchRunner:
                                         pin_memory=True)
             self._host_out = torch.empty((self.max_batch_size, self.num_classes), dtype=torch.float32,
                                          pin_memory=True)
-        log.info("torch backend: %s on %s (%s%s%s), batch buckets %s", self.model_dir / PT2, self.device,
+            self._host_px = torch.empty((self.max_batch_size, *self.pixel_shape), dtype=torch.uint8,
+                                        pin_memory=True) if self.device_preprocess else None
+        log.info("torch backend: %s on %s (%s%s%s%s), batch buckets %s", self.model_dir / PT2, self.device,
                  self.precision, ", channels_last" if self.device == "cuda" else "",
-                 ", CUDA graphs" if self.cuda_graphs else "", self.buckets)
+                 ", CUDA graphs" if self.cuda_graphs else "",
+                 ", uint8 input normalised on the device" if self.device_preprocess else "", self.buckets)
 
     # -- set-up ------------------------------------------------------------------------------------------------------
 
@@ -163,6 +180,17 @@ class TorchRunner:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.module(x).float()
 
+    def _normalize(self, pixels: Any) -> Any:
+        """uint8 (N, H, W, C) on the device -> float32 (N, C, H, W): `preprocess.normalize_pixels` in torch."""
+        x = pixels.to(self._torch.float32) * (1.0 / 255.0)  # a Python float: the same float32 multiply as NumPy's
+        x = (x - self._mean) / self._std
+        x = x.permute(0, 3, 1, 2)  # NCHW with channels_last strides: what the CUDA path wants anyway
+        return x if self.device == "cuda" else x.contiguous()  # CPU: the same layout as the float path
+
+    def _forward_kind(self, x: Any, kind: str) -> Any:
+        """float32 NCHW ("float") or uint8 NHWC ("pixels") on the device -> float32 logits."""
+        return self._forward(self._normalize(x) if kind == "pixels" else x)
+
     # -- public ------------------------------------------------------------------------------------------------------
 
     def warmup(self, batch_sizes: Iterable[int] | None = None) -> float:
@@ -179,7 +207,10 @@ class TorchRunner:
                                                                   for n in batch_sizes})
         # largest first: smaller graphs then reuse the memory pool the largest one reserved
         for b in sorted(sizes, reverse=True):
-            self.run(np.zeros((b, *self.input_shape), dtype=np.float32))
+            if self.device_preprocess:
+                self.run_pixels(np.zeros((b, *self.pixel_shape), dtype=np.uint8))
+            else:
+                self.run(np.zeros((b, *self.input_shape), dtype=np.float32))
         if self.device == "cuda":
             self._torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -197,9 +228,37 @@ class TorchRunner:
         if batch.ndim != 4 or batch.shape[1:] != self.input_shape or batch.shape[0] < 1:
             c, h, w = self.input_shape
             raise ValueError(f"run expects float32 (N, {c}, {h}, {w}) with N >= 1, got {batch.shape}")
+        return self._run(batch, "float")
+
+    def run_pixels(self, pixels: Any) -> np.ndarray:
+        """Logits of uint8 pixels before normalisation, normalised on the device (needs `device_preprocess`).
+
+        Args:
+            pixels: uint8 (N, crop, crop, C), N >= 1, as `ltserve.preprocess.stack_pixels` makes them: a NumPy
+                array, or a torch tensor (one already on the runner's device is not copied through the host).
+
+        Returns:
+            float32 logits (N, num_classes).
+
+        Raises:
+            RuntimeError: the runner was made without `device_preprocess`.
+            ValueError: wrong dtype or shape.
+        """
+        if not self.device_preprocess:
+            raise RuntimeError("run_pixels needs a runner made with device_preprocess=True")
+        if not isinstance(pixels, self._torch.Tensor):
+            pixels = np.asarray(pixels)
+        if pixels.dtype not in (np.uint8, self._torch.uint8) or tuple(pixels.shape[1:]) != self.pixel_shape \
+                or pixels.shape[0] < 1:
+            h, w, c = self.pixel_shape
+            raise ValueError(f"run_pixels expects uint8 (N, {h}, {w}, {c}) with N >= 1, got {pixels.dtype} "
+                             f"{tuple(pixels.shape)}")
+        return self._run(pixels, "pixels")
+
+    def _run(self, batch: Any, kind: str) -> np.ndarray:
         step = self.max_batch_size
         with self._lock, self._torch.inference_mode():
-            chunks = [self._run_chunk(batch[i:i + step]) for i in range(0, len(batch), step)]
+            chunks = [self._run_chunk(batch[i:i + step], kind) for i in range(0, len(batch), step)]
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
     def device_latency_ms(self, batch_size: int, iters: int = 50) -> list[float]:
@@ -219,14 +278,15 @@ class TorchRunner:
         if self.device != "cuda":
             raise RuntimeError("device_latency_ms needs a CUDA runner")
         bucket = self._bucket(min(int(batch_size), self.max_batch_size))
+        kind = "pixels" if self.device_preprocess else "float"
         times = []
         with self._lock, torch.inference_mode():
             if self.cuda_graphs:
-                graph = self._graph(bucket)[0]
+                graph = self._graph(bucket, kind)[0]
                 call = graph.replay
             else:
-                x = torch.zeros((bucket, *self.input_shape), dtype=torch.float32, device="cuda")
-                call = lambda: self._forward(x)  # noqa: E731
+                x = self._zeros(bucket, kind)
+                call = lambda: self._forward_kind(x, kind)  # noqa: E731
             call()
             for _ in range(iters):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -250,10 +310,11 @@ class TorchRunner:
         return [f"torch:{self.device}:{self.precision}"]
 
     def info(self) -> dict[str, Any]:
-        """What runs: device, precision, CUDA graphs, buckets, torch version, GPU name."""
+        """What runs: device, precision, CUDA graphs, buckets, where the input is normalised, torch version, GPU."""
         torch = self._torch
         return {"backend": "torch", "torch": torch.__version__, "device": self.device, "precision": self.precision,
                 "cuda_graphs": self.cuda_graphs, "compile": self.compiled, "batch_buckets": self.buckets,
+                "device_preprocess": self.device_preprocess,
                 "gpu": torch.cuda.get_device_name(0) if self.device == "cuda" else None,
                 "threads": torch.get_num_threads()}
 
@@ -262,52 +323,68 @@ class TorchRunner:
     def _bucket(self, n: int) -> int:
         return bucket_for(self.buckets, n)
 
-    def _run_chunk(self, chunk: np.ndarray) -> np.ndarray:
+    def _zeros(self, bucket: int, kind: str) -> Any:
+        """A zero input of one bucket on the device: float32 NCHW ("float") or uint8 NHWC ("pixels")."""
+        torch = self._torch
+        if kind == "pixels":
+            return torch.zeros((bucket, *self.pixel_shape), dtype=torch.uint8, device=self.device)
+        return torch.zeros((bucket, *self.input_shape), dtype=torch.float32, device=self.device)
+
+    def _run_chunk(self, chunk: Any, kind: str) -> np.ndarray:
         torch = self._torch
         n = len(chunk)
+        on_device = isinstance(chunk, torch.Tensor) and chunk.device.type == self.device
+        if not isinstance(chunk, torch.Tensor):
+            chunk = torch.from_numpy(np.ascontiguousarray(chunk))
         if self.device == "cpu":
             if n < self.batch_range[0]:  # a program exported with a minimum batch: pad up to it
-                chunk = pad_to(chunk, self.batch_range[0])
-            return self.module(torch.from_numpy(np.ascontiguousarray(chunk))).float().numpy()[:n].copy()
-        # torch's copy into pinned memory runs on the intra-op threads (a 256-image batch is 154 MB at 224 px)
-        self._host_in[:n].copy_(torch.from_numpy(np.ascontiguousarray(chunk)))
+                chunk = torch.cat([chunk, chunk.new_zeros((self.batch_range[0] - n, *chunk.shape[1:]))])
+            return self._forward_kind(chunk, kind).numpy()[:n].copy()
+        if on_device:
+            src = chunk
+        else:
+            # torch's copy into pinned memory runs on the intra-op threads (a 256-image batch is 154 MB at 224 px
+            # as float32, 38 MB as uint8 pixels)
+            host = self._host_px if kind == "pixels" else self._host_in
+            host[:n].copy_(chunk)
+            src = host[:n]
         bucket = self._bucket(n)
         if self.cuda_graphs:
-            _, static_in, static_out = self._graph(bucket)
+            graph, static_in, static_out = self._graph(bucket, kind)
             # rows n..bucket keep stale input: rows are independent (BN in eval mode) and sliced off below
-            static_in[:n].copy_(self._host_in[:n], non_blocking=True)
-            self._graphs[bucket][0].replay()
+            static_in[:n].copy_(src, non_blocking=True)
+            graph.replay()
             out = static_out
         else:
-            x = torch.zeros((bucket, *self.input_shape), dtype=torch.float32, device="cuda")
-            x[:n].copy_(self._host_in[:n], non_blocking=True)
-            out = self._forward(x)
+            x = self._zeros(bucket, kind)
+            x[:n].copy_(src, non_blocking=True)
+            out = self._forward_kind(x, kind)
         self._host_out[:n].copy_(out[:n], non_blocking=True)
         torch.cuda.current_stream().synchronize()
         return self._host_out[:n].numpy().copy()
 
-    def _graph(self, bucket: int) -> tuple[Any, Any, Any]:
-        """The CUDA graph of one bucket, captured on first use."""
-        if bucket in self._graphs:
-            return self._graphs[bucket]
+    def _graph(self, bucket: int, kind: str = "float") -> tuple[Any, Any, Any]:
+        """The CUDA graph of one bucket and input kind, captured on first use."""
+        if (bucket, kind) in self._graphs:
+            return self._graphs[bucket, kind]
         torch = self._torch
         start = time.perf_counter()
-        static_in = torch.zeros((bucket, *self.input_shape), dtype=torch.float32, device="cuda")
+        static_in = self._zeros(bucket, kind)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside capture: cuDNN autotuning and lazy allocations
             for _ in range(3):
-                self._forward(static_in)
+                self._forward_kind(static_in, kind)
         torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            static_out = self._forward(static_in)
+            static_out = self._forward_kind(static_in, kind)
         torch.cuda.synchronize()
-        self._graphs[bucket] = (graph, static_in, static_out)
-        log.info("captured CUDA graph for batch %d in %.2f s", bucket, time.perf_counter() - start)
-        return self._graphs[bucket]
+        self._graphs[bucket, kind] = (graph, static_in, static_out)
+        log.info("captured CUDA graph for batch %d (%s input) in %.2f s", bucket, kind, time.perf_counter() - start)
+        return self._graphs[bucket, kind]
 
 
 def _batch_range(program: Any) -> tuple[int, int]:

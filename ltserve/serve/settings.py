@@ -66,6 +66,9 @@ class ServiceSettings(BaseSettings):
         torch_precision: auto (fp16 on CUDA, fp32 on CPU), fp32 or fp16 (LTSERVE_TORCH_PRECISION); the same default
             as `TorchRunner`'s.
         torch_cuda_graphs: capture one CUDA graph per batch bucket (LTSERVE_TORCH_CUDA_GRAPHS).
+        torch_device_preprocess: hand the torch runner uint8 pixels and normalise them on its device, inside the
+            CUDA graph (LTSERVE_TORCH_DEVICE_PREPROCESS; off by default until a GPU session has measured it). The
+            Predictor checks it against the host's normalisation at start-up; `GET /model` says which path runs.
         workers: worker processes, each with its own copy of the model (LTSERVE_WORKERS; default: 2 when the model
             runs on CPU and the machine has 2 or more cores, so that a worker's crash leaves one answering; 1 when
             it runs on a GPU or on one core). See `ltserve.serve.worker.worker_count`.
@@ -118,6 +121,7 @@ class ServiceSettings(BaseSettings):
     torch_device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_precision: Literal["auto", "fp32", "fp16"] = "auto"
     torch_cuda_graphs: bool = True
+    torch_device_preprocess: bool = False
     workers: int | None = Field(None, ge=1, le=64)
     threads: int | None = Field(None, ge=1)
     max_batch_size: int = Field(32, ge=1, le=1024)
@@ -177,7 +181,8 @@ class ServiceSettings(BaseSettings):
 
     def torch_options(self) -> dict[str, Any]:
         """The torch runner's options (used with backend "torch")."""
-        return {"device": self.torch_device, "precision": self.torch_precision, "cuda_graphs": self.torch_cuda_graphs}
+        return {"device": self.torch_device, "precision": self.torch_precision, "cuda_graphs": self.torch_cuda_graphs,
+                "device_preprocess": self.torch_device_preprocess}
 
     def model_path(self) -> Path:
         """The model package folder, absolute (relative paths are resolved from the working directory)."""
