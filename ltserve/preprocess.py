@@ -415,6 +415,47 @@ def jpeg_draft_applies(data: bytes, resize: int, max_pixels: int = DEFAULT_MAX_P
         img.close()
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, read with every check `open_image` makes before decoding.
+
+    Attributes:
+        format: the sniffed format (a `SUPPORTED_FORMATS` name).
+        width, height: the stored size, before EXIF orientation.
+        mode: Pillow's mode of the decoded pixels ("RGB", "L", "CMYK", "P", ...).
+        progressive: a progressive (not baseline) JPEG.
+        orientation: the EXIF orientation tag (1 = upright; None: no tag).
+    """
+
+    format: str
+    width: int
+    height: int
+    mode: str
+    progressive: bool
+    orientation: int | None
+
+
+def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """The header of encoded image bytes (format, size, mode, progressive, EXIF orientation), no pixel decoded.
+
+    A decoder other than Pillow's (a GPU JPEG decoder) reads this first: the same format sniffing, header parsing
+    and pixel cap as `open_image`, so the same bad files get the same errors before anything is decoded.
+
+    Raises:
+        InvalidImage (400), UnsupportedFormat (415), ImageTooLarge (413): as `open_image`.
+    """
+    img, fmt = _open_header(data, max_pixels)
+    try:
+        try:
+            orientation = img.getexif().get(0x0112) if fmt in ("JPEG", "PNG", "WEBP", "TIFF") else None
+        except Exception:  # a broken EXIF block: Pillow's exif_transpose ignores it too when decoding
+            orientation = None
+        progressive = bool(img.info.get("progressive") or img.info.get("progression"))
+        return ImageHeader(fmt, img.size[0], img.size[1], img.mode, progressive, orientation)
+    finally:
+        img.close()
+
+
 def open_image(data: bytes, spec: PreprocessSpec | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open, check and fully decode image bytes: the first frame or page, upright (EXIF orientation applied).
 
