@@ -14,6 +14,8 @@
 #   corpus    check (or make, if scikit-learn/scikit-image are there) the image corpus
 #   build     ResNet-50 224 px, 1000 classes, random weights: joint and folded (tau_norm) packages, exported ON
 #             this machine by ltserve's exporter (onnxscript from .whl/; model.pt2 with the local torch)
+#   preprocess python -m benchmarks.gpu_preprocess_check: device-side preprocessing (nvJPEG decode, resize, crop,
+#             normalisation in the CUDA graph) against the CPU path on the corpus: top-1 agreement, many/medium/few
 #   latency   python -m benchmarks.model_latency --device cuda (torch backend fp32/fp16, +/- CUDA graphs; ONNX
 #             Runtime CUDA/TensorRT when installed; ONNX Runtime CPU up to batch 8 for reference)
 #   serve     python -m benchmarks.serve_load on the ResNet-50 package with the torch backend (LTSERVE_BACKEND=torch)
@@ -35,7 +37,7 @@ while [ $# -gt 0 ]; do
     --smoke) SMOKE=1 ;;
     --skip) SKIP=",$2,"; shift ;;
     --deadline) DEADLINE=$2; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -173,6 +175,16 @@ export CONC DUR
 ML=($PY -m benchmarks.model_latency --device "$DEVICE" --work "$WORK/build" --no-demo "${SIZE[@]}")
 
 phase build 180 "${ML[@]}" --build-only
+# device-side preprocessing vs the CPU path (issue 12): about a minute, before latency so that it always runs
+preprocess_check() {
+  local pkg
+  pkg=$(ls -d "$WORK"/build/models/*-joint 2>/dev/null | head -1)
+  $PY -m benchmarks.gpu_preprocess_check --device "$DEVICE" --corpus "$CORPUS" ${pkg:+--photo-model "$pkg"} \
+    --out "$WORK/results/gpu_preprocess_check" $([ "$SMOKE" = 1 ] && echo --smoke)
+}
+phase preprocess 75 preprocess_check
+collect gpu_preprocess_check
+
 phase latency 200 "${ML[@]}" --batches "$BATCHES" --seconds "$SECONDS_CELL" --cpu-max-batch 8 \
   --gpu-variants "$VARIANTS" --time-budget 140 --out "$WORK/results/model_latency"
 collect model_latency

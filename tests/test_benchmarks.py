@@ -353,29 +353,34 @@ def test_gpu_run_cpu_fallback_smoke(tmp_path, results_root, latency_out):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (tmp_path / "out" / "gpu_run.log").read_text()
-    for phase in ("env", "imports", "corpus", "build", "latency", "summary"):
+    for phase in ("env", "imports", "corpus", "build", "preprocess", "latency", "summary"):
         assert f"-- {phase}: ok" in log, log[-4000:]
     assert "== serve: skipped (--skip)" in log
     data = _check_trio(tmp_path / "out" / "model_latency", "model_latency")
     assert data["config"]["batches"] == [1, 4]
+    check = _check_trio(tmp_path / "out" / "gpu_preprocess_check", "gpu_preprocess_check")
+    assert {r["data"] for r in check["results"]["rows"]} == {"photos", "fashion_png"}
     assert (tmp_path / "corpus" / "manifest.json").is_file()  # made on the spot when none was brought
     assert "identical ONNX node count" in log  # the summary phase printed the goals
 
 
 def test_prepare_corpus(tmp_path):
+    import numpy as np
     from PIL import Image
 
     from benchmarks.gpu.prepare_corpus import MAX_BYTES, write_corpus
 
-    manifest = write_corpus(tmp_path, n=3, seed=1)
+    manifest = write_corpus(tmp_path, n=3, seed=1, fashion_n=5)
     files = manifest["files"]
+    assert sum(f["file"].startswith("fashion_png/") for f in files) == 5
+    assert set(np.load(tmp_path / "fashion_lsq.npz")) == {"weight", "bias", "spec"}
     assert manifest["bytes"] < MAX_BYTES and manifest["bytes"] == sum(f["bytes"] for f in files)
     for f in files:
         with Image.open(tmp_path / f["file"]) as img:
             assert img.size == (f["width"], f["height"])
             assert img.format == ("PNG" if f["file"].startswith("fashion_png/") else "JPEG")
     assert {f["file"].split("/")[0] for f in files} >= {"photo_500x375", "photo_224"}
-    again = write_corpus(tmp_path, n=3, seed=1)
+    again = write_corpus(tmp_path, n=3, seed=1, fashion_n=5)
     assert [f["bytes"] for f in again["files"]] == [f["bytes"] for f in files]  # seeded
 
 

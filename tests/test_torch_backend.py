@@ -191,6 +191,21 @@ def test_batch_torch_options_reach_the_runner_and_need_the_torch_backend(pt2_pac
         run_predict(opts)
 
 
+def test_ltserve_predict_with_device_preprocess_writes_the_same_rows(pt2_package, png_dir, tmp_path):
+    from ltserve.cli.predict import cli
+
+    rows = {}
+    for flag in ([], ["--torch-device-preprocess"]):
+        out = tmp_path / f"p{len(flag)}.jsonl"
+        args = [str(png_dir), "--model", str(pt2_package), "--out", str(out), "--workers", "0", "--backend", "torch",
+                "--torch-device", "cpu", *flag]
+        assert cli(args) == 0
+        rows[len(flag)] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows[0]) == len(rows[1]) > 0
+    for a, b in zip(rows[0], rows[1]):
+        assert a["label"] == b["label"] and abs(a["probability"] - b["probability"]) < 1e-5
+
+
 def test_bad_device_and_precision_are_config_errors(pt2_package):
     import torch
 

@@ -5,7 +5,10 @@
 Three folders of real images, seeded, about 4 MB together:
   photo_500x375/   JPEG (quality 90) 500x375 crops of real photos: the size of a typical upload
   photo_224/       JPEG (quality 90) 224x224 crops: already at the model's input size (decode cost floor)
-  fashion_png/     Fashion-MNIST test images as 28x28 grey PNGs (when the data set is on this machine)
+  fashion_png/     Fashion-MNIST test images as 28x28 grey PNGs (when the data set is on this machine;
+                   --fashion-n of them, 2,000 by default: ~0.7 MB)
+  fashion_lsq.npz  a ridge least-squares Fashion-MNIST classifier (weights, bias, preprocess spec) fitted here on the
+                   training split, for `benchmarks.gpu_preprocess_check` (many/medium/few accuracy of both paths)
 and manifest.json (file, bytes, size, source). The photos are scikit-learn's china.jpg and flower.jpg and
 scikit-image's astronaut, coffee, chelsea, rocket and hubble_deep_field (all shipped inside those packages);
 each output is a random crop (scale 0.3-1, aspect 4:3 or 1:1) with a random horizontal flip, so no two files are
@@ -72,7 +75,7 @@ def random_crop(img: np.ndarray, out_w: int, out_h: int, rng: np.random.Generato
     return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop
 
 
-def write_corpus(out: Path, n: int = 48, seed: int = 0) -> dict:
+def write_corpus(out: Path, n: int = 48, seed: int = 0, fashion_n: int = 2000) -> dict:
     """Write the corpus folders and manifest.json into `out` (replacing older files).
 
     Returns:
@@ -101,13 +104,16 @@ def write_corpus(out: Path, n: int = 48, seed: int = 0) -> dict:
         images = read_idx(find_fashion_mnist() / "t10k-images-idx3-ubyte.gz")
         labels = read_idx(find_fashion_mnist() / "t10k-labels-idx1-ubyte.gz")
         (out / "fashion_png").mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            path = out / "fashion_png" / f"{i:03d}_label{int(labels[i])}.png"
+        for old in (out / "fashion_png").glob("*.png"):
+            old.unlink()
+        for i in range(fashion_n):
+            path = out / "fashion_png" / f"{i:05d}_label{int(labels[i])}.png"
             buf = io.BytesIO()
             Image.fromarray(images[i]).save(buf, format="PNG")
             path.write_bytes(buf.getvalue())
             files.append({"file": f"fashion_png/{path.name}", "bytes": path.stat().st_size, "width": 28,
                           "height": 28, "source": f"fashion-mnist t10k[{i}]"})
+        write_fashion_model(out / "fashion_lsq.npz")
     except Exception as exc:  # noqa: BLE001 (no data set here: the photos still make a corpus)
         log.warning("Fashion-MNIST unavailable, corpus without fashion_png/: %s", exc)
     total = sum(f["bytes"] for f in files)
@@ -118,15 +124,33 @@ def write_corpus(out: Path, n: int = 48, seed: int = 0) -> dict:
     return manifest
 
 
+def write_fashion_model(path: Path) -> None:
+    """The ridge least-squares Fashion model of the tests (`tests.package_helpers.build_lsq_package`) as an .npz."""
+    import tempfile
+
+    import onnx
+    from onnx import numpy_helper
+
+    from ltserve.package import load_package
+    from tests.package_helpers import build_lsq_package
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pkg = build_lsq_package(Path(tmp) / "fashion-lsq")
+        weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(pkg / "model.onnx")).graph.initializer}
+        spec = load_package(pkg, verify=False).preprocess
+    np.savez(path, weight=weights["W"], bias=weights["b"], spec=spec.model_dump_json())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu.prepare_corpus", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--n", type=int, default=48, help="images per folder")
+    parser.add_argument("--fashion-n", type=int, default=2000, help="Fashion-MNIST test PNGs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    manifest = write_corpus(args.out, args.n, args.seed)
+    manifest = write_corpus(args.out, args.n, args.seed, args.fashion_n)
     print(f"{len(manifest['files'])} files, {manifest['bytes'] / 2**20:.2f} MB in {args.out}")
     return 0
 

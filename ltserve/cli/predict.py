@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--backend torch: where model.pt2 runs (default auto: CUDA when torch sees a GPU)")
     p.add_argument("--torch-precision", choices=("auto", "fp32", "fp16"), default="auto",
                    help="--backend torch: fp32 or fp16 weights (default auto: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--torch-device-preprocess", action="store_true",
+                   help="--backend torch: hand the runner uint8 pixels and normalise them on its device (checked "
+                        "against the host path at start-up)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject larger images (width*height)")
     p.add_argument("--part-rows", type=int, default=100_000, help="rows per Parquet part file (default 100000)")
     p.add_argument("--concurrency", type=int, default=1, help="ray: Predictor actors (default 1)")
@@ -73,7 +76,8 @@ def cli(argv: list[str] | None = None) -> int:
         inputs=args.inputs, model=args.model, out=args.out, format=args.out_format, top_k=args.top_k,
         batch_size=args.batch_size, workers=args.workers, root=args.root, errors=args.errors, resume=args.resume,
         overwrite=args.overwrite, engine=args.engine, threads=args.threads, providers=args.providers,
-        backend=args.backend, torch_options=torch_options(args.torch_device, args.torch_precision),
+        backend=args.backend,
+        torch_options=torch_options(args.torch_device, args.torch_precision, args.torch_device_preprocess),
         max_pixels=args.max_pixels, part_rows=args.part_rows, concurrency=args.concurrency,
         num_gpus=args.num_gpus,
         ray_num_cpus=args.ray_num_cpus, progress=not args.no_progress, adapt_prior=args.adapt_prior)
@@ -93,11 +97,12 @@ def cli(argv: list[str] | None = None) -> int:
     return 1 if summary["failed"] else 0
 
 
-def torch_options(device: str, precision: str) -> dict[str, str] | None:
-    """The torch runner's options from --torch-device / --torch-precision; None when both are left at auto."""
-    if (device, precision) == ("auto", "auto"):
+def torch_options(device: str, precision: str, device_preprocess: bool = False) -> dict[str, Any] | None:
+    """The torch runner's options from --torch-device / --torch-precision / --torch-device-preprocess; None when all
+    are left at their defaults."""
+    if (device, precision, device_preprocess) == ("auto", "auto", False):
         return None
-    return {"device": device, "precision": precision}
+    return {"device": device, "precision": precision, **({"device_preprocess": True} if device_preprocess else {})}
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -90,7 +90,7 @@ class DeviceDecoder:
             out[i] = pixels
         for i, data in enumerate(items):
             if out[i] is None:  # the CPU decoder: every other format, and JPEGs the device refused
-                out[i] = torch.from_numpy(decode(data, self.spec, self.max_pixels)).to(self.device)
+                out[i] = torch.tensor(decode(data, self.spec, self.max_pixels), device=self.device)  # a copy
                 self.counts["cpu"] += 1
             else:
                 self.counts["device"] += 1
