@@ -173,14 +173,19 @@ def main(argv: list[str] | None = None) -> int:
         log.error("nothing compared: no photos with --photo-model and no fashion_png/ + fashion_lsq.npz in %s",
                   args.corpus)
         return 1
-    body = "\n\n".join([markdown_table(goals, ["goal", "target", "measured", "met"]),
+    shown_goals = [{**g, "met": "yes" if g["met"] else "**no**"} for g in goals]
+    body = "\n\n".join([markdown_table(shown_goals, ["goal", "target", "measured", "met"]),
                         markdown_table(rows, list(rows[0]), floatfmt="{:.4g}"),
                         markdown_table(shots, ["group", "cpu_path", "device_path", "abs_diff_points"])
                         if shots else ""])
     config = {"corpus": str(args.corpus), "photo_model": str(args.photo_model), "device": args.device,
               "batch": args.batch, "limit": args.limit}
+    decoder = "nvJPEG" if args.device == "cuda" else f"torchvision's {args.device} JPEG decoder (no GPU here)"
+    notes = (f"Device path: {decoder} for baseline JPEGs, resize and crop on {args.device}, normalisation inside the "
+             "model call; cpu path: Pillow + NumPy. Photo model: " + (args.photo_model.name if args.photo_model
+                                                                          else "-") + ".")
     write_results(out, NAME, config, {"goals": goals, "rows": rows, "shot_accuracy": shots}, body,
-                  plot=lambda path: plot(rows, shots, path))
+                  plot=lambda path: plot(rows, shots, path), notes=notes)
     log.info("results in %s\n%s", out, body)
     return 0
 
