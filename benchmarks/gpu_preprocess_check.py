@@ -47,6 +47,8 @@ def compare(model_dir: Path, files: list[Path], device: str, batch: int) -> dict
     runner = TorchRunner(model_dir, device=device, max_batch_size=batch, device_preprocess=True)
     spec = runner.meta.preprocess
     decoder = DeviceDecoder(spec, device=device)
+    verified = decoder.verify()  # the start-up check a server would run; its images are not counted below
+    decoder.counts = {"device": 0, "cpu": 0}
     data = [f.read_bytes() for f in files]
     runner.warmup()
     runner.run(normalize_pixels(np.zeros((batch, spec.crop, spec.crop, spec.channels), np.uint8), spec))
@@ -67,6 +69,7 @@ def compare(model_dir: Path, files: list[Path], device: str, batch: int) -> dict
     a, b = np.concatenate(cpu_logits), np.concatenate(dev_logits)
     pdiff = np.abs(np.concatenate(cpu_px).astype(np.int16) - np.concatenate(dev_px).astype(np.int16))
     return {"cpu_logits": a, "device_logits": b, "meta": runner.meta, "precision": runner.precision,
+            "verify_max_pixel_diff": verified["max_pixel_diff"],
             "decoded_on_device": decoder.counts["device"], "decoded_on_cpu": decoder.counts["cpu"],
             "pixel_diff_mean": float(pdiff.mean()), "pixel_diff_max": int(pdiff.max()),
             "pixel_diff_p99": float(np.percentile(pdiff, 99)),
@@ -101,7 +104,7 @@ def fashion_package(corpus: Path, out: Path) -> Path | None:
 
 
 def row(name: str, r: dict[str, Any], n: int) -> dict[str, Any]:
-    keep = ("decoded_on_device", "decoded_on_cpu", "pixel_diff_mean", "pixel_diff_p99", "pixel_diff_max",
+    keep = ("verify_max_pixel_diff", "decoded_on_device", "decoded_on_cpu", "pixel_diff_mean", "pixel_diff_p99", "pixel_diff_max",
             "max_abs_logit_diff", "top1_agreement", "img_per_s_cpu_path", "img_per_s_device_path", "precision")
     return {"data": name, "images": n, **{k: r[k] for k in keep}}
 

@@ -134,3 +134,30 @@ def test_importing_device_decode_does_not_import_torch():
 
     code = "import sys, ltserve.runtime.device_decode; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("spec", [RGB_SPEC, GREY_SPEC, RGB_SPEC.model_copy(update={"interpolation": "bicubic"})])
+def test_verify_compares_the_decoder_with_the_cpu_path(spec):
+    from ltserve.runtime.device_decode import DeviceDecoder
+
+    decoder = DeviceDecoder(spec, device="cpu")
+    report = decoder.verify()
+    assert report["passed"] and report["images"] == 4 and decoder.counts["device"] == 4
+    assert report["max_pixel_diff"] <= 2 and report["mean_pixel_diff"] < 0.5, report
+
+
+@pytest.mark.gpu
+def test_nvjpeg_path_agrees_with_the_cpu_path(photos):
+    """On CUDA: nvJPEG + resize/crop on the GPU vs Pillow on the real photos (what gpu_preprocess_check measures)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from ltserve.runtime.device_decode import DeviceDecoder
+
+    decoder = DeviceDecoder(RGB_SPEC, device="cuda")
+    assert decoder.verify()["passed"]
+    files = [encode(p, quality=90) for p in photos]
+    got = decoder.decode(files)
+    assert got.is_cuda and decoder.counts["device"] >= len(files)
+    diff = np.abs(got.cpu().numpy().astype(np.int16) - np.stack([decode(d, RGB_SPEC) for d in files]).astype(np.int16))
+    assert diff.mean() < 1.5 and np.percentile(diff, 99) <= 6, (diff.mean(), diff.max())

@@ -97,6 +97,41 @@ class DeviceDecoder:
         return torch.stack(out) if out else torch.empty((0, self.spec.crop, self.spec.crop, self.spec.channels),
                                                          dtype=torch.uint8, device=self.device)
 
+    def verify(self, tolerance: int = 8, seed: int = 0) -> dict[str, Any]:
+        """Compare this decoder with the CPU path on a few synthetic baseline JPEGs (before it is used).
+
+        The images are smooth gradients with noise, landscape and portrait, larger and smaller than the spec's
+        resize, so the resize, the crop and (for a grey spec) the luma conversion are all exercised.
+
+        Args:
+            tolerance: largest pixel difference (0-255) allowed; JPEG decoders (libjpeg-turbo, nvJPEG) round the
+                IDCT and chroma upsampling differently, and the resize runs in float here, in 8-bit passes in Pillow.
+            seed: noise seed.
+
+        Returns:
+            {"passed", "max_pixel_diff", "mean_pixel_diff", "images", "tolerance"}.
+        """
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(seed)
+        r = self.spec.resize
+        files = []
+        for w, h in ((2 * r + 37, r + 11), (r + 5, 3 * r // 2), (r // 2 + 3, r // 2 + 9), (r, r)):
+            yy, xx = np.mgrid[0:h, 0:w]
+            base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], axis=2)
+            img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=90)
+            files.append(buf.getvalue())
+        got = self.decode(files).cpu().numpy().astype(np.int16)
+        want = np.stack([decode(d, self.spec, self.max_pixels) for d in files]).astype(np.int16)
+        diff = np.abs(got - want)
+        return {"passed": bool(diff.max() <= tolerance), "max_pixel_diff": int(diff.max()),
+                "mean_pixel_diff": float(diff.mean()), "images": len(files), "tolerance": tolerance}
+
     def _decode_jpegs(self, items: Sequence[bytes]) -> list[Any]:
         """Device-decoded, resized and cropped (crop, crop, C) uint8 tensors; None where the device refused a file."""
         if not items:
