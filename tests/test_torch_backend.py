@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -382,3 +383,36 @@ def test_cuda_device_preprocess_agrees_with_the_host_path(pt2_package, fashion_p
         assert (fast.argmax(1) == exact.argmax(1)).mean() >= 0.99
         on_device = runner.run_pixels(torch.from_numpy(fashion_pixels).cuda())
         np.testing.assert_allclose(on_device, fast, atol=1e-6, rtol=0)
+
+
+SERVICE_SCRIPT = """
+import json, sys
+from pathlib import Path
+from starlette.testclient import TestClient
+from ltserve.service import Classifier
+
+with TestClient(Classifier.to_asgi()) as client:
+    model = client.get("/model").json()
+    files = [("images", (p.name, p.read_bytes(), "image/png")) for p in sorted(Path(sys.argv[1]).glob("*.png"))[:6]]
+    answers = client.post("/classify_batch", files=files).json()
+print(json.dumps({"runtime": model["runtime"], "answers": answers}))
+"""
+
+
+def test_service_runs_the_device_path_and_get_model_says_so(pt2_package, png_dir):
+    """LTSERVE_TORCH_DEVICE_PREPROCESS=1 through the real service (`to_asgi()`): GET /model reports the checked
+    device path, and the answers are the host path's."""
+    from ltserve.runtime import Predictor
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LTSERVE_")}, "LTSERVE_MODEL": str(pt2_package),
+           "LTSERVE_BACKEND": "torch", "LTSERVE_TORCH_DEVICE": "cpu", "LTSERVE_TORCH_DEVICE_PREPROCESS": "1",
+           "LTSERVE_THREADS": "1", "LTSERVE_WORKERS": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", SERVICE_SCRIPT, str(png_dir)], capture_output=True, text=True,
+                         timeout=180, cwd=REPO, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["runtime"]["preprocess_on"] == "cpu" and got["runtime"]["device_preprocess_check"]["passed"] is True
+    assert got["runtime"]["torch"]["device_preprocess"] is True
+    host = Predictor(pt2_package, threads=1, backend="torch", torch_options={"device": "cpu"})
+    want = host.classify_bytes([p.read_bytes() for p in sorted(png_dir.glob("*.png"))[:6]], top_k=1)
+    assert [a["label"] for a in got["answers"]["predictions"]] == [w.label for w in want]
