@@ -79,6 +79,31 @@ def compare(model_dir: Path, files: list[Path], device: str, batch: int) -> dict
             "img_per_s_device_path": len(data) / max(seconds["device"], 1e-9)}
 
 
+def input_speed(model_dir: Path, device: str, batch: int, iters: int) -> list[dict[str, Any]]:
+    """Model calls per second, host to host, with float32 NCHW input (normalised on the host, 4 bytes a pixel
+    copied) and with uint8 NHWC pixels (normalised in the CUDA graph, 1 byte a pixel copied): what decides
+    whether `device_preprocess` becomes the default. Host normalisation is timed too: it is part of that path."""
+    from ltserve.preprocess import normalize_pixels
+    from ltserve.runtime.torch_runner import TorchRunner
+
+    runner = TorchRunner(model_dir, device=device, max_batch_size=batch, device_preprocess=True)
+    spec = runner.meta.preprocess
+    pixels = np.random.default_rng(0).integers(0, 256, (batch, spec.crop, spec.crop, spec.channels), dtype=np.uint8)
+    paths = {"float32 NCHW, host-normalised": lambda: runner.run(normalize_pixels(pixels, spec)),
+             "uint8 NHWC, device-normalised": lambda: runner.run_pixels(pixels)}
+    rows = []
+    for name, call in paths.items():
+        for _ in range(3):
+            call()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            call()
+        ms = (time.perf_counter() - t0) / iters * 1000.0
+        rows.append({"input": name, "batch": batch, "precision": runner.precision, "ms_per_call": ms,
+                     "img_per_s": batch / ms * 1000.0})
+    return rows
+
+
 def shot_accuracy(logits: np.ndarray, labels: np.ndarray, meta: Any) -> dict[str, float | None]:
     """Overall and many/medium/few top-1 accuracy, in percent."""
     from ltserve.metrics import group_accuracy, per_class_accuracy
@@ -109,12 +134,14 @@ def row(name: str, r: dict[str, Any], n: int) -> dict[str, Any]:
     return {"data": name, "images": n, **{k: r[k] for k in keep}}
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    rows, shots, goals = [], [], []
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]],
+                                           list[dict[str, Any]]]:
+    rows, shots, goals, speed = [], [], [], []
     photos = sorted((args.corpus / "photo_500x375").glob("*.jpg")) + sorted((args.corpus / "photo_224").glob("*.jpg"))
     if args.photo_model and photos:
         r = compare(args.photo_model, photos[:args.limit], args.device, args.batch)
         rows.append(row("photos", r, len(photos[:args.limit])))
+        speed = input_speed(args.photo_model, args.device, args.speed_batch, 5 if args.smoke else 30)
     pngs = sorted((args.corpus / "fashion_png").glob("*_label*.png"))[:args.limit]
     with tempfile.TemporaryDirectory() as tmp:
         pkg = fashion_package(args.corpus, Path(tmp) / "fashion-lsq") if pngs else None
@@ -135,7 +162,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, 
         goals.append({"goal": "fashion_png: overall/many/medium/few accuracy, device vs cpu path",
                       "target": f"<= {SHOT_GOAL_POINTS} point", "measured": f"{worst:.2f} point",
                       "met": worst <= SHOT_GOAL_POINTS})
-    return rows, shots, goals
+    return rows, shots, goals, speed
 
 
 def plot(rows: list[dict[str, Any]], shots: list[dict[str, Any]], path: Path) -> None:
@@ -166,12 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photo-model", type=Path, help="a package with model.pt2 and a 3-channel spec")
     parser.add_argument("--batch", type=int, default=64, help="files per decode and model call")
     parser.add_argument("--limit", type=int, default=None, help="at most this many files per data set")
+    parser.add_argument("--speed-batch", type=int, default=256, help="batch of the input-copy timing (photo model)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.smoke:
-        args.limit = args.limit or 16
+        args.limit, args.speed_batch = args.limit or 16, min(args.speed_batch, 8)
     out = output_dir(args, NAME)
-    rows, shots, goals = run(args)
+    rows, shots, goals, speed = run(args)
     if not rows:
         log.error("nothing compared: no photos with --photo-model and no fashion_png/ + fashion_lsq.npz in %s",
                   args.corpus)
@@ -180,14 +208,17 @@ def main(argv: list[str] | None = None) -> int:
     body = "\n\n".join([markdown_table(shown_goals, ["goal", "target", "measured", "met"]),
                         markdown_table(rows, list(rows[0]), floatfmt="{:.4g}"),
                         markdown_table(shots, ["group", "cpu_path", "device_path", "abs_diff_points"])
-                        if shots else ""])
+                        if shots else "",
+                        markdown_table(speed, ["input", "batch", "precision", "ms_per_call", "img_per_s"])
+                        if speed else ""])
     config = {"corpus": str(args.corpus), "photo_model": str(args.photo_model), "device": args.device,
-              "batch": args.batch, "limit": args.limit}
+              "batch": args.batch, "limit": args.limit, "speed_batch": args.speed_batch}
     decoder = "nvJPEG" if args.device == "cuda" else f"torchvision's {args.device} JPEG decoder (no GPU here)"
     notes = (f"Device path: {decoder} for baseline JPEGs, resize and crop on {args.device}, normalisation inside the "
              "model call; cpu path: Pillow + NumPy. Photo model: " + (args.photo_model.name if args.photo_model
                                                                           else "-") + ".")
-    write_results(out, NAME, config, {"goals": goals, "rows": rows, "shot_accuracy": shots}, body,
+    write_results(out, NAME, config, {"goals": goals, "rows": rows, "shot_accuracy": shots, "input_speed": speed},
+                  body,
                   plot=lambda path: plot(rows, shots, path), notes=notes)
     log.info("results in %s\n%s", out, body)
     return 0
