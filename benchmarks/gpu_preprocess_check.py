@@ -38,8 +38,6 @@ log = logging.getLogger("benchmarks.gpu_preprocess_check")
 
 def compare(model_dir: Path, files: list[Path], device: str, batch: int) -> dict[str, Any]:
     """Both paths over `files`: logits, pixel differences, which decoder took each file, time per path."""
-    import torch
-
     from ltserve.preprocess import decode, normalize_pixels, stack_pixels
     from ltserve.runtime.device_decode import DeviceDecoder
     from ltserve.runtime.torch_runner import TorchRunner
@@ -129,8 +127,9 @@ def fashion_package(corpus: Path, out: Path) -> Path | None:
 
 
 def row(name: str, r: dict[str, Any], n: int) -> dict[str, Any]:
-    keep = ("verify_max_pixel_diff", "decoded_on_device", "decoded_on_cpu", "pixel_diff_mean", "pixel_diff_p99", "pixel_diff_max",
-            "max_abs_logit_diff", "top1_agreement", "img_per_s_cpu_path", "img_per_s_device_path", "precision")
+    keep = ("verify_max_pixel_diff", "decoded_on_device", "decoded_on_cpu", "pixel_diff_mean", "pixel_diff_p99",
+            "pixel_diff_max", "max_abs_logit_diff", "top1_agreement", "img_per_s_cpu_path", "img_per_s_device_path",
+            "precision")
     return {"data": name, "images": n, **{k: r[k] for k in keep}}
 
 

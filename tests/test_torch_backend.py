@@ -342,7 +342,8 @@ def test_a_device_path_that_disagrees_is_not_used(pt2_package, fashion_pixels, m
                      torch_options={"device": "cpu", "device_preprocess": True})
     check = pred.info()["runtime"]["device_preprocess_check"]
     assert check["passed"] is False and check["max_abs_diff"] > check["tolerance"]
-    assert pred.info()["runtime"]["preprocess_on"] == "host" and pred.preprocess(list(fashion_pixels[:3])).dtype == np.float32
+    assert pred.info()["runtime"]["preprocess_on"] == "host"
+    assert pred.preprocess(list(fashion_pixels[:3])).dtype == np.float32
     assert "normalising on the host instead" in caplog.text
 
 
@@ -352,7 +353,8 @@ def test_run_pixels_checks_its_input(pt2_package):
     with pytest.raises(RuntimeError, match="device_preprocess=True"):
         TorchRunner(pt2_package, device="cpu").run_pixels(np.zeros((1, 28, 28, 1), np.uint8))
     runner = TorchRunner(pt2_package, device="cpu", device_preprocess=True)
-    for bad in (np.zeros((1, 28, 28, 1), np.float32), np.zeros((1, 1, 28, 28), np.uint8), np.zeros((0, 28, 28, 1), np.uint8)):
+    for bad in (np.zeros((1, 28, 28, 1), np.float32), np.zeros((1, 1, 28, 28), np.uint8),
+                np.zeros((0, 28, 28, 1), np.uint8)):
         with pytest.raises(ValueError, match=r"uint8 \(N, 28, 28, 1\)"):
             runner.run_pixels(bad)
 
