@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from benchmarks.common import add_common_args, markdown_table, output_dir, write_results
+from benchmarks.common import add_common_args, each_run, markdown_table, output_dir, write_results
 
 NAME = "accuracy"
 INT8_NAME = "accuracy_int8"
@@ -180,15 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.int8:
         return main_int8(args)
-    from tqdm import tqdm
-
     out = output_dir(args, NAME)
     config, settings, seeds = plan(args)
     work = args.work or Path(tempfile.mkdtemp(prefix="ltserve-accuracy-"))
     runs: list[dict[str, Any]] = []
     started = time.perf_counter()
     jobs = [(name, ov, seed) for name, ov in settings for seed in seeds]
-    for name, overrides, seed in tqdm(jobs, desc="accuracy runs", unit="run"):
+    for name, overrides, seed in each_run(jobs, "accuracy runs"):
         run_dir = work / f"{len(runs):02d}-seed{seed}"
         shutil.rmtree(run_dir, ignore_errors=True)
         seeded = overrides + [f"train.seed={seed}", f"data.split_seed={seed}", f"rebalance.seed={seed}"]
@@ -325,15 +323,13 @@ def int8_goal_rows(per_seed: list[dict[str, Any]], max_few: float = 1.0, max_all
 
 def main_int8(args: argparse.Namespace) -> int:
     """`--int8 HEADS`: per seed, train + rebalance, then fp32 vs int8 packages of the heads on the test split."""
-    from tqdm import tqdm
-
     out = output_dir(args, INT8_NAME)
     config, settings, seeds = plan(args)
     work = args.work or Path(tempfile.mkdtemp(prefix="ltserve-accuracy-int8-"))
     runs: list[dict[str, Any]] = []
     started = time.perf_counter()
     (name, overrides), = settings
-    for seed in tqdm(seeds, desc="int8 accuracy runs", unit="run"):
+    for seed in each_run(seeds, "int8 accuracy runs"):
         run_dir = work / f"{len(runs):02d}-seed{seed}"
         shutil.rmtree(run_dir, ignore_errors=True)
         seeded = overrides + [f"train.seed={seed}", f"data.split_seed={seed}", f"rebalance.seed={seed}"]

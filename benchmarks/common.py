@@ -12,10 +12,11 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+T = TypeVar("T")
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 PACKAGES = ("ltserve", "numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "torchvision", "timm", "bentoml",
             "pillow", "ray")
@@ -117,6 +118,18 @@ def markdown_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], float
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def each_run(jobs: Sequence[T], desc: str) -> Iterator[T]:
+    """`jobs` one by one: a tqdm bar on a terminal (`ltserve.progress`); otherwise (CI, a log file) one line as each
+    job starts, with the time since the first, instead of a redrawn bar."""
+    from ltserve.progress import progress_bar
+
+    started, tty = time.perf_counter(), sys.stderr.isatty()
+    for k, job in enumerate(progress_bar(jobs, desc=desc, unit="run", leave=True)):
+        if not tty:
+            print(f"{desc}: {k + 1}/{len(jobs)} {job} ({time.perf_counter() - started:.0f} s so far)", flush=True)
+        yield job
 
 
 def write_results(out: Path, name: str, config: dict[str, Any], results: Any, table_md: str,

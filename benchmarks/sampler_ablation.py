@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.accuracy import aggregate, run_once
-from benchmarks.common import add_common_args, markdown_table, output_dir, write_results
+from benchmarks.common import add_common_args, each_run, markdown_table, output_dir, write_results
 
 NAME = "sampler_ablation"
 REPO = Path(__file__).resolve().parents[1]
@@ -105,8 +105,6 @@ def plot(rows: list[dict[str, Any]]):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from tqdm import tqdm
-
     from ltserve.config import load_config
     from ltserve.errors import ConfigError
 
@@ -123,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     started = time.perf_counter()
     try:
-        for sampler, seed in tqdm([(s, k) for s in samplers for k in seeds], desc="ablation runs", unit="run"):
+        for sampler, seed in each_run([(s, k) for s in samplers for k in seeds], "ablation runs"):
             overrides = common + [f"train.sampler={sampler}", f"train.seed={seed}", f"data.split_seed={seed}",
                                   f"rebalance.seed={seed}"]
             run_dir = work / f"{sampler}-seed{seed}"

@@ -411,3 +411,14 @@ def test_gpu_service_goal_compares_with_the_decode_ceiling_of_the_same_run():
     unmeasured = gpu_service_goal({"m": run([400.0], None)})
     assert unmeasured["met"] is None and "not measured" in unmeasured["measured"]
     assert gpu_service_goal({"note": "no models"}) is None
+
+
+def test_each_run_prints_one_line_per_run_when_not_a_terminal(capsys):
+    """In CI and log files a benchmark's runs are announced one line each, not as a redrawn progress bar."""
+    from benchmarks.common import each_run
+
+    assert list(each_run([("ib", 0), ("cb", 1)], "ablation runs")) == [("ib", 0), ("cb", 1)]
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].startswith("ablation runs: 1/2 ('ib', 0)")
+    assert out.splitlines()[1].startswith("ablation runs: 2/2 ('cb', 1)")
+    assert "\r" not in err  # no bar redrawn
