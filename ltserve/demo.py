@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--command", default="make demo", help="the command recorded in the package's provenance")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not sys.stderr.isatty():
+        # no progress bar is drawn into a log or CI output: stage 1 says one line per epoch there instead
+        logging.getLogger("ltserve.train").setLevel(logging.INFO)
 
     from ltserve.errors import LtserveError
 
