@@ -97,7 +97,8 @@ from ltserve.errors import InvalidInput, LtserveError, PackageError
 from ltserve.package import load_package
 from ltserve.runtime import Prediction, Predictor
 from ltserve.serve.batcher import AsyncPredictor
-from ltserve.serve.guard import ErrorBody, RequestGuard, TimeLimit, error_response, invalid_input_error
+from ltserve.serve.guard import (ErrorBody, RequestGuard, TimeLimit, error_response, invalid_input_error,
+                                 replace_bentoml_timeout)
 from ltserve.serve.live_prior import AdaptingPredictor, LivePrediction, live_prior_from_settings, prior_metrics
 from ltserve.serve.metrics import service_metrics
 from ltserve.serve.openapi import complete_openapi
@@ -153,6 +154,9 @@ routes_app = Starlette(routes=[Route(MODEL_ROUTE, _model_info, methods=["GET"]),
 
 SETTINGS = ServiceSettings.from_env()
 WORKERS = worker_count(SETTINGS)
+# before BentoML builds the app (a worker's, or `to_asgi()`): its traffic timeout becomes a TimeLimit whose timer is
+# cancelled when the answer is sent (BentoML's own holds each request's context until it fires: see TrafficTimeout)
+replace_bentoml_timeout()
 if bentoml.server_context.worker_index is not None:  # a `bentoml serve` worker, before its HTTP server starts
     setup_worker(SETTINGS)
 
@@ -179,9 +183,8 @@ def _error_answer(ctx: bentoml.Context, status: int, body: ErrorBody) -> ErrorBo
 
 
 @bentoml.asgi_app(routes_app, path="/")
-# BentoML's time limit is a backstop 1 s behind TimeLimit's (its 504 has no detail and keeps the connection open).
-# Not more: its timer is not cancelled when the answer is sent, and holds each request's context (spans) until it
-# fires, so a worker's memory grows with the request rate times this timeout.
+# BentoML's time limit is a backstop 1 s behind TimeLimit's; `replace_bentoml_timeout` made it a TrafficTimeout (a
+# TimeLimit whose timer is cancelled with the answer: BentoML's own held each request's context until it fired).
 @bentoml.service(name="ltserve", workers=WORKERS, traffic={"timeout": SETTINGS.timeout_s + 1})
 class Classifier:
     """Classifies images with the model package named by LTSERVE_MODEL (default models/fashion-lt)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -14,6 +15,8 @@ from starlette.responses import JSONResponse
 from ltserve.errors import InvalidInput
 from ltserve.preprocess import FORMAT_NAMES, IMAGE_MEDIA_TYPES
 from ltserve.serve.settings import BATCH_ROUTE, PROTECTED_ROUTES, RAW_ROUTE, UPLOAD_FIELDS, ServiceSettings
+
+logger = logging.getLogger(__name__)
 
 RAW_MEDIA_TYPES = (*IMAGE_MEDIA_TYPES, "application/octet-stream")
 """What a raw-body request (RAW_ROUTE) may declare as its Content-Type; the format is sniffed from the bytes."""
@@ -80,6 +83,43 @@ class TimeLimit:
         detail = (f"no answer within {self.timeout_s:g} s (LTSERVE_TIMEOUT_S): the server is overloaded or the upload "
                   "too slow; retry, with fewer images per request")
         await error_response(504, "timeout", detail, {"Connection": "close"})(scope, receive, send)
+
+
+class TrafficTimeout(TimeLimit):
+    """What BentoML builds for `traffic.timeout` once `replace_bentoml_timeout` has run: a `TimeLimit` (504
+    `ErrorBody`, connection closed) of that many seconds, whose timer is cancelled when the answer is sent.
+
+    BentoML 1.4's own `TimeoutMiddleware` (bentoml/_internal/server/http/traffic.py) schedules `loop.call_later`
+    per request and never cancels it: the timer handle holds a copy of the request task's context (the
+    OpenTelemetry span and what it references) for the whole timeout after the answer. Measured with tracemalloc on
+    one worker under the soak's mix: about 13 kB per request still held, so rate x timeout of them at any time
+    (tens of MB per worker at 180 requests/s and 31 s), and the CPython allocator's arenas, pinned by these
+    long-lived objects between short-lived ones, kept growing (82 -> 118 MiB over 30,000 requests at idle, with
+    the live Python objects unchanged).
+    """
+
+    def __init__(self, app: Any, timeout: float) -> None:  # BentoML passes `timeout=`
+        super().__init__(app, timeout)
+
+
+def replace_bentoml_timeout() -> bool:
+    """Make BentoML build `TrafficTimeout` for a service's `traffic.timeout` (it imports its middleware by name
+    from `bentoml._internal.server.http.traffic` when it builds the app, so this must run before that: at the
+    service's import).
+
+    Returns:
+        True when replaced; False (with a warning) where this BentoML has no such middleware to replace.
+    """
+    try:
+        from bentoml._internal.server.http import traffic
+    except ImportError:
+        traffic = None
+    if traffic is None or not hasattr(traffic, "TimeoutMiddleware"):
+        logger.warning("bentoml has no bentoml._internal.server.http.traffic.TimeoutMiddleware: its traffic timeout "
+                       "is left as it is")
+        return False
+    traffic.TimeoutMiddleware = TrafficTimeout
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------------------
