@@ -54,7 +54,8 @@ class TimeLimit:
 
     BentoML's own time limit (`traffic.timeout`) answers 504 with `{"error"}` and no detail, and keeps the
     connection open, though the request's body may not have been read to its end: the service sets BentoML's a
-    second later, as a backstop, and this one answers first. A response that started in time is not cut.
+    second later, as a backstop (built as `TrafficTimeout`, see there), and this one answers first. A response that
+    started in time is not cut.
     """
 
     def __init__(self, app: Any, timeout_s: float) -> None:
