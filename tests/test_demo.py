@@ -45,6 +45,7 @@ def test_demo_trains_rebalances_exports_and_serves(tmp_path):
         assert "which answers:" in out, out[-3000:]
         # output is a pipe, not a terminal: one line per epoch instead of a progress bar
         assert [int(m) for m in re.findall(r"epoch (\d+)/3: loss", out)] == [1, 2, 3], out[-3000:]
+        assert "\r" not in out and "step/s" not in out, "a progress bar was drawn into a pipe"
 
         # the heads table, every head of the run
         for head in ("joint", "crt", "tau_norm", "lws", "ncm", "la", "tau_norm+la", "lws+la"):

@@ -109,7 +109,7 @@ def train_on_features(model: nn.Module, source: FeatureSource, labels: np.ndarra
     """
     import torch
     from torch.nn import functional as F
-    from tqdm import tqdm
+    from ltserve.progress import progress_bar
 
     device = val_features.device
     y_all = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
@@ -121,7 +121,7 @@ def train_on_features(model: nn.Module, source: FeatureSource, labels: np.ndarra
     curve: list[dict[str, Any]] = []
     best_state: dict[str, torch.Tensor] = {}
     best_score, best_epoch, step = -math.inf, 0, 0
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc=desc, unit="step", enabled=progress)  # none redrawn into logs
     for epoch, batches in enumerate(plan):
         model.train()
         losses = []
