@@ -58,6 +58,33 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def round_distribution(p: np.ndarray | Sequence[float], digits: int = 6) -> list[float]:
+    """A probability vector rounded to `digits` decimals that still sums to 1 as written.
+
+    Rounding every share on its own leaves the sum a few units of the last digit off 1 (three shares of 1/3 write
+    as 0.333333, 0.999999 in all). Here the shares are counted in units of 10**-digits, the remainder of the count
+    goes to the largest share, and each value is written from its integer count: the written numbers add up to
+    exactly 10**digits units (a prior a reader sums to check is 1 as written).
+
+    Args:
+        p: (C,) non-negative shares; normalised first when their sum is positive.
+        digits: decimals kept (>= 0).
+
+    Returns:
+        C floats, each a multiple of 10**-digits, whose exact decimal sum is 1.
+
+    Raises:
+        ValueError: on a non-finite or negative share, or shares that sum to 0.
+    """
+    v = np.asarray(p, dtype=np.float64).ravel()
+    if v.size == 0 or not np.isfinite(v).all() or (v < 0).any() or v.sum() <= 0:
+        raise ValueError(f"round_distribution: expected finite non-negative shares with a positive sum, got {v}")
+    unit = 10 ** int(digits)
+    counts = np.rint(v / v.sum() * unit).astype(np.int64)
+    counts[int(np.argmax(v))] += unit - int(counts.sum())
+    return [round(int(k) / unit, int(digits)) for k in counts]
+
+
 def group_accuracy(per_class: np.ndarray, groups: Sequence[ShotGroup]) -> dict[str, float | None]:
     """Mean per-class accuracy in each shot group; None for an empty group (classes without test images skipped)."""
     out: dict[str, float | None] = {}

@@ -427,6 +427,24 @@ def test_predict_adapt_prior_bbse_on_a_package_that_records_the_confusion_matrix
                                    progress=False, adapt_prior="bbse"))
     prior = s["prior"]
     assert prior["method"] == "bbse" and prior["n"] == 1000 and prior["condition_number"] > 1
-    est = np.array(list(prior["estimate"].values()))
-    assert abs(est.sum() - 1) < 1e-6 and (est >= 0).all()
+    for key in ("estimate", "target"):  # as written (6 decimals): they sum to 1, not 1 +- 1e-6
+        shares = list(prior[key].values())
+        assert sum(round(v * 1e6) for v in shares) == 1_000_000 and round(sum(shares), 6) == 1.0, shares
+        assert all(v >= 0 and round(v, 6) == v for v in shares)
     assert s["accuracy_unadapted"] is not None and s["accuracy"]["n"] == 1000
+
+
+def test_round_distribution_writes_shares_that_sum_to_one_as_written():
+    from ltserve.metrics import round_distribution
+
+    rng = np.random.default_rng(0)
+    cases = [np.full(10, 0.1000004), np.full(3, 1 / 3), np.array([0.5, 0.5, 0.0]), np.array([2.0, 1.0, 1.0]),
+             *(rng.dirichlet(np.full(c, a)) for c in (2, 10, 100) for a in (0.1, 1.0, 10.0) for _ in range(20))]
+    for p in cases:
+        r = round_distribution(p)
+        assert sum(round(v * 1e6) for v in r) == 1_000_000 and round(sum(r), 6) == 1.0, (p, r)
+        assert all(v >= 0 and round(v, 6) == v for v in r)
+        assert np.abs(np.array(r) - p / p.sum()).max() <= 0.5e-6 * len(p) + 1e-12  # the remainder on one share
+    assert round_distribution([0.25, 0.75], digits=1) == [0.2, 0.8]
+    with pytest.raises(ValueError, match="non-negative"):
+        round_distribution([0.5, -0.1, 0.6])

@@ -20,6 +20,7 @@ import numpy as np
 
 from ltserve.batch.inputs import Item
 from ltserve.batch.output import Output, prediction_row
+from ltserve.metrics import round_distribution
 from ltserve.package import ModelJson
 from ltserve.runtime import Predictor
 from ltserve.runtime.prior import (DEFAULT_DEAD_BAND, DEFAULT_MAX_SHIFT, DEFAULT_MIN_SAMPLES, PackagePrior,
@@ -74,8 +75,8 @@ class TransductiveAdapter:
                 output.rows(rows, unadapted=chunk.argmax(axis=1).tolist())
                 output.flush(0)
             info = {"method": est.method, "adapted": shift is not None, "n": est.n,
-                    "estimate": dict(zip(labels, (round(float(p), 6) for p in est.prior))),
-                    "target": dict(zip(labels, (round(float(p), 6) for p in self.package.target))),
+                    "estimate": dict(zip(labels, round_distribution(est.prior))),
+                    "target": dict(zip(labels, round_distribution(self.package.target))),
                     "target_kind": self.package.kind,
                     "tv_from_target": round(tv_distance(est.prior, self.package.target), 6),
                     "expected_tv_error": None if est.expected_tv_error is None else round(est.expected_tv_error, 6),
