@@ -28,9 +28,10 @@ from ltserve.evaluate import best_head
 from ltserve.export import export_package
 from ltserve.export.graph import NORMALISATION_OPS
 from ltserve.features.backbones import create_backbone, load_run_backbone
+from ltserve.features.cache import cached_features
 from ltserve.fileio import sha256_file
 from ltserve.heads import HEADS, CalibratedHead, load_head, save_head
-from ltserve.metrics import classification_report, shot_groups
+from ltserve.metrics import classification_report, expected_calibration_error, shot_groups, softmax
 from ltserve.package import load_package
 from ltserve.preprocess import PreprocessSpec, to_model_input
 from ltserve.rundir import BackboneInfo, RunInfo, RunPaths, read_run, write_run
@@ -283,7 +284,19 @@ def test_model_json_records_labels_head_preprocess_and_provenance(packages, tiny
     assert (meta.shot_thresholds.many, meta.shot_thresholds.few) == (info.many_threshold, info.few_threshold)
     assert meta.preprocess == PreprocessSpec.model_validate(info.config["preprocess"])
     head = load_head(RunPaths(tiny_rebalanced_run).heads, "tau_norm+la")
-    assert meta.head.temperature == head.temperature != 1.0  # calibrated by rebalance
+    # calibrated by rebalance: the fitted T is kept only when it lowers the val ECE (T = 1 is a correct outcome too),
+    # recorded either way, and the same in model.json and the head file
+    cal = head.meta["calibration"]
+    assert meta.head.temperature == head.temperature == cal["temperature"]
+    assert meta.head.params["calibration"] == cal
+    assert cal["applied"] == (cal["val_ece_fitted"] < cal["val_ece_before"])
+    assert cal["temperature"] == (cal["fitted_temperature"] if cal["applied"] else 1.0)
+    assert cal["val_ece_after"] == cal["val_ece_fitted" if cal["applied"] else "val_ece_before"]
+    val_x, val_y = cached_features(tiny_rebalanced_run, "val", progress=False)
+    raw = head.uncalibrated_logits(val_x)  # the recorded ECEs are the ones of the val split
+    for key, t in (("before", 1.0), ("fitted", cal["fitted_temperature"])):
+        ece = expected_calibration_error(softmax(raw / t), np.asarray(val_y, dtype=np.int64))
+        assert ece == pytest.approx(cal[f"val_ece_{key}"], abs=1e-6), key
     assert meta.head.params["tau"] == head.meta["base_meta"]["tau"]
     assert meta.head.params["tau_la"] == head.meta["tau_la"]
     assert meta.head.params["target_prior"] == {"kind": "uniform"}
