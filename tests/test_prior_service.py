@@ -100,6 +100,29 @@ def estimate(report: dict) -> np.ndarray:
     return np.array([c["estimate"] for c in report["classes"]])
 
 
+def settled(srv: ServerProcess, done, timeout: float = 60.0) -> list[dict]:
+    """GET /prior (as `prior`) until every answer is `done`: the workers write their state files from a background
+    thread (every LTSERVE_PRIOR_PERSIST_S, later on a loaded machine), so each worker sees the other's images only
+    some time after they were answered. Returns the last answers (the caller asserts on them)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reps = prior(srv)
+        if all(done(r) for r in reps) or time.monotonic() > deadline:
+            return reps
+        time.sleep(0.2)
+
+
+def wait_for_log(srv: ServerProcess, *parts: str, timeout: float = 60.0) -> str:
+    """The server's log once it holds every one of `parts` (a worker logs at its own start, in any order with the
+    other workers and the first answers), or at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = srv.log.read_text(errors="replace")
+        if all(p in text for p in parts) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.2)
+
+
 def test_live_prior_follows_a_skewed_stream_adapts_survives_a_restart_and_resets(data, state, tmp_path):
     images, labels = data["images"], data["labels"]
     srv = start(state, tmp_path / "first.log")
@@ -110,9 +133,9 @@ def test_live_prior_follows_a_skewed_stream_adapts_survives_a_restart_and_resets
             assert np.allclose(estimate(rep), 0.1) and rep["distance"]["total_variation"] == 0
         learn = classify(srv, images[data["learn"]])
         assert all(PREDICTION_FIELDS | {"adapted"} == set(p) for p in learn)
-        time.sleep(1.0)  # both workers write their windows (every 0.2 s)
+        reps = settled(srv, lambda r: r["n"] == 800)  # both workers have written their windows
         assert sorted(p.name for p in state.glob("worker-*.npz")) == ["worker-1.npz", "worker-2.npz"]
-        for rep in prior(srv):  # every worker sees the server's 800 images, each once
+        for rep in reps:  # every worker sees the server's 800 images, each once
             assert rep["n"] == 800 and rep["workers"] == 2 and rep["estimated"] and rep["adapting"]
             assert tv_distance(estimate(rep), data["truth"]) < 0.1 < tv_distance(np.full(10, 0.1), data["truth"])
             assert rep["distance"]["total_variation"] > 0.3 and rep["expected_tv_error"] < 0.1
@@ -126,8 +149,7 @@ def test_live_prior_follows_a_skewed_stream_adapts_survives_a_restart_and_resets
         plain = np.mean(predictor.predict(predictor.preprocess(list(images[data["evaluate"]][..., None])))
                         .argmax(1) == y)
         assert adapted > plain + 0.01, (adapted, plain)
-        time.sleep(1.0)
-        before = estimate(prior(srv, 1)[0])
+        before = estimate(settled(srv, lambda r: r["n"] == 1400)[0])
         with httpx.Client(base_url=srv.url) as client:
             metrics = client.get("/metrics").text
         assert 'ltserve_prior_estimate{label="Ankle boot"}' in metrics and "ltserve_prior_distance" in metrics
@@ -160,7 +182,8 @@ def test_corrupt_state_is_moved_aside_and_the_server_starts_from_the_target_prio
     try:
         for rep in prior(srv):
             assert not rep["estimated"] and rep["n"] <= 1
-        text = log.read_text(errors="replace")
+        # worker 1 logs it when it starts, which may be after worker 2 answers the first requests
+        text = wait_for_log(srv, "live prior state unusable", "moved to worker-1.npz.corrupt-")
         assert "live prior state unusable" in text and "moved to worker-1.npz.corrupt-" in text, text[-3000:]
         aside = list(state.glob("worker-1.npz.corrupt-*"))
         assert len(aside) == 1 and aside[0].read_bytes() == garbage  # nothing lost
@@ -169,8 +192,7 @@ def test_corrupt_state_is_moved_aside_and_the_server_starts_from_the_target_prio
         trousers = np.flatnonzero(labels == 1)[:300]
         answers = classify(srv, images[trousers])
         assert sum(a["class_index"] == 1 for a in answers) > 280
-        time.sleep(1.0)
-        for rep in prior(srv):
+        for rep in settled(srv, lambda r: r["n"] >= 300):  # both workers' trousers merged
             est = estimate(rep)
             assert rep["estimated"] and est[1] > 0.8 and np.isfinite(est).all() and (est > 0).all()
             assert any(c["predicted"] == 0 for c in rep["classes"])
