@@ -71,6 +71,9 @@ def start(state: Path, log: Path) -> ServerProcess:
     srv = ServerProcess(env, log, cwd=REPO)
     try:
         srv.wait_ready()
+        # /readyz answers once one worker is up; the tests need both (each owns a state file), and on a loaded
+        # machine the second may still be starting: wait for BentoML's line of each worker
+        wait_for_log(srv, *(f"[entry_service:ltserve:{i}] Service ltserve initialized" for i in (1, 2)))
     except BaseException:
         srv.stop()
         raise
