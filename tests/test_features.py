@@ -54,7 +54,12 @@ def test_float16_cache_is_close_to_fresh_float32(tiny_run):
     np.testing.assert_array_equal(labels, fresh_labels)
     assert not np.array_equal(cached, fresh)  # the cache really holds float16
     np.testing.assert_allclose(cached, fresh, rtol=2e-3, atol=1e-3 * float(np.abs(fresh).max()))
-    np.testing.assert_array_equal(cached, fresh.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(cached, cached.astype(np.float16).astype(np.float32))  # float16 values
+    # the float16 rounding of the fresh features, to one float16 step: stage 1 wrote the cache from the model still
+    # in memory, a float32 pass of its own whose last bit may differ from this one's (a value near the middle of two
+    # float16 numbers then rounds to the other), so bit-for-bit equality would test the kernels, not the cache
+    step = np.spacing(np.abs(fresh).astype(np.float16)).astype(np.float32)
+    assert (np.abs(cached - fresh) <= step).all()
 
 
 def test_cache_rebuilt_when_the_backbone_changes(tiny_run, copy_run, caplog):
