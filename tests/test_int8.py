@@ -99,8 +99,16 @@ def test_int8_package_is_a_verified_qdq_graph_with_one_float_output_gemm(int8_pa
     assert c["per_class_max"] == per_class and c["per_class_min"] == min(info["class_counts"])
     assert c["images"] == sum(min(n, per_class) for n in info["class_counts"])
     assert v["settings"]["format"] == "QDQ" and v["settings"]["reduce_range"] is True
-    kept = {f["why"] for f in v["float_nodes"]}
-    assert kept == set(quantize.DEFAULT_KEEP_FLOAT) and len(v["attempts"]) == 1
+    # the first attempt keeps the default layers in float; a refused attempt is retried keeping the most sensitive
+    # quantised nodes too. Whether the first one meets the bounds depends on the run's numerics (a few of 1000
+    # images either way): each outcome is correct, and the package holds the accepted, last, attempt
+    attempts = v["attempts"]
+    assert [a["attempt"] for a in attempts] == list(range(1, len(attempts) + 1))
+    assert set(attempts[0]["float_nodes"].values()) == set(quantize.DEFAULT_KEEP_FLOAT)
+    assert attempts[-1]["passed"] and not any(a["passed"] for a in attempts[:-1])
+    assert {f["node"]: f["why"] for f in v["float_nodes"]} == attempts[-1]["float_nodes"]
+    extra = {f["why"] for f in v["float_nodes"]} - set(quantize.DEFAULT_KEEP_FLOAT)
+    assert extra == {f"sensitive #{i}" for i in range(1, len(extra) + 1)} and bool(extra) == (len(attempts) > 1)
 
 
 def test_balanced_indices_take_the_same_number_per_class():
