@@ -456,6 +456,50 @@ def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeade
         img.close()
 
 
+class OpenedImage:
+    """Encoded image bytes whose header has been read and checked (`open_header`), pixels not decoded yet: a server
+    checks a request's pixel budget from `size`, then decodes with `decode_opened`, and the header is parsed once.
+
+    Attributes:
+        image: the lazily opened Pillow image.
+        format: the sniffed format (a `SUPPORTED_FORMATS` name).
+        size: (width, height) from the header.
+        max_pixels: the cap the header was checked against.
+    """
+
+    __slots__ = ("image", "format", "size", "max_pixels")
+
+    def __init__(self, image: Image.Image, format: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.image, self.format, self.size, self.max_pixels = image, format, image.size, max_pixels
+
+    @property
+    def pixels(self) -> int:
+        return self.size[0] * self.size[1]
+
+
+def open_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> OpenedImage:
+    """Sniff, parse the header and check the pixel cap of encoded image bytes; no pixel is decoded (microseconds).
+
+    Raises:
+        InvalidImage (400), UnsupportedFormat (415), ImageTooLarge (413): as `image_size`.
+    """
+    img, fmt = _open_header(data, max_pixels)
+    return OpenedImage(img, fmt, max_pixels)
+
+
+def decode_opened(opened: OpenedImage, spec: PreprocessSpec) -> np.ndarray:
+    """`decode` of an image whose header `open_header` has read: uint8 (crop, crop, channels).
+
+    Raises:
+        InvalidImage (400), ImageTooLarge (413): corrupt pixel data, a mode that cannot be converted.
+    """
+    img, box = _load(opened, spec)
+    try:
+        return transform_image(img, spec, box)
+    except (OSError, ValueError) as exc:  # a mode Pillow cannot convert
+        raise InvalidImage(f"cannot convert a {img.format or ''} image of mode {img.mode}: {exc}") from None
+
+
 def open_image(data: bytes, spec: PreprocessSpec | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open, check and fully decode image bytes: the first frame or page, upright (EXIF orientation applied).
 
@@ -503,7 +547,13 @@ def _upright_margins(margins: tuple[float, float, float, float], orientation: in
 def _open(data: bytes, spec: PreprocessSpec | None,
           max_pixels: int) -> tuple[Image.Image, tuple[float, float, float, float] | None]:
     """`open_image`, and the box of the upright image that holds the picture after a draft decode (else None)."""
-    img, fmt = _open_header(data, max_pixels)
+    return _load(open_header(data, max_pixels), spec)
+
+
+def _load(opened: "OpenedImage",
+          spec: PreprocessSpec | None) -> tuple[Image.Image, tuple[float, float, float, float] | None]:
+    """Decode an image whose header `open_header` read: `_open` from there on."""
+    img, fmt = opened.image, opened.format
     title = _TITLES[fmt]
     margins = None
     try:
@@ -520,7 +570,7 @@ def _open(data: bytes, spec: PreprocessSpec | None,
             margins = _upright_margins(margins, img.getexif().get(0x0112, 1))
         img = ImageOps.exif_transpose(img)
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"{title} image too large ({exc}); the limit is {max_pixels} pixels") from None
+        raise ImageTooLarge(f"{title} image too large ({exc}); the limit is {opened.max_pixels} pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
         raise InvalidImage(f"corrupt or truncated {title} file: {exc}") from None
     if margins is None:
@@ -558,8 +608,4 @@ def decode(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXE
     Raises:
         InvalidImage (400), UnsupportedFormat (415), ImageTooLarge (413): see `open_image`.
     """
-    img, box = _open(data, spec, max_pixels)
-    try:
-        return transform_image(img, spec, box)
-    except (OSError, ValueError) as exc:  # a mode Pillow cannot convert
-        raise InvalidImage(f"cannot convert a {img.format or ''} image of mode {img.mode}: {exc}") from None
+    return decode_opened(open_header(data, max_pixels), spec)

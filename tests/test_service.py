@@ -324,7 +324,7 @@ def test_classify_raw_answers_what_classify_answers(server, predictor, images):
     assert out.returncode == 0, out.stderr
     assert_same(json.loads(out.stdout), predictor.classify_bytes([images["china"].read_bytes()], top_k=3)[0])
     metrics = httpx.get(server.url + "/metrics").text
-    assert metric(metrics, "bentoml_service_request_total", endpoint="/classify_raw", http_response_code="200") >= 13
+    assert metric(metrics, "ltserve_requests_total", route="/classify_raw", status="200") >= 13
 
 
 def test_classify_raw_errors_are_those_of_classify(server, images, url_target):
@@ -551,7 +551,7 @@ def test_concurrent_clients_all_correct_and_batched(server, predictor):
     assert metric(metrics, "ltserve_batch_size_sum") >= 400
     per_group = {g: metric(metrics, "ltserve_predictions_total", shot_group=g) for g in ("many", "medium", "few")}
     assert sum(per_group.values()) >= 400 and all(v > 0 for v in per_group.values())
-    assert metric(metrics, "bentoml_service_request_total", endpoint="/classify") >= 400
+    assert metric(metrics, "ltserve_requests_total", route="/classify") >= 400
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -615,25 +615,26 @@ def post(client, name, field, paths):
 direct_results = asyncio.run(direct())
 with TestClient(Classifier.to_asgi()) as client:
     http_results = [post(client, *call) for call in calls]
-    api = Classifier.apis["classify"]  # the handler HTTP runs: change it, in process, and ask again
-    original = api.func
+    inner = Classifier.inner  # the answer both paths run: change it, in process, and ask again
+    original = inner.predictions
 
-    async def changed(self, *args, **kwargs):
-        result = await original(self, *args, **kwargs)
-        return result.model_copy(update={"label": "changed:" + result.label})
+    async def changed(self, files):
+        return [p.model_copy(update={"label": "changed:" + p.label}) for p in await original(self, files)]
 
-    api.func = changed
+    inner.predictions = changed
     try:
         changed_http = post(client, *calls[0])
+        changed_direct = asyncio.run(direct())[0][1]
     finally:
-        api.func = original
-print(json.dumps({"direct": direct_results, "http": http_results, "changed": changed_http}))
+        inner.predictions = original
+print(json.dumps({"direct": direct_results, "http": http_results, "changed": changed_http,
+                  "changed_direct": changed_direct}))
 """
 
 
 def test_http_and_direct_calls_run_the_same_handler(package, images):
-    """One handler per route: HTTP (through the guard, `to_asgi()`) answers what a direct Python call of the
-    `@bentoml.api` method returns, status included, and a change to the method is what HTTP answers."""
+    """HTTP (through `Front`, `to_asgi()`) answers what a direct Python call of the `@bentoml.api` method returns,
+    status included, and both run one answer: a change to `Classifier.predictions` is what both answer."""
     out = subprocess.run([sys.executable, "-c", HANDLER_SCRIPT, str(images["china"]), str(images["fashion_0"]),
                           __file__], capture_output=True, text=True, timeout=180, cwd=REPO,
                          env={**os.environ, "LTSERVE_MODEL": str(package), "LTSERVE_TOP_K": "3",
@@ -642,7 +643,8 @@ def test_http_and_direct_calls_run_the_same_handler(package, images):
     got = json.loads(out.stdout.strip().splitlines()[-1])
     (t1, one), (t2, many), (t3, bad), (t4, over) = got["direct"]
     status, changed = got["changed"]
-    assert status == 200 and changed == {**one, "label": "changed:" + one["label"]}, "HTTP did not run the method"
+    assert status == 200 and changed == {**one, "label": "changed:" + one["label"]}, "HTTP did not run the change"
+    assert got["changed_direct"] == changed, "a direct call did not run the change"
     # LivePrediction: a Prediction plus "adapted" (live label shift, on in report mode by default)
     assert t1 in ("Prediction", "LivePrediction") and [t2, t3, t4] == ["BatchResponse", "ErrorBody", "ErrorBody"]
     predictor = Predictor(package, threads=1)
@@ -755,7 +757,7 @@ def test_schemathesis_finds_no_failure_in_the_openapi_contract(server, tmp_path)
     def raw_answered(status: str) -> float:
         text = httpx.get(server.url + "/metrics").text
         with contextlib.suppress(AssertionError):  # no such sample yet
-            return metric(text, "bentoml_service_request_total", endpoint="/classify_raw", http_response_code=status)
+            return metric(text, "ltserve_requests_total", route="/classify_raw", status=status)
         return 0.0
 
     before = raw_answered("200")

@@ -557,6 +557,22 @@ class EstimatorSettings:
                 raise ConfigError(f"prior {name} must be >= 0, got {getattr(self, name)}")
 
 
+def check_method(method: str, package: PackagePrior, setting: str = "prior method") -> None:
+    """What an estimation method needs from the package: bbse needs the val confusion matrix.
+
+    Args:
+        setting: how the caller's user names the choice, for the message (e.g. "LTSERVE_PRIOR_METHOD").
+
+    Raises:
+        ConfigError: an unknown method, or bbse on a package without the confusion matrix (with the fix).
+    """
+    if method not in METHODS:
+        raise ConfigError(unknown_choice(setting, method, METHODS))
+    if method == "bbse" and package.confusion is None:
+        raise ConfigError(f"{setting}=bbse needs the val confusion matrix in model.json (label_shift), which this "
+                          f"package lacks: re-export it with this ltserve, or set {setting}=em")
+
+
 class LiveEstimator:
     """The live prior of a stream of predictions: a window, an estimate refreshed every `every` images, a shift.
 
@@ -575,9 +591,7 @@ class LiveEstimator:
                  others: Callable[[], Sequence[tuple[np.ndarray, np.ndarray]]] | None = None) -> None:
         self.package = package
         self.settings = settings or EstimatorSettings()
-        if self.settings.method == "bbse" and package.confusion is None:
-            raise ConfigError("prior method bbse needs the val confusion matrix in model.json (label_shift), which "
-                              "this package lacks; re-export it with this ltserve, or use method em")
+        check_method(self.settings.method, package)
         self.window = PriorWindow(package.num_classes, self.settings.window)
         self.estimate = PriorEstimate(package.target.copy(), "target", 0, 0.0)
         self.shift: np.ndarray | None = None
@@ -587,12 +601,17 @@ class LiveEstimator:
 
     def observe(self, logits: np.ndarray, t: float | None = None) -> bool:
         """Record a batch of unadapted logits (N, C) float32; True when it triggered a re-estimate."""
-        self.window.observe(logits, t)
-        self._since_refresh += len(logits)
-        if self._since_refresh >= self.settings.every:
+        if self.record(logits, t):
             self.refresh()
             return True
         return False
+
+    def record(self, logits: np.ndarray, t: float | None = None) -> bool:
+        """Record a batch of unadapted logits (N, C) float32 without re-estimating; True when `every` new images
+        have come since the last estimate (a server re-estimates off its request path)."""
+        self.window.observe(logits, t)
+        self._since_refresh += len(logits)
+        return self._since_refresh >= self.settings.every
 
     def refresh(self, confidence: bool = False) -> PriorEstimate:
         """Re-estimate from this window plus the other windows, the newest `window` images by time.

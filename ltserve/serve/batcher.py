@@ -8,14 +8,20 @@ import asyncio
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from ltserve.errors import ConfigError, ImageTooLarge, LtserveError
-from ltserve.preprocess import DEFAULT_MAX_PIXELS, decode, image_size
+from ltserve.preprocess import DEFAULT_MAX_PIXELS, decode_opened, open_header
 from ltserve.runtime import Prediction, Predictor
+
+INLINE_DECODE_PIXELS = 40_000
+"""Requests whose images all hold at most this many pixels (200x200) are decoded on the event loop: at most a few
+hundred microseconds each, less than the round trip through a thread pool."""
+
+INLINE_MODEL_MS = 0.25
+"""A lone batch whose model call took at most this long at warm-up runs on the event loop (see `logits`)."""
 
 LARGE_IMAGE_PIXELS = 4_000_000
 """Images above this many pixels (2560x1440 is 3.7 MP) decode on the large-image lane: 30-300 ms each on one core,
@@ -72,16 +78,26 @@ class AsyncPredictor:
         self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="ltserve-predict")  # one batch at a time
         self._queue: deque[_Job] = deque()
         self._incoming = 0  # requests decoding now: the worker may wait for them
+        self._busy = False  # a batch is running in the model thread
         self._wakeup: Any = None
         self._worker: Any = None
 
-    async def classify(self, files: Sequence[bytes | Path], top_k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS,
+    async def classify(self, files: Sequence[bytes], top_k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS,
                        max_request_pixels: int | None = None) -> list[Prediction]:
-        """Check, decode, batch with concurrent requests, predict and postprocess; one Prediction per file, in order.
+        """`logits_of` and the Predictor's postprocess: one Prediction per file, in order."""
+        logits = await self.logits_of(files, max_pixels, max_request_pixels)
+        return self.predictor.postprocess(logits, top_k)
+
+    async def logits_of(self, files: Sequence[bytes], max_pixels: int = DEFAULT_MAX_PIXELS,
+                        max_request_pixels: int | None = None) -> np.ndarray:
+        """Check, decode, batch with concurrent requests and predict: the logits (N, C) of `files`, in order.
+
+        Each header is read once, on the event loop (microseconds, no pixel decoded); images of at most
+        `INLINE_DECODE_PIXELS` pixels are decoded there too (a thread hop costs more than their decode), larger ones
+        in the decode threads.
 
         Args:
-            files: encoded images, as bytes or paths of uploaded files.
-            top_k: classes listed per image.
+            files: encoded images, as bytes.
             max_pixels: cap on width * height of each image, from its header.
             max_request_pixels: cap on the pixels of all `files` together, from their headers (None: no cap).
 
@@ -90,31 +106,40 @@ class AsyncPredictor:
                 several files the message starts with its index, `images[i]: ...`), or the files hold more than
                 `max_request_pixels` pixels in all (ImageTooLarge; nothing was decoded).
         """
-        loop = asyncio.get_running_loop()
-        self._incoming += 1
-        try:
-            headers = await asyncio.gather(*[loop.run_in_executor(self._decode_pool, _read_header, f, max_pixels)
-                                             for f in files], return_exceptions=True)
-            _raise_first(headers, len(files))
-            sizes = [w * h for _, (w, h) in headers]
-            if max_request_pixels is not None and sum(sizes) > max_request_pixels:
-                raise ImageTooLarge(
-                    f"{len(files)} image(s) of {sum(sizes)} pixels in all (the largest {max(sizes)}); a request may "
-                    f"hold at most {max_request_pixels} pixels (LTSERVE_MAX_REQUEST_PIXELS): send fewer or smaller "
-                    "images per request")
-            results = await asyncio.gather(*[
-                loop.run_in_executor(self._large_pool if n > LARGE_IMAGE_PIXELS else self._decode_pool, decode, data,
-                                     self.predictor.spec, max_pixels)
-                for (data, _), n in zip(headers, sizes)], return_exceptions=True)
-        finally:
-            self._incoming -= 1
-            self._notify()
+        headers = [_attempt(open_header, f, max_pixels) for f in files]
+        _raise_first(headers, len(files))
+        sizes = [h.pixels for h in headers]
+        if max_request_pixels is not None and sum(sizes) > max_request_pixels:
+            raise ImageTooLarge(
+                f"{len(files)} image(s) of {sum(sizes)} pixels in all (the largest {max(sizes)}); a request may "
+                f"hold at most {max_request_pixels} pixels (LTSERVE_MAX_REQUEST_PIXELS): send fewer or smaller "
+                "images per request")
+        spec = self.predictor.spec
+        if max(sizes) <= INLINE_DECODE_PIXELS:
+            results = [_attempt(decode_opened, h, spec) for h in headers]
+        else:
+            loop = asyncio.get_running_loop()
+            self._incoming += 1
+            try:
+                results = await asyncio.gather(*[
+                    loop.run_in_executor(self._large_pool if n > LARGE_IMAGE_PIXELS else self._decode_pool,
+                                         decode_opened, h, spec)
+                    for h, n in zip(headers, sizes)], return_exceptions=True)
+            finally:
+                self._incoming -= 1
+                self._notify()
         _raise_first(results, len(files))
-        logits = await self.logits(results)
-        return self.predictor.postprocess(logits, top_k)
+        return await self.logits(results)
 
     async def logits(self, images: list[np.ndarray]) -> np.ndarray:
-        """Queue decoded uint8 (crop, crop, C) images; their logits (N, C) once their batch has run."""
+        """Queue decoded uint8 (crop, crop, C) images; their logits (N, C) once their batch has run.
+
+        When nothing is queued or running and the model's warm-up time for this batch is at most
+        `INLINE_MODEL_MS`, the batch runs at once on the event loop: a round trip through the model thread costs
+        more than such a model (a linear head on small images), and no other request is there to batch with.
+        """
+        if not self._queue and not self._busy and self._model_ms(len(images)) <= INLINE_MODEL_MS:
+            return self._predict(images)
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()
@@ -153,6 +178,7 @@ class AsyncPredictor:
             if not jobs:
                 continue
             images = [im for j in jobs for im in j.images]
+            self._busy = True
             try:
                 logits = await loop.run_in_executor(self._model_pool, self._predict, images)
             except Exception as exc:  # a server fault: every waiting request gets it (answered 500)
@@ -160,11 +186,19 @@ class AsyncPredictor:
                     if not j.future.done():
                         j.future.set_exception(exc)
                 continue
+            finally:
+                self._busy = False
             start = 0
             for j in jobs:
                 if not j.future.done():
                     j.future.set_result(logits[start:start + len(j.images)])
                 start += len(j.images)
+
+    def _model_ms(self, n: int) -> float:
+        """The warm-up time of the bucket that runs `n` images (ms; infinite beyond one model call)."""
+        if n > self.max_batch_size:
+            return float("inf")
+        return self.predictor.bucket_ms.get(self.predictor.bucket_for(n), float("inf"))
 
     def _batch_target(self, queued: int) -> int:
         """How many of the `queued` images to run now: the size with the most images per second.
@@ -201,10 +235,12 @@ class AsyncPredictor:
         self._model_pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _read_header(file: bytes | Path, max_pixels: int) -> tuple[bytes, tuple[int, int]]:
-    """The file's bytes (read in the worker thread, off the event loop) and its (width, height) from the header."""
-    data = bytes(file) if isinstance(file, (bytes, bytearray, memoryview)) else Path(file).read_bytes()
-    return data, image_size(data, max_pixels)
+def _attempt(fn: Any, *args: Any) -> Any:
+    """fn(*args), or the exception it raised (checked in file order by `_raise_first`)."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - every per-file error is reported by `_raise_first`
+        return exc
 
 
 def _raise_first(results: Sequence[Any], n_files: int) -> None:

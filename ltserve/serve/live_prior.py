@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from pydantic import Field
@@ -40,9 +40,9 @@ from pydantic import Field
 from ltserve.errors import ConfigError
 from ltserve.fileio import atomic_write, write_json
 from ltserve.package import ModelJson
-from ltserve.runtime import Prediction, Predictor
-from ltserve.runtime.prior import (EstimatorSettings, LiveEstimator, PackagePrior, adapt_logits, softmax64,
-                                   tv_distance)
+from ltserve.runtime import Prediction
+from ltserve.runtime.prior import (EstimatorSettings, LiveEstimator, PackagePrior, adapt_logits, check_method,
+                                   softmax64, tv_distance)
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ MODES = ("off", "report", "apply")
 STATE_VERSION = 1
 RESET_FILE = "reset.json"
 _RESET_CHECK_S = 1.0
+REFRESH_MIN_S = 0.25
+"""Least time between two re-estimates of one worker: under heavy traffic `every` images come in milliseconds."""
 
 
 class LivePrediction(Prediction):
@@ -105,6 +107,7 @@ class LivePrior:
             self._refresh()
         # persistence off the request path: an idle worker still writes what it saw and applies a reset
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by the request path when a re-estimate is due
         self._thread = threading.Thread(target=self._background, name="ltserve-prior", daemon=True)
         self._thread.start()
 
@@ -113,17 +116,19 @@ class LivePrior:
     def adapt(self, logits: np.ndarray) -> tuple[np.ndarray, bool]:
         """Observe a batch's unadapted logits (N, C); return the logits to answer with and whether they are shifted.
 
-        The shift is the one known before this batch (apply mode, past the floor and the dead band).
+        The request path's share of the work: copy the rows into the window and read the current shift (apply mode,
+        past the floor and the dead band). Re-estimating (EM or BBSE over the merged window, reading the other
+        workers' files) runs in this worker's background thread, woken when `every` new images have come and at
+        most every `REFRESH_MIN_S`: never on the event loop.
         """
         with self._lock:
-            if time.monotonic() >= self._next_reset_check:
-                self._check_reset()
             shift = self.live.shift if self.mode == "apply" else None
-            if self.live.observe(logits):
-                self._published()
+            due = self.live.record(logits)
             self._dirty = True
             if shift is not None:
                 self.adapted += len(logits)
+        if due:
+            self._wake.set()
         if shift is None:
             return logits, False
         if self.metrics is not None:
@@ -179,22 +184,35 @@ class LivePrior:
     def close(self) -> None:
         """Stop the background thread and write this worker's state (shutdown)."""
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=5)
         with self._lock:
             if self._dirty:
                 self._persist()
 
     def _background(self) -> None:
-        """Every persist_s (at most 1 s): apply a reset written by another worker, write the state if it changed."""
-        while not self._stop.wait(min(self.persist_s, _RESET_CHECK_S)):
+        """Re-estimate when woken (`every` new images), at most every REFRESH_MIN_S; every second apply a reset
+        another worker wrote; write the state when it changed, at most every persist_s."""
+        last_refresh = 0.0
+        while not self._stop.is_set():
+            self._wake.wait(_RESET_CHECK_S)
+            if self._stop.is_set():
+                return
             try:
+                now = time.monotonic()
                 with self._lock:
-                    if time.monotonic() >= self._next_reset_check:
+                    if now >= self._next_reset_check:
                         self._check_reset()
-                    if self._dirty and time.monotonic() - self._last_persist >= self.persist_s:
+                    if self._wake.is_set() and now - last_refresh >= REFRESH_MIN_S:
+                        self._wake.clear()
+                        self._refresh()
+                        last_refresh = now
+                    if self._dirty and now - self._last_persist >= self.persist_s:
                         self._persist()
             except Exception:  # noqa: BLE001 - the estimate must never take the worker down
-                logger.exception("live prior: background step failed; retrying in %.1f s", self.persist_s)
+                logger.exception("live prior: background step failed; retrying in %.1f s", _RESET_CHECK_S)
+            if self._wake.is_set():  # due, but refreshed less than REFRESH_MIN_S ago
+                self._stop.wait(REFRESH_MIN_S)
 
     # -- internals (the lock is held) ----------------------------------------------------------------------------------
 
@@ -319,24 +337,6 @@ def _save(tmp: Path, **arrays: Any) -> None:
         np.savez(f, **arrays)
 
 
-class AdaptingPredictor:
-    """The Predictor as the batcher sees it, with `postprocess` observing (and with apply, shifting) the logits.
-
-    The batcher (`AsyncPredictor`) calls `postprocess(logits, top_k)` once per request with that request's rows;
-    everything else is the Predictor's own. Answers are `LivePrediction`s (the Prediction fields plus `adapted`).
-    """
-
-    def __init__(self, predictor: Predictor, prior: LivePrior) -> None:
-        self._predictor, self.prior = predictor, prior
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._predictor, name)
-
-    def postprocess(self, logits: np.ndarray, top_k: int = 5) -> Sequence[Prediction]:
-        shifted, adapted = self.prior.adapt(logits)
-        return self._predictor.postprocess(shifted, top_k, LivePrediction, adapted=adapted)
-
-
 _METRICS: dict[str, Any] = {}
 
 
@@ -367,16 +367,13 @@ def live_prior_from_settings(settings: Any, meta: ModelJson, worker: str,
     """The service's LivePrior from its `ServiceSettings` (None for LTSERVE_PRIOR_ADAPT=off).
 
     Raises:
-        ConfigError: LTSERVE_PRIOR_METHOD=bbse on a package without the val confusion matrix.
+        ConfigError: LTSERVE_PRIOR_METHOD=bbse on a package without the val confusion matrix (`check_method`).
     """
     if settings.prior_adapt == "off":
         return None
+    check_method(settings.prior_method, PackagePrior.from_meta(meta), "LTSERVE_PRIOR_METHOD")
     estimator = EstimatorSettings(method=settings.prior_method, window=settings.prior_window,
                                   half_life=settings.prior_half_life, min_samples=settings.prior_min_samples,
                                   max_shift=settings.prior_max_shift, dead_band=settings.prior_dead_band)
-    if estimator.method == "bbse" and meta.label_shift is None:
-        raise ConfigError(f"LTSERVE_PRIOR_METHOD=bbse needs the val confusion matrix in {meta.name}'s model.json "
-                          "(label_shift), which this package lacks: re-export it with this ltserve, or set "
-                          "LTSERVE_PRIOR_METHOD=em")
     state_dir = settings.prior_state_dir.expanduser() if settings.prior_state_dir else default_state_dir(meta)
     return LivePrior(meta, estimator, settings.prior_adapt, state_dir, worker, settings.prior_persist_s, metrics)

@@ -22,9 +22,9 @@ import copy
 from typing import Any
 
 from ltserve.preprocess import FORMAT_NAMES
-from ltserve.serve.guard import RAW_MEDIA_TYPES, ErrorBody
+from ltserve.serve.http import ErrorBody
 from ltserve.serve.settings import (BATCH_ROUTE, CLASSIFY_ROUTE, MODEL_ROUTE, PRIOR_RESET_ROUTE, PRIOR_ROUTE,
-                                   PROTECTED_ROUTES, RAW_ROUTE, UPLOAD_FIELDS, ServiceSettings)
+                                   PROTECTED_ROUTES, RAW_MEDIA_TYPES, RAW_ROUTE, UPLOAD_FIELDS, ServiceSettings)
 
 SCHEMAS = "#/components/schemas/"
 SECURITY_SCHEME = "bearerAuth"

@@ -23,7 +23,8 @@ from pydantic_settings import (BaseSettings, NoDecode, PydanticBaseSettingsSourc
                                YamlConfigSettingsSource)
 
 from ltserve.errors import ConfigError, unknown_choice
-from ltserve.preprocess import DEFAULT_MAX_PIXELS
+from ltserve.preprocess import DEFAULT_MAX_PIXELS, IMAGE_MEDIA_TYPES
+from ltserve.runtime.prior import EstimatorSettings
 
 ENV_PREFIX = "LTSERVE_"
 CLASSIFY_ROUTE = "/classify"
@@ -33,7 +34,11 @@ MODEL_ROUTE = "/model"
 PRIOR_ROUTE = "/prior"
 PRIOR_RESET_ROUTE = "/prior/reset"
 UPLOAD_FIELDS = {CLASSIFY_ROUTE: "image", BATCH_ROUTE: "images"}
+RAW_MEDIA_TYPES = (*IMAGE_MEDIA_TYPES, "application/octet-stream")
+"""What a raw-body request (RAW_ROUTE) may declare as its Content-Type; the format is sniffed from the bytes."""
 PROTECTED_ROUTES = (CLASSIFY_ROUTE, BATCH_ROUTE, RAW_ROUTE, MODEL_ROUTE, PRIOR_ROUTE, PRIOR_RESET_ROUTE)
+
+_ESTIMATOR = EstimatorSettings()
 
 # The secret is never echoed back in an error message.
 _SECRET_FIELDS = frozenset({"api_key"})
@@ -131,12 +136,13 @@ class ServiceSettings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     metrics_dir: Path | None = None
     prior_adapt: Literal["off", "report", "apply"] = "report"
-    prior_method: Literal["em", "bbse"] = "em"
-    prior_window: int = Field(2000, ge=1, le=10_000_000)
-    prior_half_life: float = Field(0.0, ge=0)
-    prior_min_samples: int = Field(200, ge=1)
-    prior_max_shift: float = Field(3.0, ge=0, le=50)
-    prior_dead_band: float = Field(0.05, ge=0, lt=1)
+    prior_method: Literal["em", "bbse"] = _ESTIMATOR.method  # type: ignore[assignment]
+    # defaults: the estimator's own (ltserve.runtime.prior)
+    prior_window: int = Field(_ESTIMATOR.window, ge=1, le=10_000_000)
+    prior_half_life: float = Field(_ESTIMATOR.half_life, ge=0)
+    prior_min_samples: int = Field(_ESTIMATOR.min_samples, ge=1)
+    prior_max_shift: float = Field(_ESTIMATOR.max_shift, ge=0, le=50)
+    prior_dead_band: float = Field(_ESTIMATOR.dead_band, ge=0, lt=1)
     prior_state_dir: Path | None = None
     prior_persist_s: float = Field(5.0, gt=0)
 

@@ -13,7 +13,7 @@ starts the workers (`_bentoml_impl.worker.service`), each of which imports the s
   unless it is set (glibc's malloc gives each thread that allocates, decode and inference threads and BentoML's
   thread pool, an arena of its own, up to 8 per core, and keeps what they free: a worker's memory ratchets up with
   load);
-- `setup_worker` runs in each worker at import: the guarded HTTP protocol (`ltserve.serve.connection`), an open-file
+- `setup_worker` runs in each worker at import: the guarded HTTP protocol (`ltserve.serve.bentoml_seam`), an open-file
   limit that fits it, Prometheus pointed at the server's metrics directory, and a watch on the supervisor so that
   the worker exits when it dies (circus cannot stop its workers once it has been killed with SIGKILL).
 """
@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ltserve.serve.connection import ConnectionLimits, install
+from ltserve.serve.bentoml_seam import install_protocol
+from ltserve.serve.connection import ConnectionLimits
 from ltserve.serve.settings import ServiceSettings, env_name
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,8 @@ def setup_worker(settings: ServiceSettings) -> None:
     Args:
         settings: the service settings (receive_timeout_s, max_connections, metrics_dir).
     """
-    install(ConnectionLimits(receive_timeout_s=settings.receive_timeout_s, max_connections=settings.max_connections))
+    install_protocol(ConnectionLimits(receive_timeout_s=settings.receive_timeout_s,
+                                      max_connections=settings.max_connections))
     fit_open_files(settings.max_connections + FILES_BESIDES_CONNECTIONS)
     temporary = None
     if settings.metrics_dir is not None:

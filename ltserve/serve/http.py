@@ -1,0 +1,311 @@
+"""ltserve's own HTTP routes, as one plain ASGI app in front of the server framework's: the hot path of every request.
+
+`Front(behind, routes, ...)` answers the routes it is given and passes every other request on to `behind` (the
+BentoML app: its health, metrics and documentation routes). For one of its routes it does, in this order, and
+nothing more: match method and path; check the API key; read the body once, counting bytes against the upload
+limit (413 from Content-Length or while streaming); call the route's one handler, under the time limit (504); send
+the handler's `Answer`; count the request by route and status. A path that neither it nor `behind` serves is
+answered 404 here, counted in one series whatever the path (scanners would otherwise grow per-path metrics).
+
+Every error this layer and the handlers give is an `ErrorBody` (`{"error", "detail"}`), built by `error_answer`.
+Handlers get an `HttpRequest` (method, path, lower-case headers, the body bytes, path parameters) and return an
+`Answer` (status, JSON bytes, headers); they never touch ASGI messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Sequence
+
+from pydantic import BaseModel, Field
+
+from starlette.routing import Match
+from starlette.staticfiles import StaticFiles
+
+from ltserve.errors import InvalidInput
+from ltserve.serve.multipart import MultipartError, Part, boundary_of, parse
+
+
+class ErrorBody(BaseModel):
+    """The body of every 4xx/5xx answer of this service."""
+
+    error: str = Field(description="short machine-readable code, e.g. invalid_image, payload_too_large")
+    detail: str = Field(description="what is wrong and how to fix it")
+
+
+def error_json(error: str, detail: str) -> bytes:
+    """An `ErrorBody` as JSON bytes (the one place it is serialised)."""
+    return json.dumps({"error": error, "detail": detail}).encode()
+
+
+@dataclass
+class Answer:
+    """What a handler answers: status, JSON body bytes, extra headers."""
+
+    status: int
+    body: bytes
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    content_type: bytes = b"application/json"
+
+
+def json_answer(value: BaseModel | dict | list, status: int = 200) -> Answer:
+    """A 200 (or `status`) JSON answer of a pydantic model or plain data."""
+    if isinstance(value, BaseModel):
+        return Answer(status, value.model_dump_json().encode())
+    return Answer(status, json.dumps(value).encode())
+
+
+def error_answer(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> Answer:
+    """An `ErrorBody` answer."""
+    return Answer(status, error_json(error, detail), [(k.lower().encode(), v.encode()) for k, v in
+                                                      (headers or {}).items()])
+
+
+class Reject(Exception):
+    """Raised inside a handler (or by `read_form`) to answer an `ErrorBody` with this status."""
+
+    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.answer = error_answer(status, error, detail, headers)
+
+
+@dataclass
+class HttpRequest:
+    """One request as a handler sees it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    params: dict[str, str]
+
+    def header(self, name: str) -> str:
+        return self.headers.get(name, "")
+
+
+Handler = Callable[[HttpRequest], Awaitable[Answer]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """A route of the front: `path` may hold `{name}` parameters (one path segment each).
+
+    Attributes:
+        methods: the HTTP methods it answers (others get 405).
+        path: e.g. "/classify" or "/v2/models/{model}/infer".
+        handler: the one handler of the route.
+        protected: needs the API key when one is set.
+        name: the route's label in metrics (defaults to `path`).
+    """
+
+    methods: tuple[str, ...]
+    path: str
+    handler: Handler
+    protected: bool = True
+    name: str = ""
+
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.path) + "$")
+
+
+def read_form(request: HttpRequest, field: str, max_files: int, example: str) -> list[Part]:
+    """The files of multipart field `field`, parsed once; every other shape of body is a `Reject` (4xx).
+
+    Refused: an empty body (400), another Content-Type (415), a malformed body (400), a text value in the field
+    (400: a URL there is never fetched), another field (400), no file (400), more than `max_files` files (413
+    too_many_images for a batch route; 400 too_many_files where `max_files` is 1).
+    """
+    ctype = request.header("content-type")
+    if not request.body:
+        raise Reject(400, "empty_body", f"the request body is empty; send multipart/form-data with a file in field "
+                                        f"{field!r} ({example})")
+    if ctype.split(";")[0].strip().lower() != "multipart/form-data":
+        raise Reject(415, "unsupported_media_type", f"Content-Type {ctype or '(missing)'!r} is not accepted; send "
+                                                    f"multipart/form-data with a file in field {field!r} ({example})")
+    most = max_files + 16  # a few stray fields are reported as such; a flood of parts is not parsed to its end
+    try:
+        parts = parse(request.body, boundary_of(ctype), max_parts=most)
+    except MultipartError as exc:
+        if "more than" in str(exc) and max_files > 1:
+            raise Reject(413, "too_many_images", f"more than {most} parts in one request; at most {max_files} "
+                                                 "images (LTSERVE_MAX_BATCH_IMAGES)") from None
+        raise Reject(400, "bad_multipart", f"cannot parse the multipart body: {exc}") from None
+    files = [p for p in parts if p.name == field]
+    if not files:
+        raise Reject(400, "missing_field", f"no file in field {field!r} (got fields {sorted({p.name for p in parts})})"
+                                           f"; {example}")
+    if any(p.filename is None for p in files):
+        raise Reject(400, "not_a_file", f"field {field!r} must hold uploaded files, but it holds text (URLs are "
+                                        "never fetched: upload the image bytes)")
+    if len(files) != len(parts):
+        extra = sorted({p.name for p in parts} - {field})
+        raise Reject(400, "unknown_field", f"unexpected field(s) {extra}; only {field!r} is accepted")
+    if len(parts) > max_files:
+        if max_files == 1:
+            raise Reject(400, "too_many_files", f"{request.path} takes one image, got {len(parts)}; use "
+                                                "/classify_batch with repeated field 'images'")
+        raise Reject(413, "too_many_images", f"{len(parts)} images in one request; at most {max_files} "
+                                             "(LTSERVE_MAX_BATCH_IMAGES)")
+    return parts
+
+
+_INPUT_ERRORS = {400: "invalid_image", 413: "image_too_large", 415: "unsupported_format"}
+
+
+def input_error_answer(exc: InvalidInput) -> Answer:
+    """ltserve's input errors as answers: InvalidImage 400, ImageTooLarge 413, UnsupportedFormat 415."""
+    return error_answer(exc.status_code, _INPUT_ERRORS.get(exc.status_code, "invalid_input"), str(exc))
+
+
+class Front:
+    """The ASGI app in front of `behind`: ltserve's routes here, everything else there (see the module docstring).
+
+    Args:
+        behind: the app that answers every other path (BentoML's).
+        routes: ltserve's routes.
+        api_key: the key protected routes need as `Authorization: Bearer <key>`; None: open.
+        max_body_bytes: the largest request body (LTSERVE_MAX_UPLOAD_BYTES).
+        timeout_s: a request not answered within this many seconds gets 504 (LTSERVE_TIMEOUT_S).
+        serves: whether `behind` serves a request's path (None: it serves every path).
+        on_answer: called with (route name, status, seconds) for every request a route answered (metrics).
+        on_unmatched: called for every request answered 404 here (metrics).
+    """
+
+    def __init__(self, behind: Any, routes: Sequence[Route], *, api_key: str | None, max_body_bytes: int,
+                 timeout_s: float, serves: Callable[[dict], bool] | None = None,
+                 on_answer: Callable[[str, int, float], None] | None = None,
+                 on_unmatched: Callable[[], None] | None = None) -> None:
+        self.behind = behind
+        self.exact = {r.path: r for r in routes if "{" not in r.path}
+        self.patterns = [(r.pattern(), r) for r in routes if "{" in r.path]
+        self.key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+        self.timeout_s = timeout_s
+        self.serves = serves
+        self.on_answer = on_answer
+        self.on_unmatched = on_unmatched
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.behind(scope, receive, send)
+        path = scope["path"]
+        route, params = self.exact.get(path), {}
+        if route is None:
+            route, params = self._match(path)
+        if route is None:
+            if self.serves is None or self.serves(scope):
+                return await self.behind(scope, receive, send)
+            if self.on_unmatched is not None:
+                self.on_unmatched()
+            return await send_answer(send, error_answer(404, "not_found", f"no route {path[:200]!r}; the routes are "
+                                                                    "listed at /docs.json (OpenAPI)"))
+        started = time.perf_counter()
+        answer = await self._answer(route, params, scope, receive)
+        await send_answer(send, answer)
+        if self.on_answer is not None:
+            self.on_answer(route.name or route.path, answer.status, time.perf_counter() - started)
+
+    def _match(self, path: str) -> tuple[Route | None, dict[str, str]]:
+        for pattern, route in self.patterns:
+            m = pattern.match(path)
+            if m:
+                return route, m.groupdict()
+        return None, {}
+
+    async def _answer(self, route: Route, params: dict[str, str], scope: dict, receive: Any) -> Answer:
+        method = scope["method"]
+        if method not in route.methods:
+            return error_answer(405, "method_not_allowed", f"{route.path} answers {', '.join(route.methods)}",
+                                {"Allow": ", ".join(route.methods)})
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.key is not None and route.protected and not self._authorised(headers.get("authorization", "")):
+            return error_answer(401, "unauthorized", "missing or wrong API key: send `Authorization: Bearer <key>`",
+                                {"WWW-Authenticate": 'Bearer realm="ltserve"'})
+        try:
+            async with _time_limit(self.timeout_s):
+                body = await self._read_body(headers, receive) if method in ("POST", "PUT") else b""
+                return await route.handler(HttpRequest(method, scope["path"], headers, body, params))
+        except Reject as r:
+            return r.answer
+        except TimeoutError:
+            return error_answer(504, "timeout", f"no answer within {self.timeout_s:g} s (LTSERVE_TIMEOUT_S): the "
+                                "server is overloaded or the upload too slow; retry, with fewer images per request",
+                                {"Connection": "close"})
+
+    def _authorised(self, header: str) -> bool:
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key)
+
+    async def _read_body(self, headers: dict[str, str], receive: Any) -> bytes:
+        limit = self.max_body_bytes
+        too_big = Reject(413, "payload_too_large", f"request body exceeds {limit} bytes (LTSERVE_MAX_UPLOAD_BYTES)",
+                         {"Connection": "close"})  # the rest of an oversized body is not read
+        length = headers.get("content-length", "")
+        if length:
+            if not length.isdigit():
+                raise Reject(400, "bad_request", f"invalid Content-Length {length!r}")
+            if int(length) > limit:
+                raise too_big
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise Reject(400, "bad_request", "client disconnected before the body was complete")
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > limit:  # chunked uploads, or a Content-Length that lied
+                raise too_big
+            if not message.get("more_body", False):
+                return b"".join([*chunks, chunk]) if chunks else chunk  # one message (the usual case): no copy
+            chunks.append(chunk)
+
+
+def _time_limit(seconds: float) -> Any:
+    """`asyncio.timeout` (Python 3.11+: one timer, cancelled on exit); on 3.10 no limit here (BentoML's backstop)."""
+    timeout = getattr(asyncio, "timeout", None)
+    return timeout(seconds) if timeout is not None else contextlib.nullcontext()
+
+
+async def send_answer(send: Any, answer: Answer) -> None:
+    """Send `answer` as the response of the current request (two ASGI messages)."""
+    headers = [(b"content-type", answer.content_type), (b"content-length", str(len(answer.body)).encode()),
+               *answer.headers]
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": answer.body})
+
+
+class StarletteRoutes:
+    """Which paths a Starlette app's routes serve (Starlette's own matching), so that `Front` can answer the rest.
+    Call the instance with a request scope."""
+
+    def __init__(self, app: Any) -> None:
+        router = getattr(app, "router", None)
+        self.routes = list(getattr(router, "routes", None) or [])
+        self.open = not self.routes  # not a Starlette app: let everything through
+
+    def __call__(self, scope: dict) -> bool:
+        if self.open or self._match(scope):
+            return True
+        path = scope["path"]
+        # Starlette redirects /route/ to /route (and back): those paths are served, with a redirect
+        other = path.rstrip("/") if path.endswith("/") else path + "/"
+        return other != path and bool(other) and self._match({**scope, "path": other})
+
+    def _match(self, scope: dict) -> bool:
+        for route in self.routes:
+            match, child = route.matches(scope)
+            if match is Match.NONE:
+                continue
+            app = getattr(route, "app", None)
+            if isinstance(app, StaticFiles):  # a mount serves only the files that exist under it
+                child_scope = {**scope, **child}
+                return app.lookup_path(app.get_path(child_scope))[1] is not None
+            return True
+        return False

@@ -1,0 +1,84 @@
+"""The request path counts work, not time: each upload is read once and parsed once, no file is written, each image
+header is read once, and BentoML's own parser, typed API layer and middlewares are not on the path of ltserve's
+routes (in process, `to_asgi()`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from package_helpers import build_lsq_package
+
+REPO = Path(__file__).resolve().parents[1]
+
+COUNT_SCRIPT = """
+import io, json, os, sys, tempfile
+from collections import Counter
+import numpy as np
+from PIL import Image
+from starlette.testclient import TestClient
+
+calls = Counter()
+
+def counting(owner, name, key):
+    original = getattr(owner, name)
+    def wrapper(*args, **kwargs):
+        calls[key] += 1
+        return original(*args, **kwargs)
+    setattr(owner, name, wrapper)
+
+import ltserve.preprocess as preprocess
+import ltserve.serve.http as http
+import starlette.requests
+counting(preprocess, "_open_header", "header")
+counting(http, "parse", "parse")
+for name in ("mkstemp", "NamedTemporaryFile", "SpooledTemporaryFile", "TemporaryFile", "mkdtemp"):
+    counting(tempfile, name, "tempfile")
+counting(starlette.requests.Request, "form", "starlette_form")
+counting(starlette.requests.Request, "body", "starlette_body")
+
+from ltserve.service import Classifier
+import _bentoml_impl.server.app as bentoml_app
+counting(bentoml_app.ServiceAppFactory, "api_endpoint_wrapper", "bentoml_api")
+
+pngs = []
+for k in range(3):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((28, 28), 40 * k, np.uint8)).save(buf, format="PNG")
+    pngs.append(buf.getvalue())
+
+with TestClient(Classifier.to_asgi()) as client:
+    client.post("/classify", files={"image": ("a.png", pngs[0], "image/png")})  # warm: first-call imports
+    calls.clear()
+    statuses = [client.post("/classify", files={"image": ("a.png", pngs[0], "image/png")}).status_code,
+                client.post("/classify_batch", files=[("images", (f"{k}.png", p, "image/png"))
+                                                      for k, p in enumerate(pngs)]).status_code,
+                client.post("/classify_raw", content=pngs[1], headers={"Content-Type": "image/png"}).status_code]
+print(json.dumps({"statuses": statuses, "calls": dict(calls)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> Path:
+    return build_lsq_package(tmp_path_factory.mktemp("pkg") / "pkg", n_train=2000)
+
+
+def test_each_upload_is_parsed_once_and_nothing_is_written_to_disk(package):
+    out = subprocess.run([sys.executable, "-c", COUNT_SCRIPT], capture_output=True, text=True, timeout=180,
+                         cwd=REPO, env={**os.environ, "LTSERVE_MODEL": str(package), "LTSERVE_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["statuses"] == [200, 200, 200], got
+    calls = got["calls"]
+    # /classify and /classify_batch: one multipart parse each; /classify_raw: none
+    assert calls.get("parse", 0) == 2, calls
+    # one header read per image: 1 + 3 + 1
+    assert calls.get("header", 0) == 5, calls
+    assert calls.get("tempfile", 0) == 0, calls
+    assert calls.get("starlette_form", 0) == 0 and calls.get("starlette_body", 0) == 0, calls
+    assert calls.get("bentoml_api", 0) == 0, calls
