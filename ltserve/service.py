@@ -53,7 +53,8 @@ from ltserve.runtime.prior import PackagePrior, check_method
 from ltserve.serve import bentoml_seam
 from ltserve.serve.batcher import AsyncPredictor
 from ltserve.serve.http import (Answer, ErrorBody, Front, HttpRequest, Reject, Route, StarletteRoutes, error_answer,
-                                input_error_answer, json_answer, read_form)
+                                json_answer)
+from ltserve.serve.uploads import input_error_answer, read_form
 from ltserve.serve.live_prior import LivePrediction, live_prior_from_settings, prior_metrics
 from ltserve.serve.metrics import count_unmatched, record_request, service_metrics
 from ltserve.serve.openapi import complete_openapi

@@ -32,6 +32,9 @@ from ltserve.serve.http import error_answer, send_answer
 TESTED = {"bentoml": ((1, 4, 30), (1, 5)), "uvicorn": ((0, 30), (0, 55)), "httptools": ((0, 6), (1, 0))}
 """Package -> [lowest, first untested) versions this seam was tested with (constraints.txt pins the tested ones)."""
 
+WORKER_MODULE = "_bentoml_impl.worker.service"
+"""The module BentoML's supervisor runs each worker as (how a worker process is recognised by its command line)."""
+
 
 def _parse(v: str) -> tuple[int, ...]:
     out = []

@@ -1,34 +1,24 @@
 """The live class prior of a server's traffic (LTSERVE_PRIOR_ADAPT=off | report | apply), shared by its workers.
 
-Every answer's unadapted logits go into this worker's `LiveEstimator` (`ltserve.runtime.prior`: a time-stamped
-window, EM or BBSE every 200 images); with `apply`, each batch is answered with the shift the estimate had before it
-(log(pi_live / pi_src), dead band, cap; nothing below the sample floor), and every answer says whether it was adapted.
+Predict -> logits -> `LivePrior.adapt` -> answer: every answer's unadapted logits go into this worker's
+`LiveEstimator` window (`ltserve.runtime.prior`), a copy under a lock; with `apply`, each batch is answered with
+the shift the estimate had before it (log(pi_live / pi_src), dead band, cap; nothing below the sample floor), and
+every answer says whether it was adapted. Re-estimating (EM or BBSE over the server-wide window) runs in this
+worker's background thread, woken every `every` images and at most every `REFRESH_MIN_S`, never on the event loop;
+the same thread writes this worker's state and applies resets.
 
-Several workers, one estimate. Each worker owns one state file, `<state_dir>/worker-<index>.npz` (its window's
-logits and wall-clock times, written atomically: a temporary file then a rename, by a background thread every
-`persist_s` seconds when it changed, and at shutdown), and reads the others' files (re-read only when their mtime changes). A re-estimate merges its own window
-with theirs and keeps the newest `window` images by time: the server-wide window is the last N images whichever
-worker served them, never counted twice (each image lives in exactly one worker's file). No lock between processes
-is needed: every file has one writer, and readers see whole files only. A worker restarted with the same index
-loads its own file and so keeps the estimate; other workers' files lag by at most `persist_s`.
-
-Reset (POST /prior/reset) writes `<state_dir>/reset.json` {"at": wall-clock time} atomically; every worker checks it
-at most once a second and then drops the images seen before it, and merging ignores them in any file, so the whole
-server is back at the package's target prior at once.
-
-A state file that cannot be read (corrupt, another package's, another class count) is moved aside to
-`<name>.corrupt-<time>` (kept for inspection: nothing is deleted), logged with the reason, and the worker starts
-from the target prior. Prometheus: `ltserve_prior_estimate{label}` (one series per class of the package, so the
-label values are bounded), `ltserve_prior_distance` (total variation from the target prior),
-`ltserve_prior_images` (images in the estimate) and `ltserve_prior_adapted` (answers adapted).
+Several workers, one estimate (`ltserve.serve.prior_files`): each worker writes its window to its own file, and a
+re-estimate merges its window with the others' files, keeping the newest `window` images by time: the last N images
+whichever worker served them, never counted twice. A worker restarted with the same index loads its own file; other
+workers' files lag by at most `persist_s`. POST /prior/reset writes a marker that every worker applies within a
+second. Prometheus: `ltserve_prior_estimate{label}` (one series per class of the package, so the label values are
+bounded), `ltserve_prior_distance` (total variation from the target prior), `ltserve_prior_images` (images in the
+estimate) and `ltserve_prior_adapted` (answers adapted).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,18 +27,15 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from ltserve.errors import ConfigError
-from ltserve.fileio import atomic_write, write_json
 from ltserve.package import ModelJson
 from ltserve.runtime import Prediction
 from ltserve.runtime.prior import (EstimatorSettings, LiveEstimator, PackagePrior, adapt_logits, check_method,
-                                   softmax64, tv_distance)
+                                   tv_distance)
+from ltserve.serve.prior_files import PriorFiles, default_state_dir
 
 logger = logging.getLogger(__name__)
 
 MODES = ("off", "report", "apply")
-STATE_VERSION = 1
-RESET_FILE = "reset.json"
 _RESET_CHECK_S = 1.0
 REFRESH_MIN_S = 0.25
 """Least time between two re-estimates of one worker: under heavy traffic `every` images come in milliseconds."""
@@ -59,15 +46,6 @@ class LivePrediction(Prediction):
 
     adapted: bool = Field(False, description="whether the logits were shifted to the estimated live class prior "
                                       "(LTSERVE_PRIOR_ADAPT=apply, past the sample floor and the dead band)")
-
-
-def default_state_dir(meta: ModelJson) -> Path:
-    """<temp dir>/ltserve-prior-<uid>/<package name>-<model.onnx sha256, 12 hex>: one folder per package, so a new
-    package never inherits an old package's estimate. It outlives worker and server restarts, not a reboot or a new
-    container: set LTSERVE_PRIOR_STATE_DIR to a volume for that, and give each server on one host its own."""
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    return (Path(tempfile.gettempdir()) / f"ltserve-prior-{uid}"
-            / f"{meta.name}-{meta.files['model.onnx'].sha256[:12]}")
 
 
 class LivePrior:
@@ -88,16 +66,12 @@ class LivePrior:
         if mode not in ("report", "apply"):
             raise ValueError(f"LivePrior runs in mode report or apply, got {mode!r}")
         self.mode, self.labels, self.metrics = mode, list(meta.labels), metrics
-        self.model_sha = meta.files["model.onnx"].sha256
-        self.state_dir, self.persist_s = Path(state_dir), float(persist_s)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.state_dir / f"worker-{worker}.npz"
+        self.files = PriorFiles(state_dir, worker, meta.files["model.onnx"].sha256, len(self.labels))
+        self.state_dir, self.persist_s = self.files.state_dir, float(persist_s)
         self.package = PackagePrior.from_meta(meta)
-        self.live = LiveEstimator(self.package, settings, others=self._other_windows)
+        self.live = LiveEstimator(self.package, settings, others=self.files.others)
         self.adapted = 0  # answers adapted by this worker
         self._lock = threading.Lock()
-        self._cache: dict[Path, tuple[tuple[int, int], np.ndarray, np.ndarray]] = {}
-        self._reset_mtime: int | None = None
         self._next_reset_check = 0.0
         self._last_persist = time.monotonic()
         self._dirty = False
@@ -145,11 +119,12 @@ class LivePrior:
             est = self._refresh(confidence=True)
             shift = self.live.shift
             predicted = np.zeros(len(self.labels), dtype=np.int64)
-            for p, t in [self.live.window.samples(probabilities=True), *self._other_windows()]:
+            others = self.files.others()
+            for p, t in [self.live.window.samples(probabilities=True), *others]:
                 keep = np.asarray(t) >= self.live.since
                 if keep.any():
                     predicted += np.bincount(np.asarray(p)[keep].argmax(axis=1), minlength=len(self.labels))
-            workers = 1 + len(self._cache)
+            workers = 1 + len(others)
         s = self.live.settings
         classes = []
         for j, label in enumerate(self.labels):
@@ -174,7 +149,7 @@ class LivePrior:
     def reset(self) -> dict[str, Any]:
         """Forget every image served so far, in every worker: write reset.json, clear this worker at once."""
         at = time.time()
-        write_json(self.state_dir / RESET_FILE, {"at": at, "model": self.model_sha})
+        self.files.write_reset(at)
         with self._lock:
             self._check_reset(force=True)
             self._persist()
@@ -233,108 +208,26 @@ class LivePrior:
     def _check_reset(self, force: bool = False) -> None:
         """Apply a reset another worker (or this one) wrote; at most once a second unless forced."""
         self._next_reset_check = time.monotonic() + _RESET_CHECK_S
-        path = self.state_dir / RESET_FILE
-        try:
-            mtime = path.stat().st_mtime_ns
-        except FileNotFoundError:
-            return
-        if mtime == self._reset_mtime and not force:
-            return
-        self._reset_mtime = mtime
-        try:
-            raw = json.loads(path.read_text())
-            at = float(raw["at"])
-            if raw.get("model") not in (None, self.model_sha):
-                return  # a reset of another package that shared the folder
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            logger.warning("%s: unreadable reset marker (%s); ignored", path, exc)
-            return
-        if at > self.live.since:
+        at = self.files.read_reset(force)
+        if at is not None and at > self.live.since:
             self.live.reset(at)
             self._published()
             self._dirty = True
 
     def _persist(self) -> None:
         logits, times = self.live.window.samples()
-        try:
-            atomic_write(self.path, lambda tmp: _save(tmp, logits=logits, times=times,
-                                                      total=np.int64(self.live.window.total),
-                                                      model=np.str_(self.model_sha),
-                                                      version=np.int64(STATE_VERSION)))
-        except OSError as exc:  # a full disk must not fail requests: the estimate lives on in memory
-            logger.error("%s: cannot write the live prior state (%s); the estimate is kept in memory only",
-                         self.path, exc)
+        self.files.write(logits, times, self.live.window.total)
         self._last_persist = time.monotonic()
         self._dirty = False
 
     def _load_own(self) -> None:
-        if not self.path.is_file():
+        saved = self.files.load_own()
+        if saved is None:
             return
-        try:
-            logits, times, total = self._read(self.path)
-        except _Unusable as exc:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-            self.path.replace(aside)
-            logger.error("%s: live prior state unusable (%s); moved to %s, starting from the target prior",
-                         self.path, exc, aside.name)
-            return
+        logits, times, total = saved
         keep = times >= self.live.since
         self.live.window.load(logits[keep], times[keep], total)
-        logger.info("%s: live prior state loaded (%d images)", self.path, int(keep.sum()))
-
-    def _read(self, path: Path) -> tuple[np.ndarray, np.ndarray, int]:
-        """(logits (n, C) float32, times (n,), total) of a state file, checked against this package."""
-        c = len(self.labels)
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                version, model = int(z["version"]), str(z["model"])
-                logits, times, total = z["logits"], z["times"], int(z["total"])
-        except Exception as exc:  # noqa: BLE001 - zip, npy and key errors all mean "not a state file we can use"
-            raise _Unusable(f"not a readable state file: {type(exc).__name__}: {exc}") from None
-        if version != STATE_VERSION:
-            raise _Unusable(f"state version {version}, this ltserve writes {STATE_VERSION}")
-        if model != self.model_sha:
-            raise _Unusable(f"written for another model (model.onnx sha256 {model[:12]}, this one "
-                            f"{self.model_sha[:12]})")
-        if logits.ndim != 2 or logits.shape[1] != c or times.shape != (len(logits),) or not np.isfinite(logits).all():
-            raise _Unusable(f"logits {logits.shape} / times {times.shape} do not fit {c} classes")
-        return logits.astype(np.float32), times.astype(np.float64), total
-
-    def _other_windows(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(probabilities, times) of the other workers' state files, re-read only when a file changed."""
-        out = []
-        seen = set()
-        for path in sorted(self.state_dir.glob("worker-*.npz")):
-            if path == self.path:
-                continue
-            seen.add(path)
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                continue
-            key = (st.st_mtime_ns, st.st_size)
-            hit = self._cache.get(path)
-            if hit is None or hit[0] != key:
-                try:
-                    logits, times, _ = self._read(path)
-                except _Unusable as exc:
-                    logger.warning("%s: skipped in the live prior (%s)", path, exc)
-                    logits, times = np.zeros((0, len(self.labels)), np.float32), np.zeros(0)
-                hit = (key, softmax64(logits) if len(logits) else np.zeros((0, len(self.labels))), times)
-                self._cache[path] = hit
-            out.append((hit[1], hit[2]))
-        for gone in set(self._cache) - seen:
-            del self._cache[gone]
-        return out
-
-
-class _Unusable(Exception):
-    pass
-
-
-def _save(tmp: Path, **arrays: Any) -> None:
-    with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
-        np.savez(f, **arrays)
+        logger.info("%s: live prior state loaded (%d images)", self.files.path, int(keep.sum()))
 
 
 _METRICS: dict[str, Any] = {}

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import IO
 
+from ltserve.serve.bentoml_seam import WORKER_MODULE
+
 SERVICE = "ltserve.service:Classifier"
 
 
@@ -82,14 +84,14 @@ class ServerProcess:
         raise RuntimeError(f"bentoml serve not ready in {timeout:.0f} s:\n{self.log_tail()}")
 
     def workers(self) -> list:
-        """The server's live worker processes (psutil.Process of BentoML's `_bentoml_impl.worker.service`, found
+        """The server's live worker processes (psutil.Process of BentoML's worker module, `WORKER_MODULE`, found
         from the supervisor; zombies the supervisor has not reaped yet are left out)."""
         import psutil  # a BentoML dependency; only callers that inspect workers need it
 
         found = []
         for p in psutil.Process(self.proc.pid).children(recursive=True):
             try:
-                if p.status() != psutil.STATUS_ZOMBIE and "_bentoml_impl.worker.service" in " ".join(p.cmdline()):
+                if p.status() != psutil.STATUS_ZOMBIE and WORKER_MODULE in " ".join(p.cmdline()):
                     found.append(p)
             except psutil.Error:  # gone meanwhile
                 pass
