@@ -384,18 +384,6 @@ def test_prepare_corpus(tmp_path):
     assert [f["bytes"] for f in again["files"]] == [f["bytes"] for f in files]  # seeded
 
 
-def test_bentofiles():
-    import yaml
-
-    torch_bento = yaml.safe_load((REPO / "bentofile.torch.yaml").read_text())
-    envs = {e["name"]: e["value"] for e in torch_bento["envs"]}
-    assert envs["LTSERVE_BACKEND"] == "torch"
-    assert any(p.startswith("torch") for p in torch_bento["python"]["packages"])
-    assert torch_bento["service"] == "ltserve.service:Classifier"
-    default = yaml.safe_load((REPO / "bentofile.yaml").read_text())
-    assert not any(p.startswith("torch") for p in default["python"]["packages"])  # the default stays torch-free
-
-
 def test_gpu_service_goal_compares_with_the_decode_ceiling_of_the_same_run():
     """Half the all-cores decode ceiling is the bar; a run that did not measure the ceiling says so."""
     from benchmarks.perf_readme import gpu_service_goal

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "export": "fold a head and export a verified model package (model.onnx + model.json)",
     "inspect": "show a model package and verify every file's sha256",
     "predict": "offline batch prediction over folders, globs or list files",
+    "bento": "build a Bento (BentoML) that serves one model package, pinned dependencies included",
 }
 
 

@@ -1,5 +1,6 @@
 """`ltserve export runs/NAME --head HEAD|best --out models/NAME [--precision fp32|fp16|int8] [--opset N]
-[--model-format onnx[,pt2]] [--jpeg-draft auto|on|off]`: fold a head, export it, verify it and write the model package.
+[--model-format onnx[,pt2]] [--jpeg-draft auto|on|off] [--bento]`: fold a head, export it, verify it and write the model
+package (and, with --bento, its Bento: `ltserve bento`).
 
 int8 calibrates on a class-balanced sample of the run's training images, compares Many / Medium / Few / All with
 the fp32 graph on the test images, and refuses (exit status 2, with the per-group table) when few-shot accuracy
@@ -65,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model-format", default="onnx", help="onnx, or onnx,pt2 to also write a torch.export program")
     p.add_argument("--verify-images", type=int, default=None,
                    help="test images the checks run on (default 256; int8: 2000)")
+    p.add_argument("--bento", action="store_true", help="also build the package's Bento (as `ltserve bento OUT`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -110,5 +112,10 @@ def cli(argv: list[str] | None = None) -> int:
         print("  " + line)
     for name, entry in meta.files.items():
         print(f"  {name}  {entry.bytes} bytes  sha256 {entry.sha256[:16]}...")
+    if args.bento:
+        from ltserve.cli.bento import build_bento
+
+        tag, built = build_bento(out)
+        print(f"  Bento {tag} ({'built' if built else 'already in the store'}): bentoml serve {tag}")
     return 0
 
