@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Sequence
 
 import bentoml
+import numpy as np
 from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, SerializeAsAny
 
@@ -50,7 +51,8 @@ from ltserve.errors import InvalidInput, LtserveError, PackageError
 from ltserve.package import load_package
 from ltserve.runtime import Prediction, Predictor
 from ltserve.runtime.prior import PackagePrior, check_method
-from ltserve.serve import bentoml_seam
+from ltserve.metrics import softmax
+from ltserve.serve import bentoml_seam, v2
 from ltserve.serve.batcher import AsyncPredictor
 from ltserve.serve.http import (Answer, ErrorBody, Front, HttpRequest, Reject, Route, StarletteRoutes, error_answer,
                                 json_answer)
@@ -59,7 +61,8 @@ from ltserve.serve.live_prior import LivePrediction, live_prior_from_settings, p
 from ltserve.serve.metrics import count_unmatched, record_request, service_metrics
 from ltserve.serve.openapi import complete_openapi
 from ltserve.serve.settings import (BATCH_ROUTE, CLASSIFY_ROUTE, MODEL_ROUTE, PRIOR_RESET_ROUTE, PRIOR_ROUTE,
-                                    RAW_MEDIA_TYPES, RAW_ROUTE, ServiceSettings)
+                                    RAW_MEDIA_TYPES, RAW_ROUTE, V2_HEALTH_ROUTES, V2_INFER_ROUTE, V2_MODEL_READY_ROUTE,
+                                    V2_MODEL_ROUTE, V2_SERVER_ROUTE, ServiceSettings)
 from ltserve.serve.worker import cpu_threads, prepare_server, setup_worker, worker_count
 
 logger = logging.getLogger(__name__)
@@ -159,16 +162,27 @@ class Classifier:
         Raises:
             InvalidInput: a file is not a usable image, or the files are over the pixel budget.
         """
-        logits = await self.engine.logits_of(files, self.settings.max_pixels, self.settings.max_request_pixels)
+        logits, adapted = await self.logits(files)
         if self.prior is None:
             predictions = self.predictor.postprocess(logits, self.settings.top_k)
         else:
-            logits, adapted = self.prior.adapt(logits)
             predictions = self.predictor.postprocess(logits, self.settings.top_k, LivePrediction, adapted=adapted)
         counter = self.metrics["predictions"]
         for p in predictions:
             counter.labels(shot_group=p.shot_group).inc()
         return predictions
+
+    async def logits(self, files: Sequence[bytes]) -> tuple[np.ndarray, bool]:
+        """The served logits (N, C) of `files` (decode, batch, predict, then the live prior's shift with apply) and
+        whether they were shifted.
+
+        Raises:
+            InvalidInput: as `predictions`.
+        """
+        logits = await self.engine.logits_of(files, self.settings.max_pixels, self.settings.max_request_pixels)
+        if self.prior is None:
+            return logits, False
+        return self.prior.adapt(logits)
 
     # -- the Python API: the same answers for direct calls; BentoML documents it and SyncHTTPClient calls it --------
 
@@ -274,8 +288,58 @@ _OPENAPI: dict = {}
 
 async def _route_openapi(request: HttpRequest) -> Answer:
     if not _OPENAPI:
-        _OPENAPI.update(complete_openapi(Classifier.openapi_spec.asdict(), SETTINGS, ltserve.__version__))
+        _OPENAPI.update(complete_openapi(Classifier.openapi_spec.asdict(), SETTINGS, ltserve.__version__,
+                                         _instance().predictor.meta.name))
     return json_answer(_OPENAPI)
+
+
+async def _route_v2_health(request: HttpRequest) -> Answer:
+    if request.path.endswith("/live"):
+        return json_answer({"live": True})
+    ready = _instance().engine.running
+    return json_answer({"ready": ready}, 200 if ready else 503)
+
+
+async def _route_v2_server(request: HttpRequest) -> Answer:
+    return json_answer({"name": "ltserve", "version": ltserve.__version__,
+                        "extensions": ["binary_tensor_data", "classification"]})
+
+
+def _v2_model(request: HttpRequest) -> Classifier:
+    """The instance, when the path names this server's model (else the protocol's 404)."""
+    svc = _instance()
+    if request.params["model"] != svc.predictor.meta.name:
+        raise _v2_error(404, f"unknown model {request.params['model']!r}; this server serves "
+                             f"{svc.predictor.meta.name!r}")
+    return svc
+
+
+def _v2_error(status: int, message: str) -> Reject:
+    reject = Reject(status, "", message)
+    reject.answer = Answer(status, v2.error_body(message))
+    return reject
+
+
+async def _route_v2_model(request: HttpRequest) -> Answer:
+    svc = _v2_model(request)
+    if request.path.endswith("/ready"):
+        return json_answer({"name": svc.predictor.meta.name, "ready": svc.engine.running})
+    platform = "pytorch" if SETTINGS.backend == "torch" else "onnxruntime_onnx"
+    return json_answer(v2.metadata(svc.predictor.meta.name, svc.predictor.num_classes, platform))
+
+
+async def _route_v2_infer(request: HttpRequest) -> Answer:
+    svc = _v2_model(request)
+    try:
+        infer = v2.parse_infer(request.body, request.header(v2.HEADER_LENGTH), SETTINGS.max_batch_images)
+        logits, _ = await svc.logits(infer.images)
+    except v2.V2Error as exc:
+        raise _v2_error(exc.status, str(exc)) from None
+    except InvalidInput as exc:
+        raise _v2_error(exc.status_code, str(exc)) from None
+    body, headers = v2.encode_infer(svc.predictor.meta.name, infer, softmax(logits), svc.predictor.labels)
+    return Answer(200, body, [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+                  b"application/octet-stream" if headers else b"application/json")
 
 
 ROUTES = (
@@ -286,6 +350,11 @@ ROUTES = (
     Route(("GET",), PRIOR_ROUTE, _route_prior),
     Route(("POST",), PRIOR_RESET_ROUTE, _route_prior),
     Route(("GET",), "/docs.json", _route_openapi, protected=False),
+    *(Route(("GET",), path, _route_v2_health, protected=False) for path in V2_HEALTH_ROUTES),
+    Route(("GET",), V2_SERVER_ROUTE, _route_v2_server),
+    Route(("GET",), V2_MODEL_ROUTE, _route_v2_model),
+    Route(("GET",), V2_MODEL_READY_ROUTE, _route_v2_model),
+    Route(("POST",), V2_INFER_ROUTE, _route_v2_infer),
 )
 
 

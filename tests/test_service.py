@@ -655,6 +655,10 @@ def test_http_and_direct_calls_run_the_same_handler(package, images):
     assert [body for _, body in got["http"]] == [one, many, bad, over]  # the same answers
 
 
+def statuses_of(paths: dict, route: str, method: str) -> set[str]:
+    return set(paths[route][method]["responses"])
+
+
 def test_openapi_lists_every_route_status_and_the_security_scheme(server):
     doc = httpx.get(server.url + "/docs.json")
     assert doc.status_code == 200, doc.text[:500]
@@ -675,7 +679,10 @@ def test_openapi_lists_every_route_status_and_the_security_scheme(server):
 
     # every route, every status it answers, errors as ErrorBody, the Bearer scheme where the key is needed
     assert set(paths) == {"/classify", "/classify_batch", "/classify_raw", "/model", "/prior", "/prior/reset",
-                          "/livez", "/healthz", "/readyz", "/metrics"}
+                          "/livez", "/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready", "/v2",
+                          "/v2/models/{model}", "/v2/models/{model}/ready", "/v2/models/{model}/infer"}
+    assert statuses_of(paths, "/v2/models/{model}/infer", "post") == {"200", "400", "401", "404", "408", "413",
+                                                                       "415", "503", "504"}
     assert spec["components"]["schemas"]["ErrorBody"]["required"] == ["error", "detail"]
     assert spec["components"]["securitySchemes"]["bearerAuth"] == {
         "type": "http", "scheme": "bearer", "description": "LTSERVE_API_KEY, as `Authorization: Bearer <key>`"}
@@ -768,11 +775,14 @@ def test_schemathesis_finds_no_failure_in_the_openapi_contract(server, tmp_path)
     out = subprocess.run([st, "--config-file", "schemathesis.toml", "run", server.url + "/docs.json",
                           "-H", f"Authorization: Bearer {API_KEY}", "--checks", "all", "--max-examples", "100",
                           "--seed", "0", "--generation-database", "none", "--workers", "1",
+                          # the v2 infer route: its schema cannot tie a tensor's shape to its data, so schema-valid
+                          # cases are rightly refused 400; tests/test_v2.py fuzzes its body for 4xx-never-5xx instead
+                          "--exclude-path", "/v2/models/{model}/infer",
                           "--no-color"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
     summary = out.stdout[-4000:]
     assert out.returncode == 0, summary
-    assert "No issues found" in summary and "10 selected / 10 total" in out.stdout, summary
+    assert "No issues found" in summary and "15 selected / 16 total" in out.stdout, summary
     assert raw_answered("200") - before >= 10, "the fuzzer sent /classify_raw no real image"
 
 

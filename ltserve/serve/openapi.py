@@ -23,6 +23,7 @@ from typing import Any
 
 from ltserve.preprocess import FORMAT_NAMES
 from ltserve.serve.http import ErrorBody
+from ltserve.serve.openapi_v2 import v2_paths
 from ltserve.serve.settings import (BATCH_ROUTE, CLASSIFY_ROUTE, MODEL_ROUTE, PRIOR_RESET_ROUTE, PRIOR_ROUTE,
                                    PROTECTED_ROUTES, RAW_MEDIA_TYPES, RAW_ROUTE, UPLOAD_FIELDS, ServiceSettings)
 
@@ -168,13 +169,14 @@ def _prior_operation(settings: ServiceSettings, route: str) -> dict[str, Any]:
     }
 
 
-def complete_openapi(spec: dict[str, Any], settings: ServiceSettings, version: str) -> dict[str, Any]:
+def complete_openapi(spec: dict[str, Any], settings: ServiceSettings, version: str, model: str) -> dict[str, Any]:
     """BentoML's OpenAPI document of the service (`Service.openapi_spec.asdict()`), completed (see the module).
 
     Args:
         spec: BentoML's document (not changed).
         settings: the service settings (limits, API key) the answers describe.
         version: the service's version, for `info.version`.
+        model: the served package's name (the Open Inference Protocol's model name).
 
     Returns:
         a new OpenAPI 3 document.
@@ -190,6 +192,7 @@ def complete_openapi(spec: dict[str, Any], settings: ServiceSettings, version: s
     paths[MODEL_ROUTE] = {"get": _model_operation(settings)}
     paths[PRIOR_ROUTE] = {"get": _prior_operation(settings, PRIOR_ROUTE)}
     paths[PRIOR_RESET_ROUTE] = {"post": _prior_operation(settings, PRIOR_RESET_ROUTE)}
+    paths.update(v2_paths(settings, model, error_answers))
     for route in ("/livez", "/healthz", "/readyz", "/metrics"):
         op = paths[route]["get"]
         op["responses"] = {"200": _text("OK" if route != "/metrics" else "Prometheus text exposition"),

@@ -36,7 +36,13 @@ PRIOR_RESET_ROUTE = "/prior/reset"
 UPLOAD_FIELDS = {CLASSIFY_ROUTE: "image", BATCH_ROUTE: "images"}
 RAW_MEDIA_TYPES = (*IMAGE_MEDIA_TYPES, "application/octet-stream")
 """What a raw-body request (RAW_ROUTE) may declare as its Content-Type; the format is sniffed from the bytes."""
-PROTECTED_ROUTES = (CLASSIFY_ROUTE, BATCH_ROUTE, RAW_ROUTE, MODEL_ROUTE, PRIOR_ROUTE, PRIOR_RESET_ROUTE)
+V2_SERVER_ROUTE = "/v2"
+V2_MODEL_ROUTE = "/v2/models/{model}"
+V2_MODEL_READY_ROUTE = "/v2/models/{model}/ready"
+V2_INFER_ROUTE = "/v2/models/{model}/infer"
+V2_HEALTH_ROUTES = ("/v2/health/live", "/v2/health/ready")
+PROTECTED_ROUTES = (CLASSIFY_ROUTE, BATCH_ROUTE, RAW_ROUTE, MODEL_ROUTE, PRIOR_ROUTE, PRIOR_RESET_ROUTE,
+                    V2_SERVER_ROUTE, V2_MODEL_ROUTE, V2_MODEL_READY_ROUTE, V2_INFER_ROUTE)
 
 _ESTIMATOR = EstimatorSettings()
 

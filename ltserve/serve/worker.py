@@ -2,7 +2,7 @@
 metrics directory they share.
 
 `bentoml serve` runs a supervisor (circus) that imports the service, runs its `@bentoml.on_deployment` hooks, then
-starts the workers (BentoML's worker module, `bentoml_seam.WORKER_MODULE`), each of which imports the service module, builds a
+starts the workers (`bentoml_seam.WORKER_MODULE`), each of which imports the service module, builds a
 `uvicorn.Config` and runs it. So:
 
 - `worker_count` decides the `workers=` of `@bentoml.service` at import: 2 where the model runs on CPU and there are
