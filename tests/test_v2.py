@@ -10,12 +10,12 @@ import io
 import httpx
 import numpy as np
 import pytest
+import tritonclient.http as tritonhttp
 from PIL import Image
 
 from ltserve.serve.process import ServerProcess
 from package_helpers import build_lsq_package, read_fashion
 
-tritonhttp = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is a dev dependency")
 
 
 @pytest.fixture(scope="module")
