@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import io
 import json
 import os
@@ -348,9 +349,7 @@ async def closed_loop(port: int, requests: list[bytes], expected: list[list[int]
                 if status != 200:
                     errors.append(f"{status} {body[:200]!r}")
                     continue
-                answer = json.loads(body)
-                got = [p["class_index"] for p in answer["predictions"]] if "predictions" in answer else \
-                    [answer["class_index"]]
+                got = answered_classes(json.loads(body))
                 if got != expected[j]:
                     errors.append(f"request {j}: classes {got} != {expected[j]}")
                 else:
@@ -363,6 +362,25 @@ async def closed_loop(port: int, requests: list[bytes], expected: list[list[int]
     wall = time.perf_counter() - t0
     return {"concurrency": concurrency, "requests": len(latencies), "req_s": len(latencies) / wall,
             "img_s": images / wall, "errors": len(errors), "first_errors": errors[:3], **percentiles(latencies)}
+
+
+def answered_classes(answer: dict[str, Any]) -> list[int]:
+    """The top-1 class indices of an answer: a Prediction, a batch's predictions, or an Open Inference Protocol
+    answer with the classification extension ("score:index:label" strings, top 1 per image)."""
+    if "predictions" in answer:
+        return [p["class_index"] for p in answer["predictions"]]
+    if "outputs" in answer:
+        return [int(s.split(":", 2)[1]) for s in answer["outputs"][0]["data"]]
+    return [answer["class_index"]]
+
+
+def v2_request(port: int, model: str, image: bytes) -> bytes:
+    """The bytes of one keep-alive Open Inference Protocol infer request: the image base64 in JSON, top 1 asked."""
+    body = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                   "data": [base64.b64encode(image).decode()]}],
+                       "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}]}).encode()
+    return (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n").encode() + body
 
 
 def batch_stats(metrics_text: str) -> tuple[float, float]:

@@ -32,14 +32,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from benchmarks.common import add_common_args, markdown_table, output_dir, write_results
 from benchmarks.loadgen import tree_cpu_s
 from benchmarks.serve_load import (REPO, Server, closed_loop, make_resnet18, make_tiny, route_requests, tiny_images,
-                                   typical_photos)
+                                   typical_photos, v2_request)
 from ltserve.serve.process import ServerProcess, free_port
 
 NAME = "serve_overhead"
-KINDS = {"multipart": "/classify", "raw": "/classify_raw"}
+KINDS = {"multipart": "/classify", "raw": "/classify_raw", "v2": "/v2/models/{model}/infer"}
+"""The request kinds; the floor serves the first two, ltserve all three (v2: JSON, base64 image, top 1)."""
 
 
 class FloorServer(ServerProcess):
@@ -68,57 +71,98 @@ def start_servers(package: Path, model: str, log_dir: Path) -> dict[str, ServerP
     return servers
 
 
+def requests_for(name: str, server: ServerProcess, kind: str, images: list[bytes],
+                 expected: list[int]) -> tuple[list[bytes], list[list[int]]] | None:
+    """The requests of one kind for one server (None: the floor has no v2 route)."""
+    if kind != "v2":
+        return route_requests(server.port, kind, images, expected)
+    if name == "floor":
+        return None
+    model = httpx.get(server.url + "/model", timeout=10).json()["name"]
+    return [v2_request(server.port, model, im) for im in images], [[e] for e in expected]
+
+
 def measure(servers: dict[str, ServerProcess], images: list[bytes], expected: list[int], concurrencies: list[int],
             seconds: float, rounds: int) -> list[dict[str, Any]]:
     """Every (round, concurrency, kind, server) point, servers alternating point by point."""
     rows = []
-    requests = {(name, kind): route_requests(s.port, kind, images, expected)
-                for name, s in servers.items() for kind in KINDS}
+    requests = {(name, kind): reqs for name, s in servers.items() for kind in KINDS
+                if (reqs := requests_for(name, s, kind, images, expected)) is not None}
     for (name, kind), reqs in requests.items():  # warm connections, caches and the batchers
         asyncio.run(closed_loop(servers[name].port, *reqs, 2, min(1.5, seconds)))
     for r in range(rounds):
         for c in concurrencies:
-            for kind in KINDS:
-                for name, server in servers.items():
-                    cpu0 = tree_cpu_s(server.proc.pid)
-                    row = asyncio.run(closed_loop(server.port, *requests[(name, kind)], c, seconds))
-                    cpu = tree_cpu_s(server.proc.pid) - cpu0
-                    row.update(server=name, kind=kind, round=r, load_1min=os.getloadavg()[0],
-                               server_cpu_ms_per_req=1000 * cpu / max(row["requests"], 1))
-                    rows.append(row)
-                    print(f"  round {r} {name:<18} {kind:<9} c={c:<3} {row['req_s']:8.1f} req/s  p50 "
-                          f"{row['p50']:7.2f} ms  server CPU {row['server_cpu_ms_per_req']:6.2f} ms/req  "
-                          f"errors {row['errors']}", flush=True)
+            for (name, kind), reqs in requests.items():
+                server = servers[name]
+                cpu0 = tree_cpu_s(server.proc.pid)
+                row = asyncio.run(closed_loop(server.port, *reqs, c, seconds))
+                cpu = tree_cpu_s(server.proc.pid) - cpu0
+                row.update(server=name, kind=kind, round=r, load_1min=os.getloadavg()[0],
+                           server_cpu_ms_per_req=1000 * cpu / max(row["requests"], 1))
+                rows.append(row)
+                print(f"  round {r} {name:<18} {kind:<9} c={c:<3} {row['req_s']:8.1f} req/s  p50 "
+                      f"{row['p50']:7.2f} ms  server CPU {row['server_cpu_ms_per_req']:6.2f} ms/req  "
+                      f"errors {row['errors']}", flush=True)
     return rows
 
 
 def summarise(rows: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
-    """Median over rounds of each (server, kind, concurrency), with the ratios to the floor (and report / off)."""
-    keys = sorted({(r["kind"], r["concurrency"]) for r in rows}, key=lambda k: (k[1], k[0]))
+    """Median over rounds of each (server, kind, concurrency), with the ratios to the floor (and report / off; and
+    v2 / raw on the same ltserve server)."""
+    def med(name: str, kind: str, c: int) -> dict[str, float] | None:
+        pts = [r for r in rows if r["server"] == name and r["kind"] == kind and r["concurrency"] == c]
+        if not pts:
+            return None
+        out = {m: statistics.median(p[m] for p in pts) for m in ("server_cpu_ms_per_req", "req_s", "p50")}
+        return {**out, "errors": sum(p["errors"] for p in pts)}
+
     out = []
-    for kind, c in keys:
-        med = {}
-        for name in sorted({r["server"] for r in rows}):
-            pts = [r for r in rows if r["server"] == name and r["kind"] == kind and r["concurrency"] == c]
-            med[name] = {m: statistics.median(p[m] for p in pts) for m in ("server_cpu_ms_per_req", "req_s", "p50")}
-            med[name]["errors"] = sum(p["errors"] for p in pts)
-        floor, ours = med["floor"], med["ltserve"]
-        row = {"model": model, "route": KINDS[kind], "concurrency": c,
-               "floor_cpu_ms": floor["server_cpu_ms_per_req"], "floor_req_s": floor["req_s"], "floor_p50": floor["p50"],
-               "ltserve_cpu_ms": ours["server_cpu_ms_per_req"], "ltserve_req_s": ours["req_s"],
-               "ltserve_p50": ours["p50"],
-               "cpu_ratio": ours["server_cpu_ms_per_req"] / floor["server_cpu_ms_per_req"],
-               "p50_ratio": ours["p50"] / floor["p50"], "errors": sum(m["errors"] for m in med.values())}
-        if "ltserve-prior-off" in med:
-            off = med["ltserve-prior-off"]
-            row["prior_off_cpu_ms"] = off["server_cpu_ms_per_req"]
-            row["prior_cost"] = ours["server_cpu_ms_per_req"] / off["server_cpu_ms_per_req"] - 1
-        out.append(row)
+    for c in sorted({r["concurrency"] for r in rows}):
+        for kind in ("multipart", "raw"):
+            floor, ours, off = med("floor", kind, c), med("ltserve", kind, c), med("ltserve-prior-off", kind, c)
+            row = {"model": model, "route": KINDS[kind], "concurrency": c,
+                   "floor_cpu_ms": floor["server_cpu_ms_per_req"], "floor_req_s": floor["req_s"],
+                   "floor_p50": floor["p50"], "ltserve_cpu_ms": ours["server_cpu_ms_per_req"],
+                   "ltserve_req_s": ours["req_s"], "ltserve_p50": ours["p50"],
+                   "cpu_ratio": ours["server_cpu_ms_per_req"] / floor["server_cpu_ms_per_req"],
+                   "p50_ratio": ours["p50"] / floor["p50"], "errors": floor["errors"] + ours["errors"]}
+            if off is not None:
+                row["prior_off_cpu_ms"] = off["server_cpu_ms_per_req"]
+                row["prior_cost"] = ours["server_cpu_ms_per_req"] / off["server_cpu_ms_per_req"] - 1
+                row["errors"] += off["errors"]
+            if kind == "raw" and (v2 := med("ltserve", "v2", c)) is not None:
+                row["v2_cpu_ms"] = v2["server_cpu_ms_per_req"]
+                row["v2_over_raw"] = v2["server_cpu_ms_per_req"] / ours["server_cpu_ms_per_req"]
+                row["errors"] += v2["errors"]
+            out.append(row)
+    return out
+
+
+def goals(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's goals from the tiny model's rows at concurrency 1 and 8 (the worst row counts)."""
+    tiny = [r for r in summary if r["model"] == "tiny" and r["concurrency"] in (1, 8)]
+    if not tiny:
+        return []
+    cpu = max(r["cpu_ratio"] for r in tiny)
+    p50 = max(r["p50_ratio"] for r in tiny if r["concurrency"] == 1)
+    prior = [r["prior_cost"] for r in tiny if "prior_cost" in r]
+    v2 = [r["v2_over_raw"] for r in tiny if "v2_over_raw" in r]
+    out = [{"goal": "server CPU per request, ltserve / floor (/classify, /classify_raw, concurrency 1 and 8, tiny)",
+            "target": "<= 1.5x (moonshot <= 1.15x)", "measured": f"{cpu:.2f}x (worst of 4)", "met": cpu <= 1.5},
+           {"goal": "p50 at concurrency 1, ltserve / floor (tiny)", "target": "<= 1.4x",
+            "measured": f"{p50:.2f}x (worst of 2)", "met": p50 <= 1.4}]
+    if prior:
+        out.append({"goal": "live label shift report vs off, server CPU per request (tiny)", "target": "<= +3 %",
+                    "measured": f"{100 * max(prior):+.1f} % (worst of {len(prior)})", "met": max(prior) <= 0.03})
+    if v2:
+        out.append({"goal": "Open Inference Protocol infer vs /classify_raw, server CPU per request (tiny)",
+                    "target": "<= 1.2x", "measured": f"{max(v2):.2f}x (worst of {len(v2)})", "met": max(v2) <= 1.2})
     return out
 
 
 COLUMNS = ["model", "route", "concurrency", "floor_cpu_ms", "ltserve_cpu_ms", "cpu_ratio", "floor_req_s",
-           "ltserve_req_s", "floor_p50", "ltserve_p50", "p50_ratio", "prior_off_cpu_ms", "prior_cost", "errors"]
+           "ltserve_req_s", "floor_p50", "ltserve_p50", "p50_ratio", "prior_off_cpu_ms", "prior_cost", "v2_cpu_ms",
+           "v2_over_raw", "errors"]
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
@@ -190,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{min(p['load_1min'] for p in points):.1f}-{max(p['load_1min'] for p in points):.1f}. cpu_ratio and "
              "p50_ratio: ltserve / floor; prior_cost: ltserve (live prior in report mode) / ltserve with "
              "LTSERVE_PRIOR_ADAPT=off - 1, server CPU per request.")
-    write_results(out, NAME, config, {"summary": summary, "points": points}, table,
+    write_results(out, NAME, config, {"summary": summary, "points": points, "goals": goals(summary)}, table,
                   plot=lambda path: plot(summary, path), notes=notes)
     return 0 if all(r["errors"] == 0 for r in summary) else 1
 
