@@ -54,6 +54,7 @@ from ltserve.runtime.prior import PackagePrior, check_method
 from ltserve.metrics import softmax
 from ltserve.serve import bentoml_seam, v2
 from ltserve.serve.batcher import AsyncPredictor
+from ltserve.serve.docs_page import CONTENT_SECURITY_POLICY, docs_page
 from ltserve.serve.http import (Answer, ErrorBody, Front, HttpRequest, Reject, Route, StarletteRoutes, error_answer,
                                 json_answer)
 from ltserve.serve.uploads import input_error_answer, read_form
@@ -342,8 +343,15 @@ async def _route_v2_infer(request: HttpRequest) -> Answer:
                   b"application/octet-stream" if headers else b"application/json")
 
 
+async def _route_docs_page(request: HttpRequest) -> Answer:
+    page = docs_page(f"ltserve: {_instance().predictor.meta.name}")
+    return Answer(200, page, [(b"content-security-policy", CONTENT_SECURITY_POLICY.encode())],
+                  b"text/html; charset=utf-8")
+
+
 ROUTES = (
     Route(("POST",), CLASSIFY_ROUTE, _route_classify),
+    *(Route(("GET",), path, _route_docs_page, protected=False) for path in ("/", "/docs")),
     Route(("POST",), BATCH_ROUTE, _route_classify_batch),
     Route(("POST",), RAW_ROUTE, _route_classify_raw),
     Route(("GET",), MODEL_ROUTE, _route_model),

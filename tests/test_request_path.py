@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +34,10 @@ def counting(owner, name, key):
     setattr(owner, name, wrapper)
 
 import ltserve.preprocess as preprocess
-import ltserve.serve.http as http
+import ltserve.serve.uploads as uploads
 import starlette.requests
 counting(preprocess, "_open_header", "header")
-counting(http, "parse", "parse")
+counting(uploads, "parse", "parse")
 for name in ("mkstemp", "NamedTemporaryFile", "SpooledTemporaryFile", "TemporaryFile", "mkdtemp"):
     counting(tempfile, name, "tempfile")
 counting(starlette.requests.Request, "form", "starlette_form")
@@ -82,3 +83,42 @@ def test_each_upload_is_parsed_once_and_nothing_is_written_to_disk(package):
     assert calls.get("tempfile", 0) == 0, calls
     assert calls.get("starlette_form", 0) == 0 and calls.get("starlette_body", 0) == 0, calls
     assert calls.get("bentoml_api", 0) == 0, calls
+
+
+PAGE_SCRIPT = """
+import json, re
+from starlette.testclient import TestClient
+from ltserve.service import Classifier
+
+with TestClient(Classifier.to_asgi()) as client:
+    pages = {path: client.get(path) for path in ("/", "/docs")}
+    page = pages["/"]
+    refs = re.findall(r'(?:src|href)=["\\']([^"\\']+)["\\']', page.text)
+    assets = {ref: client.get("/" + ref.lstrip("./")).status_code for ref in refs}
+    spec = client.get("/docs.json").json()
+print(json.dumps({"statuses": {p: r.status_code for p, r in pages.items()}, "same": pages["/"].text == pages["/docs"].text,
+                  "html": page.text, "csp": page.headers.get("content-security-policy", ""), "assets": assets,
+                  "summaries": {p: [op.get("summary") for op in item.values()] for p, item in spec["paths"].items()},
+                  "servers": spec.get("servers")}))
+"""
+
+
+def test_the_api_page_loads_nothing_from_another_host(package):
+    """`/` and `/docs` serve the same Swagger page; every file it names is served here, it names no other host,
+    Swagger's validator is off, its CSP admits only this origin, and every route has a one-line summary."""
+    out = subprocess.run([sys.executable, "-c", PAGE_SCRIPT], capture_output=True, text=True, timeout=180, cwd=REPO,
+                         env={**os.environ, "LTSERVE_MODEL": str(package), "LTSERVE_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["statuses"] == {"/": 200, "/docs": 200} and got["same"]
+    page = got["html"]
+    assert "<title>ltserve: fashion-lsq</title>" in page
+    assert "googletagmanager" not in page.lower()
+    assert not re.search(r"\bhttps?://", page), "the page names another host"
+    assert re.search(r"validatorUrl:\s*null", page)
+    assert got["assets"] and all(status == 200 for status in got["assets"].values()), got["assets"]
+    assert all(ref.startswith("./static_content/") for ref in got["assets"])
+    assert "default-src 'self'" in got["csp"] and "connect-src 'self'" in got["csp"]
+    assert got["servers"] is None
+    missing = [p for p, summaries in got["summaries"].items() if not all(summaries)]
+    assert not missing, f"routes without a summary: {missing}"

@@ -185,6 +185,7 @@ def complete_openapi(spec: dict[str, Any], settings: ServiceSettings, version: s
     doc["info"] = {"title": "ltserve", "version": version,
                    "description": "Long-tailed image classification: upload images, get the top-k classes with "
                                   "their shot group (many, medium, few). Errors are `ErrorBody` JSON."}
+    doc.pop("servers", None)  # BentoML's [{"url": "."}]: the page and clients use the server they were loaded from
     paths = doc["paths"]
     for route in (CLASSIFY_ROUTE, BATCH_ROUTE):
         _upload_operation(paths[route]["post"], route, settings)
@@ -209,8 +210,23 @@ def complete_openapi(spec: dict[str, Any], settings: ServiceSettings, version: s
         for route in PROTECTED_ROUTES:
             for op in paths[route].values():
                 op["security"] = [{SECURITY_SCHEME: []}]
+    for route, summary in SUMMARIES.items():
+        for op in paths[route].values():
+            op["summary"] = summary
     _drop_unused_schemas(doc)
     return doc
+
+
+SUMMARIES = {
+    CLASSIFY_ROUTE: "Classify one image (multipart field `image`)",
+    BATCH_ROUTE: "Classify several images (repeated multipart field `images`)",
+    RAW_ROUTE: "Classify one image sent as the request body",
+    MODEL_ROUTE: "The served model: labels, shot groups, head, metrics, runtime",
+    PRIOR_ROUTE: "The live class prior of the traffic (label shift)",
+    PRIOR_RESET_ROUTE: "Forget the traffic seen so far: back to the package's prior",
+    "/livez": "Liveness", "/healthz": "Health", "/readyz": "Readiness (the model is loaded and warm)",
+    "/metrics": "Prometheus metrics",
+}
 
 
 def _drop_unused_schemas(doc: dict[str, Any]) -> None:
