@@ -18,6 +18,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from ltserve.batch import storage
 from ltserve.errors import ImageTooLarge, InvalidInput, LtserveError
 from ltserve.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec, decode
 
@@ -34,13 +35,20 @@ class DecodedChunk(NamedTuple):
     failures: list[tuple[int, str, str]]  # (index, error kind, reason)
 
 
-def read_and_decode(file: str, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read one file and `decode` it: uint8 (crop, crop, C).
+def read_and_decode(file: str, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """Read one file (or object-storage URL, see `ltserve.batch.storage`) and `decode` it: uint8 (crop, crop, C).
 
     Raises:
         OSError: the file cannot be read.
         InvalidImage, UnsupportedFormat, ImageTooLarge: from `decode`, or a file over MAX_FILE_BYTES.
     """
+    if storage.is_url(file):
+        try:
+            data = storage.read_url(file, storage_options, MAX_FILE_BYTES)
+        except ValueError as exc:
+            raise ImageTooLarge(f"the object is larger than {MAX_FILE_BYTES} bytes; not decoded") from None
+        return decode(data, spec, max_pixels)
     size = os.stat(file).st_size
     if size > MAX_FILE_BYTES:
         raise ImageTooLarge(f"the file is {size} bytes, more than {MAX_FILE_BYTES}; not read")
@@ -50,7 +58,7 @@ def read_and_decode(file: str, spec: PreprocessSpec, max_pixels: int = DEFAULT_M
 
 
 def decode_files(files: Sequence[str], spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 offset: int = 0) -> DecodedChunk:
+                 offset: int = 0, storage_options: dict[str, Any] | None = None) -> DecodedChunk:
     """Decode files; a file that fails is reported in `failures`, never raised.
 
     Args:
@@ -58,6 +66,7 @@ def decode_files(files: Sequence[str], spec: PreprocessSpec, max_pixels: int = D
         spec: the package's preprocessing spec.
         max_pixels: decompression-bomb cap (width * height).
         offset: index of files[0] in the job (the indices in the result are offset + position).
+        storage_options: fsspec options for files named by URL (`--storage-option`).
 
     Returns:
         a DecodedChunk: indices and stacked uint8 (n, crop, crop, C) images of the good files, and
@@ -67,7 +76,7 @@ def decode_files(files: Sequence[str], spec: PreprocessSpec, max_pixels: int = D
     ok, images, failures = [], [], []
     for i, file in enumerate(files, offset):
         try:
-            images.append(read_and_decode(file, spec, max_pixels))
+            images.append(read_and_decode(file, spec, max_pixels, storage_options))
             ok.append(i)
         except InvalidInput as exc:
             failures.append((i, type(exc).__name__, str(exc)))
@@ -83,7 +92,7 @@ def decode_files(files: Sequence[str], spec: PreprocessSpec, max_pixels: int = D
 _WORKER_STATE: dict[str, Any] = {}
 
 
-def _init_worker(spec_json: str, max_pixels: int) -> None:
+def _init_worker(spec_json: str, max_pixels: int, storage_options: dict[str, Any] | None = None) -> None:
     # Ctrl-C / SIGTERM reach the whole process group: the main process stops the job (and then the pool), so the
     # workers ignore them and finish their chunk; if the main process dies they exit on the closed task pipe
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -93,6 +102,7 @@ def _init_worker(spec_json: str, max_pixels: int) -> None:
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="parent-watch").start()
     _WORKER_STATE["spec"] = PreprocessSpec.model_validate_json(spec_json)
     _WORKER_STATE["max_pixels"] = max_pixels
+    _WORKER_STATE["storage_options"] = storage_options
 
 
 def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
@@ -102,7 +112,8 @@ def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
 
 
 def _decode_in_worker(files: list[str], offset: int) -> DecodedChunk:
-    return decode_files(files, _WORKER_STATE["spec"], _WORKER_STATE["max_pixels"], offset)
+    return decode_files(files, _WORKER_STATE["spec"], _WORKER_STATE["max_pixels"], offset,
+                        _WORKER_STATE["storage_options"])
 
 
 class DecodePool:
@@ -118,15 +129,17 @@ class DecodePool:
         workers: decode processes; 0 decodes in the iterating process (no overlap with inference).
         chunk_size: files per task (one pickle round trip each).
         max_pixels: decompression-bomb cap.
+        storage_options: fsspec options for files named by URL (each worker opens its own file systems).
 
     Raises:
         LtserveError: (while iterating) a worker process died (killed for memory, or a crash in an image decoder).
     """
 
     def __init__(self, files: Sequence[str], spec: PreprocessSpec, workers: int, chunk_size: int,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, storage_options: dict[str, Any] | None = None) -> None:
         self.files, self.spec, self.workers = list(files), spec, int(workers)
         self.chunk_size, self.max_pixels = int(chunk_size), int(max_pixels)
+        self.storage_options = storage_options
         self._todo = iter(range(0, len(self.files), self.chunk_size))
         self._pending: deque = deque()
         self._pool: ProcessPoolExecutor | None = None
@@ -136,7 +149,8 @@ class DecodePool:
             # spawn, not fork: a forked child of a process running onnxruntime (or any threads) can deadlock
             ctx = multiprocessing.get_context("spawn")
             self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
-                                             initargs=(self.spec.model_dump_json(), self.max_pixels))
+                                             initargs=(self.spec.model_dump_json(), self.max_pixels,
+                                                       self.storage_options))
             for s in itertools.islice(self._todo, self.workers * _CHUNKS_IN_FLIGHT_PER_WORKER):
                 self._submit(s)
         return self
@@ -156,7 +170,8 @@ class DecodePool:
     def __iter__(self) -> Iterator[DecodedChunk]:
         if self._pool is None:
             for s in self._todo:
-                yield decode_files(self.files[s:s + self.chunk_size], self.spec, self.max_pixels, s)
+                yield decode_files(self.files[s:s + self.chunk_size], self.spec, self.max_pixels, s,
+                                   self.storage_options)
             return
         while self._pending:
             s, future = self._pending.popleft()

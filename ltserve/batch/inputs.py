@@ -1,4 +1,7 @@
-"""What `ltserve predict` reads: folders, globs, single files and list files, expanded into items (one per file)."""
+"""What `ltserve predict` reads: folders, globs, single files and list files, expanded into items (one per file).
+
+Each may also be a URL on object storage (`s3://bucket/prefix/`, a glob or list file there): see
+`ltserve.batch.storage`. An item's key and file are then the object's URL."""
 
 from __future__ import annotations
 
@@ -7,8 +10,9 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
+from ltserve.batch import storage
 from ltserve.errors import ConfigError, DataError, unknown_choice
 
 logger = logging.getLogger(__name__)
@@ -32,7 +36,7 @@ class Item:
 
 
 def expand_inputs(inputs: Sequence[str], labels: Sequence[str], root: str | None = None,
-                  exclude: Iterable[str | Path] = ()) -> list[Item]:
+                  exclude: Iterable[str | Path] = (), storage_options: dict[str, Any] | None = None) -> list[Item]:
     """Every file named by the inputs, in input order, each path once.
 
     Args:
@@ -40,6 +44,7 @@ def expand_inputs(inputs: Sequence[str], labels: Sequence[str], root: str | None
         labels: the package's class names (list-file labels may be names or indices into this list).
         root: folder that relative paths in list files are joined to (None: each list file's folder).
         exclude: paths never to include (the run's own output files, when they sit inside an input folder).
+        storage_options: fsspec options for inputs on object storage (`--storage-option`).
 
     Returns:
         the items; a path named twice is kept once (the first time).
@@ -48,10 +53,16 @@ def expand_inputs(inputs: Sequence[str], labels: Sequence[str], root: str | None
         ConfigError: an input that does not exist and matches nothing, or no file at all.
         DataError: a list file that cannot be read, or a line whose label is not a class of the package.
     """
-    skip = {os.path.abspath(p) for p in exclude}
+    skip = {os.path.abspath(p) for p in exclude if not storage.is_url(p)}
+    skip_urls = tuple(str(p).rstrip("/") for p in exclude if storage.is_url(p))
     items: list[Item] = []
     for spec in inputs:
         path = Path(spec)
+        if storage.is_url(spec):
+            # the run's own output folders, when they lie under an input prefix
+            items += [it for it in _url_items(spec, labels, root, storage_options)
+                      if not any(it.file == u or it.file.startswith(u + "/") for u in skip_urls)]
+            continue
         if path.is_dir():
             found = [Item(p, p) for p in _walk_files(spec)]
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
@@ -74,6 +85,33 @@ def expand_inputs(inputs: Sequence[str], labels: Sequence[str], root: str | None
     if not unique:
         raise ConfigError(f"no files to predict in {', '.join(inputs)}")
     return unique
+
+
+def _url_items(spec: str, labels: Sequence[str], root: str | None,
+               options: dict[str, Any] | None) -> list[Item]:
+    """The items of an input on object storage: a folder (recursive), a glob, an object, or a list file."""
+    kind, urls = storage.list_url(spec, options)
+    if kind == "missing":
+        raise ConfigError(f"{spec}: no such object or prefix; check the URL (and AWS_ENDPOINT_URL or "
+                          "--storage-option endpoint_url=... for an S3-compatible server)")
+    if kind == "glob" and not urls:
+        raise ConfigError(f"{spec}: the glob matches no object; check the pattern")
+    if kind == "file" and spec.lower().endswith(LIST_SUFFIXES):
+        try:
+            text = storage.read_text(spec, options)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"{spec}: cannot read the list file ({type(exc).__name__})") from None
+        base = root if root is not None else spec.rsplit("/", 1)[0]
+        index = {name: j for j, name in enumerate(labels)}
+        items = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                rel, label = _split_list_line(line, index, f"{spec}:{lineno}")
+                items.append(Item(rel, storage.join_url(base, rel) if storage.is_url(base) else str(Path(base) / rel),
+                                  label))
+        return items
+    return [Item(u, u) for u in urls]
 
 
 def _walk_files(folder: str) -> list[str]:

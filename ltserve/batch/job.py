@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ltserve.batch import storage
 from ltserve.batch.inputs import Item, expand_inputs
 from ltserve.batch.local import run_local
-from ltserve.batch.options import PredictOptions, check_options, default_workers, resolve_format
+from ltserve.batch.options import FORMATS, PredictOptions, check_options, default_workers, resolve_format
 from ltserve.batch.output import Output, Tally
 from ltserve.batch.ray_engine import require_ray, run_ray
 from ltserve.batch.sinks import CsvSink, JsonlSink, ParquetSink
@@ -26,9 +27,13 @@ ENGINES = {"local": run_local, "ray": run_ray}
 """--engine -> the function that predicts the items not done yet into the job's output."""
 
 
-def _prepare_outputs(out: Path, errors: Path, fmt: str, resume: bool, overwrite: bool) -> None:
+def _prepare_outputs(out: Path | str, errors: Path | str, fmt: str, resume: bool, overwrite: bool,
+                     storage_options: dict[str, Any] | None = None) -> None:
     """Fail before any work if an output cannot be written or would overwrite a finished run by accident."""
     for path, is_dir in ((out, fmt == "parquet"), (errors, False)):
+        if storage.is_url(path):  # a folder of part objects (ltserve.batch.storage)
+            storage.prepare_remote_output(str(path), storage_options, resume, overwrite)
+            continue
         if path.exists() and not (resume or overwrite):
             raise ConfigError(f"{path}: already exists; pass --resume to continue that run, --overwrite to replace "
                               "it, or choose another --out")
@@ -48,7 +53,10 @@ def _prepare_outputs(out: Path, errors: Path, fmt: str, resume: bool, overwrite:
             raise ConfigError(f"{path}: the output file is not writable; choose a writable --out / --errors")
 
 
-def make_sink(fmt: str, out: Path, labelled: bool, part_rows: int) -> JsonlSink | CsvSink | ParquetSink:
+def make_sink(fmt: str, out: Path | str, labelled: bool, part_rows: int,
+              storage_options: dict[str, Any] | None = None) -> JsonlSink | CsvSink | ParquetSink | storage.PartsSink:
+    if storage.is_url(out):
+        return storage.PartsSink(str(out), fmt, labelled, part_rows, storage_options)
     if fmt == "jsonl":
         return JsonlSink(out)
     if fmt == "csv":
@@ -75,12 +83,21 @@ def run_predict(opts: PredictOptions) -> dict[str, Any]:
     if opts.engine == "ray":
         require_ray()  # a missing extra fails before any work, like a missing model
     meta = load_package(opts.model)  # before anything else: a missing model fails at once
-    fmt = resolve_format(opts.out, opts.format)
-    errors_path = opts.errors or opts.out.with_name(opts.out.name + ".errors.jsonl")
-    _prepare_outputs(opts.out, errors_path, fmt, opts.resume, opts.overwrite)
-    items = expand_inputs(opts.inputs, meta.labels, opts.root, exclude=[opts.out, errors_path])
+    if storage.is_url(opts.out):  # object storage: folders of part objects, the errors beside the rows
+        fmt = storage.remote_format(str(opts.out), opts.format, FORMATS)
+        errors_path: Path | str = opts.errors or str(opts.out).rstrip("/") + ".errors.jsonl/"
+        if opts.adapt_prior:
+            raise ConfigError("--adapt-prior keeps the logits in a memory map beside the output, so it needs a "
+                              "local --out; write locally, then copy the file")
+    else:
+        fmt = resolve_format(opts.out, opts.format)
+        errors_path = opts.errors or opts.out.with_name(opts.out.name + ".errors.jsonl")
+    _prepare_outputs(opts.out, errors_path, fmt, opts.resume, opts.overwrite, opts.storage_options)
+    items = expand_inputs(opts.inputs, meta.labels, opts.root, exclude=[opts.out, errors_path],
+                          storage_options=opts.storage_options)
     labelled = any(it.label is not None for it in items)
-    rows_sink, errors_sink = make_sink(fmt, opts.out, labelled, opts.part_rows), JsonlSink(errors_path)
+    rows_sink = make_sink(fmt, opts.out, labelled, opts.part_rows, opts.storage_options)
+    errors_sink = make_sink("jsonl", errors_path, False, opts.part_rows, opts.storage_options)
     tally = Tally(meta)
     done = _recover(rows_sink, errors_sink, tally, items) if opts.resume else set()
     todo = [it for it in items if it.key not in done]
@@ -98,7 +115,7 @@ def run_predict(opts: PredictOptions) -> dict[str, Any]:
     return summarize(opts, meta, fmt, errors_path, items, todo, output)
 
 
-def _recover(rows_sink: JsonlSink | CsvSink | ParquetSink, errors_sink: JsonlSink, tally: Tally,
+def _recover(rows_sink: Any, errors_sink: Any, tally: Tally,
              items: Sequence[Item]) -> set[str]:
     """Read back what an earlier run wrote (repairing torn tails); count it in `tally`; return the paths done."""
     done: set[str] = set()
@@ -119,7 +136,7 @@ def _recover(rows_sink: JsonlSink | CsvSink | ParquetSink, errors_sink: JsonlSin
     return done
 
 
-def summarize(opts: PredictOptions, meta: ModelJson, fmt: str, errors_path: Path, items: Sequence[Item],
+def summarize(opts: PredictOptions, meta: ModelJson, fmt: str, errors_path: Path | str, items: Sequence[Item],
               todo: Sequence[Item], output: Output) -> dict[str, Any]:
     """The job summary.
 

@@ -33,7 +33,8 @@ def _run(items: Sequence[Item], opts: PredictOptions, meta: ModelJson, output: O
     pending_items: list[Item] = []
     pending_images: list[np.ndarray] = []
     # the workers start (and decode the first chunks) while the Predictor loads and warms up
-    with DecodePool([it.file for it in items], meta.preprocess, workers, chunk, opts.max_pixels) as pool:
+    with DecodePool([it.file for it in items], meta.preprocess, workers, chunk, opts.max_pixels,
+                    opts.storage_options) as pool:
         predictor = Predictor(opts.model, providers=opts.providers, threads=opts.threads,
                               max_batch_size=opts.batch_size, backend=opts.backend, torch_options=opts.torch_options)
         output.ready()

@@ -23,13 +23,13 @@ class PredictOptions:
 
     inputs: list[str]
     model: Path
-    out: Path
+    out: Path | str  # a local path, or a URL on object storage (str: `ltserve.batch.storage`)
     format: str | None = None
     top_k: int = 5
     batch_size: int = 32
     workers: int | None = None
     root: str | None = None
-    errors: Path | None = None
+    errors: Path | str | None = None
     resume: bool = False
     overwrite: bool = False
     engine: str = "local"
@@ -43,6 +43,7 @@ class PredictOptions:
     concurrency: int = 1
     num_gpus: float = 0.0
     ray_num_cpus: int | None = None
+    storage_options: dict[str, Any] | None = None  # fsspec options for URLs (`--storage-option`); never logged
     progress: bool = True
     adapt_prior: str | None = None  # "em" | "bbse": estimate the prior over the whole input and adapt every row
 

@@ -14,8 +14,9 @@ Ray fuses a task stage into the following actor stage when their sizes and resou
 when the actors fill the machine; with `--num-gpus`, or a `--workers` different from `--concurrency`, decoding stays
 in separate CPU tasks that overlap inference.
 
-`ray.init()` connects to `RAY_ADDRESS` when it is set (files must then be readable at the same absolute paths on
-every node, e.g. a shared file system, and ltserve installed there); otherwise a local instance is started with
+`ray.init()` connects to `RAY_ADDRESS` when it is set (local files must then be readable at the same absolute paths on
+every node, e.g. a shared file system, and ltserve installed there; inputs on object storage, `s3://...`, are read
+by each decode task itself, with the credentials of the node or `--storage-option`); otherwise a local instance is started with
 `--ray-num-cpus` CPUs and no dashboard, and shut down at the end. Ray is imported only here, lazily.
 """
 
@@ -33,6 +34,7 @@ from ltserve.batch.decode import DecodedChunk, decode_files
 from ltserve.batch.inputs import Item
 from ltserve.batch.options import PredictOptions
 from ltserve.batch.output import Output, error_row, prediction_row
+from ltserve.batch.storage import is_url
 from ltserve import errors
 from ltserve.errors import LtserveError, MissingDependency
 from ltserve.package import ModelJson
@@ -53,13 +55,14 @@ def require_ray() -> Any:
     return ray
 
 
-def decode_batch(batch: dict[str, np.ndarray], spec_json: str,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], spec_json: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 storage_options: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Ray Data task: read and decode a batch of files; failures are marked, never raised.
 
     Args:
         batch: {"idx": (n,) int64, "file": (n,) str}.
         spec_json: the package's PreprocessSpec as JSON (a plain string ships cheaply to every task).
+        storage_options: fsspec options for files named by URL (`--storage-option`).
 
     Returns:
         {"idx": (n,), "image": uint8 (n, crop, crop, C) (zeros for a failed file), "error": (n,) str ("" when
@@ -67,7 +70,8 @@ def decode_batch(batch: dict[str, np.ndarray], spec_json: str,
     """
     spec = PreprocessSpec.model_validate_json(spec_json)
     n = len(batch["idx"])
-    chunk: DecodedChunk = decode_files([str(f) for f in batch["file"]], spec, max_pixels)
+    chunk: DecodedChunk = decode_files([str(f) for f in batch["file"]], spec, max_pixels,
+                                       storage_options=storage_options)
     images = np.zeros((n, spec.crop, spec.crop, spec.channels), dtype=np.uint8)
     if chunk.ok:
         images[chunk.ok] = chunk.images
@@ -156,10 +160,12 @@ def run_ray(items: Sequence[Item], opts: PredictOptions, meta: ModelJson, output
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the driver's tqdm bar counts the rows that came back
-        ds = ray.data.from_items([{"idx": i, "file": os.path.abspath(it.file)} for i, it in enumerate(items)])
+        ds = ray.data.from_items([{"idx": i, "file": it.file if is_url(it.file) else os.path.abspath(it.file)}
+                                  for i, it in enumerate(items)])
         # decode: CPU tasks, as many as --workers (None: as many as the cluster's free CPUs allow)
         ds = ds.map_batches(decode_batch, fn_kwargs={"spec_json": meta.preprocess.model_dump_json(),
-                                                     "max_pixels": opts.max_pixels},
+                                                     "max_pixels": opts.max_pixels,
+                                                     "storage_options": opts.storage_options},
                             batch_size=opts.chunk_size or min(opts.batch_size, 32), batch_format="numpy",
                             compute=ray.data.TaskPoolStrategy(size=opts.workers or None), num_cpus=1)
         # predict: `concurrency` actors, each building one Predictor; num_gpus per actor

@@ -155,7 +155,7 @@ def build_bento(model_dir: str | Path, backend: str = "onnxruntime", name: str |
     """
     plan = plan_bento(model_dir, backend=backend, name=name)
     import bentoml
-    from bentoml._internal.bento.build_config import BentoEnvSchema  # the type `bentoml.bentos.build` takes
+    from ltserve.serve.bentoml_seam import bento_env
     from bentoml.exceptions import NotFound
 
     try:
@@ -179,7 +179,7 @@ def build_bento(model_dir: str | Path, backend: str = "onnxruntime", name: str |
                 f"{ENTRY}:Classifier", name=plan.name, version=plan.version, labels=plan.labels,
                 description=_description(plan), include=[f"{ENTRY}.py", *plan.sources, f"{plan.folder}/**"],
                 exclude=["**/__pycache__", "**/*.pyc"],
-                envs=[BentoEnvSchema(name=k, value=v) for k, v in plan.envs.items()],
+                envs=[bento_env(k, v) for k, v in plan.envs.items()],
                 python={"packages": plan.requirements, "lock_packages": False},
                 docker={"python_version": f"{sys.version_info.major}.{sys.version_info.minor}"},
                 build_ctx=str(ctx))

@@ -1,6 +1,7 @@
 """`ltserve predict INPUT... --model models/NAME --out preds.jsonl [--out-format jsonl|csv|parquet] [--top-k 5]
 [--batch-size 32] [--workers W] [--root DIR] [--errors PATH] [--resume] [--engine local|ray]
-[--adapt-prior [em|bbse]]`: offline batch prediction (`ltserve.batch`). Exit 0 when every file was predicted, 1 when
+[--adapt-prior [em|bbse]] [--storage-option KEY=VALUE]`: offline batch prediction (`ltserve.batch`). Inputs and
+outputs may be URLs on object storage (`s3://bucket/prefix/`; `ltserve.batch.storage`). Exit 0 when every file was predicted, 1 when
 any failed (listed in the errors file)."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from ltserve.batch.job import format_summary, run_predict
 from ltserve.batch.options import ENGINES, FORMATS, PredictOptions, default_workers
+from ltserve.batch.storage import is_url, parse_storage_options
 from ltserve.fileio import write_json
 from ltserve.preprocess import DEFAULT_MAX_PIXELS
 from ltserve.runtime import BACKENDS
@@ -25,9 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ltserve predict", description="Offline batch prediction with a model package: folders, globs or list "
         "files in; JSONL, CSV or Parquet rows out; bad files to an errors file; resumable.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="folder (recursive), glob (quoted), image, or list file "
-                   "(.txt/.lst/.list: 'path' or 'path label' per line)")
+                   "(.txt/.lst/.list: 'path' or 'path label' per line); local, or on object storage (s3://bucket/"
+                   "prefix/, with the s3 extra)")
     p.add_argument("--model", required=True, type=Path, help="model package folder, e.g. models/fashion-lt")
-    p.add_argument("--out", required=True, type=Path, help="output file (.jsonl, .csv), or a folder of Parquet part "
+    p.add_argument("--out", required=True, type=_path_or_url, help="output file (.jsonl, .csv), or a folder of Parquet part "
                    "files (.parquet; read as one table by pandas, pyarrow, DuckDB, Ray)")
     p.add_argument("--out-format", choices=FORMATS, help="output format (default: from the --out suffix)")
     p.add_argument("--top-k", type=int, default=5, help="classes listed per image (default 5)")
@@ -35,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help=f"decode processes (default cores - 1 = {default_workers()}; 0: "
                    "decode in the main process); ray: decode tasks (default: as CPUs allow)")
     p.add_argument("--root", help="folder that relative paths in list files are joined to (default: the list's)")
-    p.add_argument("--errors", type=Path, help="errors file (default: <out>.errors.jsonl)")
+    p.add_argument("--errors", type=_path_or_url, help="errors file (default: <out>.errors.jsonl)")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                   help="fsspec option for s3://... inputs and outputs, repeatable (e.g. endpoint_url=http://host:9000)"
+                        "; credentials come from the usual variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                        "AWS_ENDPOINT_URL, AWS_PROFILE). On object storage --out is a folder of part objects "
+                        "(every --part-rows rows or 60 s), the errors a folder beside it"),
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its output files")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--engine", choices=ENGINES, default="local", help="local process pool, or Ray Data (extra 'ray'; "
@@ -80,7 +88,8 @@ def cli(argv: list[str] | None = None) -> int:
         torch_options=torch_options(args.torch_device, args.torch_precision, args.torch_device_preprocess),
         max_pixels=args.max_pixels, part_rows=args.part_rows, concurrency=args.concurrency,
         num_gpus=args.num_gpus,
-        ray_num_cpus=args.ray_num_cpus, progress=not args.no_progress, adapt_prior=args.adapt_prior)
+        ray_num_cpus=args.ray_num_cpus, storage_options=parse_storage_options(args.storage_option),
+        progress=not args.no_progress, adapt_prior=args.adapt_prior)
     # SIGTERM (batch schedulers, `kill`) stops like Ctrl-C: written rows are kept and --resume continues
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -103,6 +112,11 @@ def torch_options(device: str, precision: str, device_preprocess: bool = False) 
     if (device, precision, device_preprocess) == ("auto", "auto", False):
         return None
     return {"device": device, "precision": precision, **({"device_preprocess": True} if device_preprocess else {})}
+
+
+def _path_or_url(text: str) -> Path | str:
+    """--out / --errors: a local path, or a URL on object storage kept as text (a Path would fold its '//')."""
+    return text if is_url(text) else Path(text)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -16,6 +16,8 @@ What is reached, and why:
    `ltserve.serve.connection`'s receive deadline and connection cap (uvicorn has neither: its issue #157) and
    answers 503 over the cap before the app runs.
 
+3. `bento_env` builds BentoML's schema object for a Bento's environment variables (`ltserve bento`).
+
 `check_versions()` fails at the service's import with the fix when BentoML or uvicorn is outside the tested range.
 """
 
@@ -69,6 +71,14 @@ def front_service(service: Any, wrap: Callable[[Any], Any]) -> None:
     fronted = type(f"Fronted{base.__name__}", (base,), {"__slots__": (), "to_asgi": to_asgi,
                                                           "_ltserve_fronted": True})
     service.__class__ = fronted
+
+
+def bento_env(name: str, value: str) -> Any:
+    """One environment variable of a Bento, as `bentoml.bentos.build(envs=...)` takes it (BentoML's build schema
+    type, which its public API does not export)."""
+    from bentoml._internal.bento.build_config import BentoEnvSchema
+
+    return BentoEnvSchema(name=name, value=value)
 
 
 def install_protocol(limits: ConnectionLimits) -> None:
