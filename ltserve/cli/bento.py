@@ -38,7 +38,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import ltserve
 from ltserve.errors import ConfigError, MissingDependency, PackageError
@@ -312,16 +312,11 @@ def pinned_requirements(backend: str = "onnxruntime", constraints: dict[str, str
     from packaging.markers import default_environment
 
     pins = read_constraints() if constraints is None else constraints
-    try:
-        declared = [Requirement(r) for r in md.requires("ltserve") or []]
-    except md.PackageNotFoundError:
-        raise MissingDependency("ltserve is not installed, so its serving requirements are unknown: "
-                                "`pip install -e \".[cpu]\"` in the clone, then run `ltserve bento` again") from None
     env = default_environment()
-    extras_wanted = ("", *SERVING_EXTRAS[backend])
-    roots = [r for r in declared if r.marker is None or any(r.marker.evaluate({**env, "extra": e})
-                                                            for e in extras_wanted)]
-    roots += [r for r in declared if _canonical(r.name) in EXTRA_PACKAGES[backend]]
+    declared = declared_requirements()
+    roots = [r for extra, r in declared if extra in ("", *SERVING_EXTRAS[backend])
+             and (r.marker is None or r.marker.evaluate({**env, "extra": extra}))]
+    roots += [r for _, r in declared if _canonical(r.name) in EXTRA_PACKAGES[backend]]
     versions: dict[str, str] = {}
     drift: list[str] = []
     done: set[tuple[str, str]] = set()  # (package, extra) whose requirements were followed
@@ -353,6 +348,40 @@ def pinned_requirements(backend: str = "onnxruntime", constraints: dict[str, str
         logger.warning("installed versions differ from constraints.txt; the Bento pins constraints.txt's: %s",
                        ", ".join(sorted(drift)))
     return [f"{name}=={versions[name]}" for name in sorted(versions)]
+
+
+def declared_requirements() -> list[tuple[str, Any]]:
+    """ltserve's requirements as (extra, Requirement), "" for the base ones: from the clone's pyproject.toml when
+    there is one (so that a dependency just added counts before `pip install -e .` runs again), else from the
+    installed distribution's metadata.
+
+    Raises:
+        MissingDependency: neither is available.
+    """
+    from packaging.requirements import Requirement
+
+    pyproject = CONSTRAINTS.parent / "pyproject.toml"
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the installed metadata only
+        tomllib = None
+    if pyproject.is_file() and tomllib is not None:
+        project = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {})
+        if project.get("name") == "ltserve":
+            found = [("", Requirement(r)) for r in project.get("dependencies", [])]
+            for extra, reqs in project.get("optional-dependencies", {}).items():
+                found += [(extra, Requirement(r)) for r in reqs]
+            return found
+    try:
+        found = []
+        for text in md.requires("ltserve") or []:
+            req = Requirement(text)
+            extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", str(req.marker or ""))
+            found.append((extra.group(1) if extra else "", req))
+        return found
+    except md.PackageNotFoundError:
+        raise MissingDependency("ltserve is not installed, so its serving requirements are unknown: "
+                                "`pip install -e \".[cpu]\"` in the clone, then run `ltserve bento` again") from None
 
 
 def _canonical(name: str) -> str:
