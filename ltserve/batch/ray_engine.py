@@ -16,16 +16,21 @@ in separate CPU tasks that overlap inference.
 
 `ray.init()` connects to `RAY_ADDRESS` when it is set (local files must then be readable at the same absolute paths on
 every node, e.g. a shared file system, and ltserve installed there; inputs on object storage, `s3://...`, are read
-by each decode task itself, with the credentials of the node or `--storage-option`); otherwise a local instance is started with
+by each decode task itself, with the credentials of the node or `--storage-option`; the model package goes to the
+actors through Ray's object store, `ship_package`, so it need not be on the nodes); otherwise a local instance is started with
 `--ray-num-cpus` CPUs and no dashboard, and shut down at the end. Ray is imported only here, lazily.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -37,7 +42,7 @@ from ltserve.batch.output import Output, error_row, prediction_row
 from ltserve.batch.storage import is_url
 from ltserve import errors
 from ltserve.errors import LtserveError, MissingDependency
-from ltserve.package import ModelJson
+from ltserve.package import MODEL_JSON, ModelJson
 from ltserve.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec
 
 
@@ -86,7 +91,8 @@ class RayPredictor:
     """Ray Data actor: builds the Predictor once, then predicts the decoded rows of each batch.
 
     Args:
-        model_dir: the model package (readable by the actor's node).
+        model_dir: the model package: a folder the actor's node can read, or what `ship_package` put in Ray's
+            object store.
         top_k, batch_size, providers, threads: as `ltserve predict`.
         backend: "onnxruntime" or "torch" (`--backend`): the same runner as the local engine's, in every actor.
         torch_options: the torch runner's device, precision, cuda_graphs, compile (`PredictOptions.torch_options`).
@@ -97,7 +103,7 @@ class RayPredictor:
                  torch_options: dict[str, Any] | None = None) -> None:
         from ltserve.runtime import Predictor
 
-        self.predictor = Predictor(model_dir, providers=providers, threads=threads, max_batch_size=batch_size,
+        self.predictor = Predictor(local_package(model_dir), providers=providers, threads=threads, max_batch_size=batch_size,
                                    backend=backend, torch_options=torch_options)
         self.top_k = top_k
 
@@ -111,6 +117,40 @@ class RayPredictor:
             preds = p.postprocess(p.predict(p.preprocess(list(batch["image"][ok]))), self.top_k)
             prediction[np.flatnonzero(ok)] = [x.model_dump_json() for x in preds]
         return {"idx": batch["idx"], "prediction": prediction, "error": batch["error"], "reason": batch["reason"]}
+
+
+def ship_package(ray: Any, model_dir: str | os.PathLike, meta: ModelJson) -> dict[str, Any]:
+    """The package's files (model.json and every file it lists) in Ray's object store, for `local_package`: the
+    actors then need no shared file system, or the package at the same path, on their nodes.
+
+    Returns:
+        {"sha256": model.json's sha256, "files": an ObjectRef of {name: bytes}}.
+    """
+    root = Path(model_dir)
+    files = {name: (root / name).read_bytes() for name in [MODEL_JSON, *meta.files]}
+    return {"sha256": hashlib.sha256(files[MODEL_JSON]).hexdigest(), "files": ray.put(files)}
+
+
+def local_package(source: str | dict[str, Any]) -> str:
+    """A package folder on this node: `source` itself when it is a path, else the shipped files written once per
+    node and package (`<temp dir>/ltserve-packages-<uid>/<sha256 prefix>`, reused by every actor and later run; the
+    Predictor verifies every sha256 as always)."""
+    if not isinstance(source, dict):
+        return str(source)
+    import ray
+
+    folder = Path(tempfile.gettempdir()) / f"ltserve-packages-{os.getuid()}" / source["sha256"][:16]
+    if not (folder / MODEL_JSON).is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".incoming-"))
+        for name, data in ray.get(source["files"]).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)
+        try:
+            os.rename(tmp, folder)  # whole or not at all; another actor may have won the race
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
 
 
 _ACTOR_ERROR = re.compile(r"^ltserve\.errors\.(\w+): (.+)$", re.M)
@@ -170,7 +210,7 @@ def run_ray(items: Sequence[Item], opts: PredictOptions, meta: ModelJson, output
                             compute=ray.data.TaskPoolStrategy(size=opts.workers or None), num_cpus=1)
         # predict: `concurrency` actors, each building one Predictor; num_gpus per actor
         ds = ds.map_batches(RayPredictor, fn_constructor_kwargs={
-            "model_dir": os.path.abspath(opts.model), "top_k": opts.top_k, "batch_size": opts.batch_size,
+            "model_dir": ship_package(ray, opts.model, meta), "top_k": opts.top_k, "batch_size": opts.batch_size,
             "providers": opts.providers, "threads": opts.threads, "backend": opts.backend,
             "torch_options": opts.torch_options},
             batch_size=opts.batch_size, batch_format="numpy",
