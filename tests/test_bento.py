@@ -7,6 +7,7 @@ repository's service on the same package; both answer the same image.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -51,8 +52,6 @@ def test_the_bento_holds_the_package_and_the_serving_code_only(built, tiny_packa
     tag, path = built
     info = yaml.safe_load((path / "bento.yaml").read_text())
     meta = yaml.safe_load((tiny_package / "model.json").read_text())
-    import hashlib
-
     sha = hashlib.sha256((tiny_package / "model.json").read_bytes()).hexdigest()
     assert tag == f"{meta['name'].lower()}:{sha[:12]}"
     assert info["labels"]["package_sha256"] == sha and info["labels"]["backend"] == "onnxruntime"

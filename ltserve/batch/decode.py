@@ -46,7 +46,7 @@ def read_and_decode(file: str, spec: PreprocessSpec, max_pixels: int = DEFAULT_M
     if storage.is_url(file):
         try:
             data = storage.read_url(file, storage_options, MAX_FILE_BYTES)
-        except ValueError as exc:
+        except ValueError:
             raise ImageTooLarge(f"the object is larger than {MAX_FILE_BYTES} bytes; not decoded") from None
         return decode(data, spec, max_pixels)
     size = os.stat(file).st_size
