@@ -72,7 +72,7 @@ class ServiceSettings(BaseSettings):
         providers: ONNX Runtime providers, comma separated, best first, e.g. "cuda,cpu" (LTSERVE_PROVIDERS;
             default: the best available).
         backend: "onnxruntime" (default) or "torch": the package's model.pt2 through PyTorch, for GPU machines
-            without onnxruntime-gpu (LTSERVE_BACKEND; bentofile.torch.yaml sets it).
+            without onnxruntime-gpu (LTSERVE_BACKEND; `ltserve bento --backend torch` sets it).
         torch_device: the torch backend's device: auto, cpu or cuda (LTSERVE_TORCH_DEVICE).
         torch_precision: auto (fp16 on CUDA, fp32 on CPU), fp32 or fp16 (LTSERVE_TORCH_PRECISION); the same default
             as `TorchRunner`'s.
