@@ -1,6 +1,7 @@
 """Adaptive batching across concurrent requests, for an asyncio server: check each request's images from their
-headers (a pixel budget per request), decode them in a thread pool (huge images on a lane of their own), queue, and
-run one batch at a time on the Predictor in its own thread (in-process: no hop between processes)."""
+headers (a pixel budget per request), decode them (small ones on the event loop, others in a thread pool, huge ones
+on a lane of their own), queue, and run one batch at a time on the Predictor in its own thread (in-process: no hop
+between processes; a cheap model with nothing queued runs on the event loop)."""
 
 from __future__ import annotations
 
@@ -40,12 +41,12 @@ class _Job:
 class AsyncPredictor:
     """Classifies encoded images for an asyncio server, batching concurrent requests into one Predictor call.
 
-    Each request's files are first read and checked from their headers alone (format, size, the per-image cap and
+    Each request's files are first checked from their headers alone, read once (format, size, the per-image cap and
     the per-request pixel budget), so a request over budget costs microseconds per file and decodes nothing. Then
-    they are decoded in one of two thread pools: images up to `LARGE_IMAGE_PIXELS` on the main lane
-    (`decode_threads` threads), larger ones on a lane of their own (`decode_threads - 1` threads, at least one), so a
-    request of ordinary images never waits behind a flood of huge ones; at worst they share the cores. Decoded
-    images are queued. One worker task runs one batch at a time in its own thread: when the model is free it runs
+    they are decoded: on the event loop when every image holds at most `INLINE_DECODE_PIXELS`, else in one of two
+    thread pools, images up to `LARGE_IMAGE_PIXELS` on the main lane (`decode_threads` threads), larger ones on a
+    lane of their own (`decode_threads - 1` threads, at least one), so a request of ordinary images never waits
+    behind a flood of huge ones; at worst they share the cores. Decoded images are queued. One worker task runs one batch at a time in its own thread: when the model is free it runs
     the queued images (up to `max_batch_size`) at the batch size with the most images per second as timed at
     warm-up (see `_batch_target`); it waits for more, at most `max_latency_ms` after the oldest queued request
     arrived, only while other requests are still being decoded. So a lone request runs at once (no batching delay at
