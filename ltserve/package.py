@@ -17,6 +17,7 @@ from ltserve import __version__
 from ltserve.errors import PackageError
 from ltserve.fileio import atomic_write_text, sha256_file
 from ltserve.metrics import ShotGroup, shot_groups
+from ltserve.open_set import FEATURE_SCORES, SCORES
 from ltserve.preprocess import PreprocessSpec
 from ltserve.rundir import git_commit, utc_now
 
@@ -83,6 +84,30 @@ class LabelShiftInfo(_Strict):
                                       "statistic, dof, p_value, alpha, shrinkage, applied, fitted")
 
 
+class OpenSetInfo(_Strict):
+    """Open-set rejection calibrated at export (`ltserve.open_set`): which score, and the per-class thresholds that
+    accept `target` of the known val images in every shot group. Packages from before it have none
+    (`ModelJson.open_set` is None): the runtime then offers no open-set answers."""
+
+    score: str = Field(description="msp | energy | max_logit | ncm_cosine | mahalanobis (higher = less like the "
+                       "training classes)")
+    chosen_by: str = Field(description="why this score: the export rule or the --open-set-score override")
+    target: float = Field(gt=0.0, lt=1.0, description="share of known val images accepted in every shot group")
+    thresholds: list[float] = Field(description="C thresholds: an image is unknown when its score exceeds the "
+                                    "threshold of its predicted class")
+    threshold_source: list[str] = Field(description="C of class (its own val images) | group (its shot group's) | "
+                                        "all (every val image: the group had too few)")
+    group_thresholds: dict[str, float | None] = Field(default_factory=dict)
+    split: str = "val"
+    n: int = Field(description="val images calibrated on")
+    val_accepted: dict[str, Any] = Field(default_factory=dict, description="share of val images accepted per shot "
+                                         "group, by predicted and by true class")
+    candidates: dict[str, Any] = Field(default_factory=dict, description="every score the package can compute "
+                                       "and its val acceptance per group at its own thresholds")
+    stats_key: str | None = Field(None, description="the model.onnx metadata entry holding the feature scores' "
+                                  "statistics (ltserve.open_set_stats), when the graph has a features output")
+
+
 class ModelJson(_Strict):
     """Contents of `model.json`."""
 
@@ -102,6 +127,9 @@ class ModelJson(_Strict):
     input_name: str = "input"
     output_name: str = "logits"
     label_shift: LabelShiftInfo | None = None
+    features_name: str | None = None
+    """The graph's second output, the penultimate features (N, D), or None (graph has logits only)."""
+    open_set: OpenSetInfo | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "ModelJson":
@@ -126,7 +154,20 @@ class ModelJson(_Strict):
                                  "label); re-export the package")
             if self.label_shift.bias is not None and len(self.label_shift.bias) != n:
                 raise ValueError(f"label_shift.bias must hold {n} values (one per label); re-export the package")
+        if self.open_set is not None:
+            _check_open_set(self)
         return self
+
+
+def _check_open_set(meta: "ModelJson") -> None:
+    o, n = meta.open_set, len(meta.labels)
+    if o.score not in SCORES:
+        raise ValueError(f"open_set.score {o.score!r} is not one of {', '.join(SCORES)}; re-export the package")
+    if len(o.thresholds) != n or len(o.threshold_source) != n:
+        raise ValueError(f"open_set.thresholds and threshold_source must hold {n} values (one per label)")
+    if o.score in FEATURE_SCORES and (meta.features_name is None or o.stats_key is None):
+        raise ValueError(f"open_set.score {o.score!r} needs the graph's features output and its statistics "
+                         "(features_name, open_set.stats_key); re-export the package")
 
 
 def read_model_json(model_dir: str | Path) -> ModelJson:
@@ -194,7 +235,8 @@ def write_package(model_dir: str | Path, *, name: str, labels: Sequence[str], cl
                   preprocess: PreprocessSpec, head: HeadInfo, graph: GraphInfo, files: Sequence[str],
                   thresholds: ShotThresholds | None = None, metrics: dict[str, Any] | None = None,
                   verification: dict[str, Any] | None = None, command: str | None = None, run: str | None = None,
-                  config_hash: str | None = None, label_shift: LabelShiftInfo | None = None) -> ModelJson:
+                  config_hash: str | None = None, label_shift: LabelShiftInfo | None = None,
+                  features_name: str | None = None, open_set: OpenSetInfo | None = None) -> ModelJson:
     """Describe the files already in `model_dir` and write `model.json`: the one writer of the package schema.
 
     Shot groups come from the training counts and thresholds, every listed file gets its sha256 and size, and
@@ -204,6 +246,8 @@ def write_package(model_dir: str | Path, *, name: str, labels: Sequence[str], cl
     Args:
         files: the package's files, model.onnx first (e.g. ["model.onnx", "model.pt2"]).
         label_shift: the head's val confusion matrix (for label-shift estimation), or None.
+        features_name: the graph's features output, or None.
+        open_set: the open-set score and thresholds calibrated at export, or None.
 
     Returns:
         the ModelJson written.
@@ -219,10 +263,12 @@ def write_package(model_dir: str | Path, *, name: str, labels: Sequence[str], cl
             preprocess=preprocess, head=head, metrics=metrics or {}, verification=verification or {}, graph=graph,
             provenance=Provenance(ltserve_version=__version__, git_commit=git_commit(), config_hash=config_hash,
                                   created=utc_now(), command=command, run=run),
-            files=file_entries(model_dir, list(files)), label_shift=label_shift)
+            files=file_entries(model_dir, list(files)), label_shift=label_shift, features_name=features_name,
+            open_set=open_set)
     except ValidationError as exc:
         raise PackageError(f"{model_dir}: invalid package description: {exc}") from None
-    # no `label_shift: null` key: a package without it stays readable by an ltserve from before the field
-    atomic_write_text(Path(model_dir) / MODEL_JSON,
-                      meta.model_dump_json(indent=2, exclude={"label_shift"} if label_shift is None else None))
+    # no `label_shift: null` (or open-set) key: a package without it stays readable by an ltserve from before the field
+    absent = {k for k, v in (("label_shift", label_shift), ("features_name", features_name), ("open_set", open_set))
+              if v is None}
+    atomic_write_text(Path(model_dir) / MODEL_JSON, meta.model_dump_json(indent=2, exclude=absent or None))
     return load_package(model_dir, verify=True)

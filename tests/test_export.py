@@ -265,8 +265,11 @@ def test_package_is_one_file_with_a_symbolic_float32_batch(packages, inputs):
     pkg = packages["lws"]
     assert sorted(p.name for p in pkg.iterdir()) == ["model.json", "model.onnx"]
     model = onnx.load(str(pkg / "model.onnx"))
-    (inp,), (out,) = model.graph.input, model.graph.output
+    (inp,), (out, *extra) = model.graph.input, model.graph.output
     assert (inp.name, out.name) == ("input", "logits")
+    # the one other output: the penultimate features (open-set rejection), float32 (batch, D), no node added for it
+    assert [o.name for o in extra] == ["features"]
+    assert extra[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert inp.type.tensor_type.elem_type == out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert inp.type.tensor_type.shape.dim[0].dim_param == "batch"
     assert [d.dim_value for d in inp.type.tensor_type.shape.dim[1:]] == [1, 28, 28]

@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="the largest accuracy drop allowed in any of Many, Medium, Few, All (default 0.3 point)")
     d.add_argument("--jpeg-draft-images", type=int, default=None,
                    help="verification-split images the check decodes both ways (default 2000)")
+    o = p.add_argument_group("open-set rejection")
+    o.add_argument("--open-set-score", default=None, metavar="NAME",
+                   help="the score unknown images are rejected on: msp, energy, max_logit, ncm_cosine, mahalanobis "
+                   "(default: the export rule, ltserve.open_set.choose_score: mahalanobis when the graph has "
+                   "features)")
+    o.add_argument("--open-set-target", type=float, default=0.95, metavar="SHARE",
+                   help="share of known val images accepted in every shot group (default 0.95)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 18; default: the exporter's)")
     p.add_argument("--model-format", default="onnx", help="onnx, or onnx,pt2 to also write a torch.export program")
     p.add_argument("--verify-images", type=int, default=None,
@@ -78,6 +85,10 @@ def cli(argv: list[str] | None = None) -> int:
     if args.verify_images is not None and args.verify_images < MIN_VERIFY_IMAGES:
         raise ConfigError(f"--verify-images {args.verify_images}: use at least {MIN_VERIFY_IMAGES} (batch 1 and 7 "
                           "are checked)")
+    if args.open_set_score is not None:
+        from ltserve.open_set import check_score
+
+        check_score(args.open_set_score)  # before torch is imported and the run is read
     from ltserve.evaluate import best_head
     from ltserve.export import Int8Options, JpegDraftOptions, export_package
     from ltserve.rundir import open_run
@@ -98,8 +109,9 @@ def cli(argv: list[str] | None = None) -> int:
     out = args.out or Path("models") / f"{args.run_dir.name}-{head}"
     meta = export_package(run, head, out, precision=args.precision, opset=args.opset, formats=args.model_format,
                           verify_images=args.verify_images, int8=int8, jpeg_draft=draft,
-                          command=shlex.join(["ltserve", "export", *argv]), progress=not args.no_progress)
-    from ltserve.cli.inspect import draft_lines, precision_lines
+                          command=shlex.join(["ltserve", "export", *argv]), progress=not args.no_progress,
+                          open_set_score=args.open_set_score, open_set_target=args.open_set_target)
+    from ltserve.cli.inspect import draft_lines, open_set_lines, precision_lines
 
     v = meta.verification
     size = sum(f.bytes for f in meta.files.values())
@@ -108,7 +120,7 @@ def cli(argv: list[str] | None = None) -> int:
     print(f"  verified on {v['inputs']['images']} {v['inputs']['split']} images: max |diff| "
           f"{v['fp32']['max_abs_diff']:.2g} (tol {v['fp32']['tolerance']:.2g}), top-1 agreement "
           f"{v['fp32']['top1_agreement']:.4f}")
-    for line in [*precision_lines(v), *draft_lines(meta)]:
+    for line in [*precision_lines(v), *draft_lines(meta), *open_set_lines(meta)]:
         print("  " + line)
     for name, entry in meta.files.items():
         print(f"  {name}  {entry.bytes} bytes  sha256 {entry.sha256[:16]}...")

@@ -94,6 +94,25 @@ def draft_lines(meta: ModelJson) -> list[str]:
     return lines
 
 
+def open_set_lines(meta: ModelJson) -> list[str]:
+    """Open-set rejection (the export summary and `ltserve inspect`): score, why, target, thresholds per shot group
+    and per class, and the val acceptance they give."""
+    o = meta.open_set
+    if o is None:
+        return ["open-set rejection: none (exported before ltserve calibrated it: no unknown / ood_score answers)"]
+    groups = ", ".join(f"{g} {'-' if t is None else f'{t:.4g}'}" for g, t in o.group_thresholds.items())
+    acc = o.val_accepted.get("by_true_group", {})
+    lines = [f"open-set rejection: score {o.score} ({o.chosen_by}); target {o.target:.0%} of known {o.split} images "
+             f"accepted in every shot group ({o.n} images)",
+             f"  thresholds (unknown when the score exceeds its predicted class's): by group {groups}",
+             "  per class: " + ", ".join(f"{label} {t:.4g} ({s})" for label, t, s in
+                                        zip(meta.labels, o.thresholds, o.threshold_source)),
+             "  val accepted by true shot group: " + ", ".join(
+                 f"{g} {'-' if v is None else f'{v:.1%}'}" for g, v in acc.items()),
+             f"  features output: {meta.features_name or 'none'}"]
+    return lines
+
+
 def precision_lines(verification: dict[str, Any]) -> list[str]:
     """fp16 / int8 against fp32 (the export summary and `ltserve inspect`): agreement, each group's accuracy
     fp32 -> reduced with the change in points and its bound, and for int8 the calibration sample and the nodes kept
@@ -140,11 +159,13 @@ def describe(meta: ModelJson) -> list[str]:
                       f"{v['fp32']['top1_agreement']:.4f}"]
     lines += [f"  warning: {w}" for w in v.get("warnings", [])]
     lines += [f"  {line}" for line in [*precision_lines(v), *draft_lines(meta)]]
+    lines += ["", *open_set_lines(meta)]
     p = meta.preprocess
     lines += ["", f"preprocess: resize {p.resize} ({p.interpolation}), centre crop {p.crop}, {p.channels} channel(s), "
                   f"mean {list(p.mean)}, std {list(p.std)}{', JPEG draft allowed' if p.allow_draft else ''}",
               f"input {meta.input_name!r} float32 (N, {p.channels}, {p.crop}, {p.crop}) -> output "
-              f"{meta.output_name!r} (N, {len(meta.labels)})",
+              f"{meta.output_name!r} (N, {len(meta.labels)})"
+              + (f", {meta.features_name!r} (N, D)" if meta.features_name else ""),
               f"graph: opset {meta.graph.opset}, {meta.graph.nodes} nodes, {meta.graph.precision}; "
               + ", ".join(f"{op} {n}" for op, n in meta.graph.op_counts.items())]
     pv = meta.provenance

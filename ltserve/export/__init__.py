@@ -10,11 +10,15 @@
     reference.py  verification images (the run's test split) and the unfolded head's logits (the registry)
     verify.py     ONNX Runtime vs unfolded (fp32), fp16 / int8 vs fp32 per shot group (one comparison), pt2 vs ONNX,
                   lws scales
+    open_set.py   open-set rejection: the graph's `features` output checked, feature statistics (into model.onnx's metadata), the
+                  score chosen and its thresholds calibrated per shot group on val (`ltserve.open_set`)
     draft.py      JPEG draft decoding: the shipped graph on the verification split decoded exactly and with draft,
                   per shot group (the same comparison); on, off or refused, and why
 
 Every folded head therefore has exactly the node count of the joint export; ncm adds its four normalisation nodes
-(Sub, ReduceL2, Clip, Div). Verification is part of export and a package that fails it is never written (it is
+(Sub, ReduceL2, Clip, Div). The penultimate features (the tensor the head reads) are a second graph output,
+`features`, which adds no node; their class statistics go into model.onnx's metadata and the calibrated open-set
+score and thresholds into model.json's `open_set` section. Verification is part of export and a package that fails it is never written (it is
 built in a temporary folder beside the target and moved into place at the end). `model.json` records the head's
 parameters, its val and test metrics (test computed from the cached features when no evaluation recorded it), the
 verification (with `warnings`, e.g. tiny lws scales; non-positive ones refuse the export), provenance, and the head's
@@ -42,7 +46,9 @@ from ltserve.evaluate.run import head_report
 from ltserve.evaluate.selection import recorded_metrics
 from ltserve.export.draft import JPEG_DRAFT_MODES, JpegDraftOptions, check_jpeg_draft
 from ltserve.export.fold import FoldedClassifier
-from ltserve.export.graph import MIN_OPSET, check_model, export_onnx, to_fp16
+from ltserve.export.graph import (MIN_OPSET, add_features_output, check_model, expose_output, export_onnx,
+                                  remove_output, to_fp16)
+from ltserve.export.open_set import check_override, embed_stats, open_set_info, verify_features
 from ltserve.export.reference import backbone_features, unfolded_logits, verification_images
 from ltserve.export.quantize import DEFAULT_KEEP_FLOAT, Int8Inputs, Int8Options, build_int8
 from ltserve.export.verify import (VERIFY_IMAGES, check_scales, per_row_constant, verify_fp16, verify_onnx,
@@ -52,7 +58,8 @@ from ltserve.features.cache import cached_features
 from ltserve.heads import HEADS, CalibratedHead, head_sha256
 from ltserve.heads.calibrate import BIAS_ALPHA, fit_class_bias
 from ltserve.heads.head import served_prior
-from ltserve.package import (MODEL_JSON, HeadInfo, LabelShiftInfo, ModelJson, ShotThresholds, graph_info,
+from ltserve.open_set import DEFAULT_TARGET
+from ltserve.package import (MODEL_JSON, HeadInfo, LabelShiftInfo, ModelJson, OpenSetInfo, ShotThresholds, graph_info,
                              write_package)
 from ltserve.preprocess import PreprocessSpec
 from ltserve.progress import progress_bar
@@ -189,7 +196,8 @@ def export_package(run: Run | str | Path, head: str, out_dir: str | Path, precis
                    opset: int | None = None, formats: str | Sequence[str] = ("onnx",), *,
                    verify_images: int | None = None, int8: Int8Options | None = None,
                    jpeg_draft: str | JpegDraftOptions = "auto", command: str | None = None,
-                   progress: bool = True) -> ModelJson:
+                   progress: bool = True, open_set_score: str | None = None,
+                   open_set_target: float = DEFAULT_TARGET) -> ModelJson:
     """Fold `head` of a run, export it and write a verified model package to `out_dir`.
 
     Args:
@@ -210,6 +218,9 @@ def export_package(run: Run | str | Path, head: str, out_dir: str | Path, precis
             `JpegDraftOptions` with the bound and sample size. The run config's `preprocess.allow_draft` is not
             used: this decides it, and model.json records why (`verification["jpeg_draft"]`).
         command: the command line recorded in provenance (default: this process's argv).
+        open_set_score: the open-set score (`ltserve.open_set.SCORES`); None: chosen by the rule of
+            `ltserve.open_set.choose_score`. Calibrated per shot group on val (`open_set_target` of the known val
+            images accepted in every group) into model.json's `open_set`.
         progress: show a progress bar over the steps (on a terminal).
 
     Returns:
@@ -228,6 +239,10 @@ def export_package(run: Run | str | Path, head: str, out_dir: str | Path, precis
     formats = parse_formats(formats)
     if precision not in PRECISIONS:
         raise ConfigError(unknown_choice("--precision", precision, PRECISIONS))
+    check_override(open_set_score, has_features=True)
+    if not 0.0 < open_set_target < 1.0:
+        raise ConfigError(f"--open-set-target {open_set_target}: the share of known images to accept must be in "
+                          "(0, 1), e.g. 0.95")
     draft = jpeg_draft if isinstance(jpeg_draft, JpegDraftOptions) else JpegDraftOptions(mode=jpeg_draft)
     if verify_images is None:
         verify_images = INT8_VERIFY_IMAGES if precision == "int8" else VERIFY_IMAGES
@@ -241,7 +256,7 @@ def export_package(run: Run | str | Path, head: str, out_dir: str | Path, precis
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         meta = _build(run, head, out_dir, tmp, precision, opset, formats, verify_images, int8 or Int8Options(),
-                      draft, command, bar, t_start)
+                      draft, command, bar, t_start, (open_set_score, open_set_target))
         _move_into_place(tmp, out_dir)
     except PackageError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -278,7 +293,8 @@ def _load(run: Run, head_name: str) -> tuple[CalibratedHead, CalibratedHead, nn.
 
 def _build(run: Run, head_name: str, out_dir: Path, tmp: Path, precision: str, opset: int | None,
            formats: tuple[str, ...], n_images: int, int8: Int8Options, draft: JpegDraftOptions,
-           command: str | None, bar: Any, t_start: float) -> ModelJson:
+           command: str | None, bar: Any, t_start: float,
+           open_set: tuple[str | None, float] = (None, DEFAULT_TARGET)) -> ModelJson:
     """Export, verify and describe into `tmp`; raise on the first failed check."""
     head, joint, backbone = _load(run, head_name)
     info, cfg = run.info, run.config
@@ -290,7 +306,8 @@ def _build(run: Run, head_name: str, out_dir: Path, tmp: Path, precision: str, o
     if fingerprint != info.data_fingerprint:
         log.warning("data fingerprint %s differs from the run's %s: verifying on the data set as it is now",
                     fingerprint, info.data_fingerprint)
-    ref = unfolded_logits(head, joint, backbone_features(backbone, x), info.class_counts)
+    feats = backbone_features(backbone, x)
+    ref = unfolded_logits(head, joint, feats, info.class_counts)
     verification: dict[str, Any] = {"inputs": {"split": split, "images": int(len(x)), "data_fingerprint": fingerprint},
                                     "warnings": warnings}
     bar.update()
@@ -298,13 +315,20 @@ def _build(run: Run, head_name: str, out_dir: Path, tmp: Path, precision: str, o
     t0 = time.perf_counter()
     fp32_path = tmp / ("model.fp32.onnx" if precision != "fp32" else "model.onnx")
     program = export_onnx(FoldedClassifier(backbone, head).eval(), x, fp32_path, opset)
+    features_name = add_features_output(fp32_path, head)
     export_s = time.perf_counter() - t0
     bar.update()
 
     onnx_logits = verify_onnx(fp32_path, head, x, labels, ref, info, verification)
+    verification["features"] = verify_features(fp32_path, features_name, x, feats)
     bar.update()
+    if precision != "fp32":
+        # the converters run on the graph with logits as its one output (an output that also feeds the head breaks
+        # fp16's casts); the features come back as an output of the converted graph below
+        remove_output(fp32_path, features_name)
     if precision == "fp16":
         to_fp16(fp32_path, tmp / "model.onnx", verification["graph"])
+        expose_output(tmp / "model.onnx", features_name, head.num_features)
         check_model(tmp / "model.onnx")
         verification["fp16"] = verify_fp16(tmp / "model.onnx", fp32_path, x, labels, onnx_logits, ref,
                                            per_row_constant(head), info)
@@ -313,6 +337,8 @@ def _build(run: Run, head_name: str, out_dir: Path, tmp: Path, precision: str, o
         normalisation = [n for n, op in zip(g["head_nodes"], g["head_ops"]) if op != "Gemm"]
         verification["int8"] = build_int8(run, head, Int8Inputs(fp32_path, split, x, labels, onnx_logits, ref,
                                                                 normalisation), tmp / "model.onnx", int8)
+        expose_output(tmp / "model.onnx", features_name, head.num_features)
+        check_model(tmp / "model.onnx")
     if precision != "fp32":
         fp32_path.unlink()
         bar.update()
@@ -326,14 +352,18 @@ def _build(run: Run, head_name: str, out_dir: Path, tmp: Path, precision: str, o
     verification["exporter"] = {"name": "torch.onnx.export(dynamo=True) from torch.export", "torch": torch.__version__,
                                 "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"),
                                 "export_seconds": export_s, "total_seconds": time.perf_counter() - t_start}
+    open_set_section, stats = open_set_info(run, head, features_name, *open_set)
+    if stats is not None:
+        embed_stats(tmp / "model.onnx", stats)
     meta = _describe(run, out_dir, tmp, head, spec, verification, precision, command,
-                     ["model.onnx", *(["model.pt2"] if "pt2" in formats else [])])
+                     ["model.onnx", *(["model.pt2"] if "pt2" in formats else [])], features_name, open_set_section)
     bar.update()
     return meta
 
 
 def _describe(run: Run, out_dir: Path, tmp: Path, head: CalibratedHead, spec: PreprocessSpec,
-              verification: dict[str, Any], precision: str, command: str | None, files: list[str]) -> ModelJson:
+              verification: dict[str, Any], precision: str, command: str | None, files: list[str],
+              features_name: str | None = None, open_set: OpenSetInfo | None = None) -> ModelJson:
     """Write model.json for the files in `tmp` (through the one writer, which reads it back and verifies it)."""
     import onnx
 
@@ -344,7 +374,7 @@ def _describe(run: Run, out_dir: Path, tmp: Path, head: CalibratedHead, spec: Pr
         head=HeadInfo(name=head.method, params=head_params(head), temperature=head.temperature),
         metrics=head_metrics(run, head), verification=verification,
         graph=graph_info(onnx.load(str(tmp / "model.onnx")), precision), files=files,
-        label_shift=label_shift_info(run, head),
+        label_shift=label_shift_info(run, head), features_name=features_name, open_set=open_set,
         command=command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         run=str(run.root), config_hash=config_hash(run.config))
 

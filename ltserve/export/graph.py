@@ -174,3 +174,70 @@ def to_fp16(src: Path, dst: Path, head_check: dict[str, Any]) -> None:
         converted = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep or None)
     onnx.save(converted, str(dst))
 
+
+
+def add_features_output(path: Path, head: CalibratedHead, name: str = "features") -> str:
+    """Expose the penultimate features (the tensor the head reads: the Gemm's input, or for ncm the normalisation
+    chain's) as a second graph output named `name`, (batch, D) float32. No node is added or changed but for the
+    tensor's name, so the fold and its check are untouched; the open-set feature scores read it.
+
+    Returns:
+        `name`.
+
+    Raises:
+        PackageError: the head sub-graph is not the folded head (`check_head_subgraph`).
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path))
+    first = check_head_subgraph(model, head)["head_nodes"][0]
+    node = next(n for n in model.graph.node if n.name == first)
+    old = node.input[0]
+    if any(o.name == name for o in model.graph.output) or old in {i.name for i in model.graph.input}:
+        raise PackageError(f"{path.name}: cannot expose the features as output {name!r}")
+    for n in model.graph.node:
+        n.input[:] = [name if x == old else x for x in n.input]
+        n.output[:] = [name if x == old else x for x in n.output]
+    for v in model.graph.value_info:
+        if v.name == old:
+            v.name = name
+    model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", head.num_features]))
+    onnx.save(model, str(path))
+    return name
+
+
+def remove_output(path: Path, name: str) -> None:
+    """Drop graph output `name` (the tensor stays, feeding its consumers): fp16 and int8 conversion run on the graph
+    with logits as its one output, and `expose_output` adds the features back after."""
+    import onnx
+
+    model = onnx.load(str(path))
+    kept = [o for o in model.graph.output if o.name != name]
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+    onnx.save(model, str(path))
+
+
+def expose_output(path: Path, name: str, width: int) -> None:
+    """Make tensor `name` a graph output (batch, width), float32 like every output: no node is added where the
+    converted graph computes it in float32 (int8's QDQ graph); an fp16 graph gets one Cast to float32 after it (the
+    internal float16 tensor is renamed `<name>_fp16`)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path))
+    if not any(name in n.output for n in model.graph.node):
+        raise PackageError(f"{path.name}: no node produces {name!r} after conversion; cannot expose the features")
+    inferred = onnx.shape_inference.infer_shapes(model)
+    elem = next((v.type.tensor_type.elem_type for v in inferred.graph.value_info if v.name == name),
+                TensorProto.FLOAT)
+    if elem != TensorProto.FLOAT:
+        inner = f"{name}_fp16"
+        for n in model.graph.node:
+            n.input[:] = [inner if x == name else x for x in n.input]
+            n.output[:] = [inner if x == name else x for x in n.output]
+        model.graph.node.append(helper.make_node("Cast", [inner], [name], name=f"{name}_to_float32",
+                                                 to=TensorProto.FLOAT))
+    model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", width]))
+    onnx.save(model, str(path))
