@@ -160,6 +160,7 @@ def summarize(opts: PredictOptions, meta: ModelJson, fmt: str, errors_path: Path
         "files": len(items), "predicted": t.rows, "failed": t.errors, "resumed": len(items) - len(todo),
         "new_rows": output.new_rows, "new_errors": output.new_errors,
         "errors_by_kind": dict(t.by_error), "shot_groups": {g: t.by_group.get(g, 0) for g in SHOT_GROUPS},
+        "unknown": t.unknown, "open_set": opts.open_set,
         "batch_size": opts.batch_size, "workers": default_workers() if opts.workers is None else opts.workers,
         "elapsed_s": round(end - output.started, 3), "setup_s": round(ready - output.started, 3),
         "images_per_s": round(processed / (end - ready), 2) if processed and end > ready else None,
@@ -175,7 +176,8 @@ def format_summary(s: dict[str, Any]) -> str:
              f"  output: {s['output']}" + (f"; failures in {s['errors_file']}" if s["failed"] else "")]
     if s["failed"]:
         lines.append("  failures: " + ", ".join(f"{k} {v}" for k, v in sorted(s["errors_by_kind"].items())))
-    lines.append("  predictions by shot group: " + ", ".join(f"{g} {s['shot_groups'][g]}" for g in SHOT_GROUPS))
+    lines.append("  predictions by shot group: " + ", ".join(f"{g} {s['shot_groups'][g]}" for g in SHOT_GROUPS)
+                 + (f"; flagged unknown (open set): {s['unknown']}" if s.get("unknown") else ""))
     lines.append(f"  throughput: {s['images_per_s']} images/s ({s['new_rows'] + s['new_errors']} files in "
                  f"{s['elapsed_s']:.2f} s, {s['setup_s']:.2f} s of it loading the model; engine {s['engine']}, "
                  f"batch {s['batch_size']})")

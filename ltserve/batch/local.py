@@ -36,17 +36,18 @@ def _run(items: Sequence[Item], opts: PredictOptions, meta: ModelJson, output: O
     with DecodePool([it.file for it in items], meta.preprocess, workers, chunk, opts.max_pixels,
                     opts.storage_options) as pool:
         predictor = Predictor(opts.model, providers=opts.providers, threads=opts.threads,
-                              max_batch_size=opts.batch_size, backend=opts.backend, torch_options=opts.torch_options)
+                              max_batch_size=opts.batch_size, backend=opts.backend, torch_options=opts.torch_options,
+                              open_set=opts.open_set)
         output.ready()
 
         def run_batch(n: int) -> None:
             batch_items, batch_images = pending_items[:n], pending_images[:n]
             del pending_items[:n], pending_images[:n]
-            logits = predictor.predict(predictor.preprocess(batch_images))
+            logits, features = predictor.predict_outputs(predictor.preprocess(batch_images))
             if adapter is not None:  # rows are written once the whole input's prior is known
                 adapter.keep(batch_items, logits)
                 return
-            preds = predictor.postprocess(logits, opts.top_k)
+            preds = predictor.postprocess(logits, opts.top_k, features=features)
             output.rows([prediction_row(it, p.model_dump(mode="json"), predictor.labels)
                          for it, p in zip(batch_items, preds)])
 

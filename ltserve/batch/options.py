@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ltserve.errors import ConfigError, unknown_choice
+from ltserve.open_set import check_mode
 from ltserve.preprocess import DEFAULT_MAX_PIXELS
 from ltserve.runtime.prior import METHODS as PRIOR_METHODS
 
@@ -46,6 +47,7 @@ class PredictOptions:
     storage_options: dict[str, Any] | None = None  # fsspec options for URLs (`--storage-option`); never logged
     progress: bool = True
     adapt_prior: str | None = None  # "em" | "bbse": estimate the prior over the whole input and adapt every row
+    open_set: str | None = None  # "off" | "flag" | "reject"; None: flag when the package has thresholds, else off
 
 
 def default_workers() -> int:
@@ -81,6 +83,11 @@ def check_options(o: PredictOptions) -> None:
         raise ConfigError("--resume continues the existing output and --overwrite replaces it: pass one of them")
     if o.workers is not None and o.workers < 0:
         raise ConfigError(f"--workers must be >= 0 (0 decodes in the main process), got {o.workers}")
+    if o.open_set is not None:
+        check_mode(o.open_set, "--open-set")
+        if o.open_set == "reject" and o.adapt_prior is not None:
+            raise ConfigError("--open-set reject with --adapt-prior: the adapted rows are written without the "
+                              "features a feature score needs; use --open-set flag or drop --adapt-prior")
     if o.adapt_prior is not None:
         if o.adapt_prior not in PRIOR_METHODS:
             raise ConfigError(unknown_choice("--adapt-prior", o.adapt_prior, PRIOR_METHODS))

@@ -27,12 +27,16 @@ class Tally:
     pred: list[int] = field(default_factory=list)
     true: list[int] = field(default_factory=list)
     unadapted: list[int] = field(default_factory=list)  # --adapt-prior: the prediction before the adaptation
+    unknown: int = 0  # rows open-set rejection flagged unknown
 
     def add_row(self, row: dict, unadapted: int | None = None) -> None:
         self.rows += 1
         self.by_group[row["shot_group"]] += 1
+        if row.get("unknown") in (True, "True", "true"):
+            self.unknown += 1
         if row.get("true_class_index") not in (None, ""):
-            self.pred.append(int(row["class_index"]))
+            # a row rejected as unknown (--open-set reject) has no class: it counts as wrong
+            self.pred.append(-1 if row.get("class_index") in (None, "") else int(row["class_index"]))
             self.true.append(int(row["true_class_index"]))
             if unadapted is not None:
                 self.unadapted.append(int(unadapted))

@@ -100,11 +100,11 @@ class RayPredictor:
 
     def __init__(self, model_dir: str, top_k: int, batch_size: int, providers: str | None = None,
                  threads: int | None = None, backend: str = "onnxruntime",
-                 torch_options: dict[str, Any] | None = None) -> None:
+                 torch_options: dict[str, Any] | None = None, open_set: str | None = None) -> None:
         from ltserve.runtime import Predictor
 
         self.predictor = Predictor(local_package(model_dir), providers=providers, threads=threads, max_batch_size=batch_size,
-                                   backend=backend, torch_options=torch_options)
+                                   backend=backend, torch_options=torch_options, open_set=open_set)
         self.top_k = top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -114,7 +114,8 @@ class RayPredictor:
         prediction = np.full(len(ok), "", dtype=object)
         if ok.any():
             p = self.predictor
-            preds = p.postprocess(p.predict(p.preprocess(list(batch["image"][ok]))), self.top_k)
+            logits, features = p.predict_outputs(p.preprocess(list(batch["image"][ok])))
+            preds = p.postprocess(logits, self.top_k, features=features)
             prediction[np.flatnonzero(ok)] = [x.model_dump_json() for x in preds]
         return {"idx": batch["idx"], "prediction": prediction, "error": batch["error"], "reason": batch["reason"]}
 
@@ -212,7 +213,7 @@ def run_ray(items: Sequence[Item], opts: PredictOptions, meta: ModelJson, output
         ds = ds.map_batches(RayPredictor, fn_constructor_kwargs={
             "model_dir": ship_package(ray, opts.model, meta), "top_k": opts.top_k, "batch_size": opts.batch_size,
             "providers": opts.providers, "threads": opts.threads, "backend": opts.backend,
-            "torch_options": opts.torch_options},
+            "torch_options": opts.torch_options, "open_set": opts.open_set},
             batch_size=opts.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=opts.concurrency), num_gpus=opts.num_gpus or None)
         output.ready()

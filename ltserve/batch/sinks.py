@@ -87,7 +87,7 @@ class CsvSink(_AppendedFile):
         labelled: add the true_label and true_class_index columns.
     """
 
-    BASE_COLUMNS = ["path", "label", "class_index", "probability", "shot_group", "top_k"]
+    BASE_COLUMNS = ["path", "label", "class_index", "probability", "shot_group", "top_k", "unknown", "ood_score"]
 
     def __init__(self, path: Path, labelled: bool) -> None:
         self.path = Path(path)
@@ -112,7 +112,8 @@ class CsvSink(_AppendedFile):
                     raise DataError(f"{self.path}: row {values[:1]} has {len(values)} fields, expected "
                                     f"{len(header)}; the file was edited; move it away or run without --resume")
                 row: dict[str, Any] = dict(zip(header, values))
-                row["class_index"] = int(row["class_index"])
+                # empty: an image rejected as unknown (--open-set reject)
+                row["class_index"] = int(row["class_index"]) if row["class_index"] else None
                 if row.get("true_class_index"):
                     row["true_class_index"] = int(row["true_class_index"])
                 yield row
@@ -155,7 +156,8 @@ class ParquetSink:
         entry = pa.struct([("label", pa.string()), ("class_index", pa.int64()), ("probability", pa.float64()),
                            ("shot_group", pa.string())])
         fields = [("path", pa.string()), ("label", pa.string()), ("class_index", pa.int64()),
-                  ("probability", pa.float64()), ("shot_group", pa.string()), ("top_k", pa.list_(entry))]
+                  ("probability", pa.float64()), ("shot_group", pa.string()), ("top_k", pa.list_(entry)),
+                  ("unknown", pa.bool_()), ("ood_score", pa.float64())]
         if labelled:
             fields += [("true_label", pa.string()), ("true_class_index", pa.int64())]
         self.schema = pa.schema(fields)
@@ -173,7 +175,8 @@ class ParquetSink:
 
         for tmp in self.path.glob(".part-*.tmp"):  # a part that was being written when the run was killed
             tmp.unlink()
-        columns = [c for c in ("path", "class_index", "shot_group", "true_class_index") if c in self.schema.names]
+        columns = [c for c in ("path", "class_index", "shot_group", "true_class_index", "unknown")
+                   if c in self.schema.names]
         for part in self._parts():
             names = pq.read_schema(part).names
             if names != self.schema.names:

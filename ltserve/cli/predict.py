@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="estimate the class prior of the whole input from its own predictions (em: EM over the "
                         "posteriors, the default; bbse: the package's val confusion matrix) and write every row "
                         "adapted to it (logits + log(pi_input / pi_target), capped); local engine, no --resume")
+    p.add_argument("--open-set", choices=("off", "flag", "reject"), default=None,
+                   help="open-set rejection (the package's score and per-shot-group thresholds): flag fills the "
+                        "unknown and ood_score columns; reject also leaves label, class_index, probability and "
+                        "shot_group empty for unknown images; off leaves both columns empty (default: flag when the "
+                        "package has thresholds, else off)")
     p.add_argument("--summary-json", type=Path, help="also write the summary as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -89,7 +94,8 @@ def cli(argv: list[str] | None = None) -> int:
         max_pixels=args.max_pixels, part_rows=args.part_rows, concurrency=args.concurrency,
         num_gpus=args.num_gpus,
         ray_num_cpus=args.ray_num_cpus, storage_options=parse_storage_options(args.storage_option),
-        progress=not args.no_progress, adapt_prior=args.adapt_prior)
+        progress=not args.no_progress, adapt_prior=args.adapt_prior,
+        open_set=args.open_set)
     # SIGTERM (batch schedulers, `kill`) stops like Ctrl-C: written rows are kept and --resume continues
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

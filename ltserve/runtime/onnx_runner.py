@@ -1,7 +1,8 @@
 """The ONNX Runtime runner: a package's `model.onnx` in a session with explicit providers and threads.
 
 Runners share one interface with `ltserve.runtime.torch_runner.TorchRunner`: `run(batch) -> logits`, `info()`,
-`buckets`, `max_batch_size`, `on_accelerator`. Batches are padded to power-of-two buckets up to `max_batch_size`
+`buckets`, `max_batch_size`, `on_accelerator`; this one also has `run_outputs(batch) -> (logits, features | None)`
+(the graph's `features` output, model.json `features_name`, when the package has one). Batches are padded to power-of-two buckets up to `max_batch_size`
 (a batch of 5 runs as 8, the outputs are sliced), so a serving process never meets a new input shape after warm-up.
 No torch here; onnxruntime is the serving extra.
 """
@@ -119,6 +120,7 @@ class OnnxRunner:
             logger.warning("%s: asked for %s but ONNX Runtime runs on %s (fell back)", self.model_dir,
                            self.requested_providers[0], self.providers[0])
         self._input_dtype = self._check_graph()
+        self.features_name: str | None = meta.features_name
 
     @property
     def on_accelerator(self) -> bool:
@@ -131,6 +133,19 @@ class OnnxRunner:
         x = np.ascontiguousarray(pad_to(chunk, bucket_for(self.buckets, n)), dtype=self._input_dtype)
         (logits,) = self.session.run([self.meta.output_name], {self.meta.input_name: x})
         return np.asarray(logits[:n], dtype=np.float32)
+
+    def run_outputs(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits (N, C), features (N, D) or None when the graph has no features output), float32; one run."""
+        if self.features_name is None:
+            return self.run(chunk), None
+        n = len(chunk)
+        x = np.ascontiguousarray(pad_to(chunk, bucket_for(self.buckets, n)), dtype=self._input_dtype)
+        logits, features = self.session.run([self.meta.output_name, self.features_name], {self.meta.input_name: x})
+        return np.asarray(logits[:n], dtype=np.float32), np.asarray(features[:n], dtype=np.float32)
+
+    def metadata(self) -> dict[str, str]:
+        """The graph file's metadata entries (ModelProto.metadata_props), e.g. the open-set feature statistics."""
+        return dict(self.session.get_modelmeta().custom_metadata_map)
 
     def info(self) -> dict[str, Any]:
         """What runs: backend, providers (the first one is used), threads."""
@@ -178,5 +193,10 @@ class OnnxRunner:
         if len(out_shape) != 2 or (isinstance(out_shape[1], int) and out_shape[1] != num_classes):
             raise PackageError(f"{path}: graph output shape {out_shape} does not match the {num_classes} "
                                "labels in model.json")
+        if self.meta.features_name is not None:
+            feat = outputs.get(self.meta.features_name)
+            if feat is None or len(feat.shape) != 2:
+                raise PackageError(f"{path}: model.json names the features output {self.meta.features_name!r} but "
+                                   f"the graph has {sorted(outputs)}; re-export the package")
         return np.dtype(np.float16) if inp.type == "tensor(float16)" else np.dtype(np.float32)
 

@@ -8,6 +8,12 @@ runner normalises them on its device; the Predictor checks that path against the
 start-up and uses it only when the logits agree (`info()["runtime"]["preprocess_on"]` says which path runs).
 `predict` takes either kind of batch whatever the runner.
 
+Open-set rejection (`ltserve.open_set`, model.json `open_set`): `open_set="off" | "flag" | "reject"` (default flag
+when the package has thresholds, else off). `predict_outputs(batch) -> (logits, features | None)` also returns the
+graph's penultimate features (ONNX Runtime, packages exported with them); `postprocess(logits, top_k,
+features=features)` then adds `unknown` and `ood_score` to every Prediction (and, with reject, answers an unknown
+image's label null). A logit score (msp, energy, max_logit) needs no features.
+
 A model package (`model.onnx` + `model.json`) is loaded and verified (schema, every sha256) once, and a runner is
 picked from `RUNNERS`: ONNX Runtime (`model.onnx`), or PyTorch (`model.pt2`, for GPU machines with torch and no
 onnxruntime-gpu). Every batch size the runner will run is warmed up once and timed (`bucket_ms`), so a serving
@@ -25,8 +31,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ltserve.errors import ConfigError, unknown_choice
+from ltserve.errors import ConfigError, PackageError, unknown_choice
 from ltserve.metrics import ShotGroup
+from ltserve.open_set import FEATURE_SCORES, FeatureStats, Scorer, check_mode
 from ltserve.package import ModelJson, load_package
 from ltserve.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec, decode, normalize_pixels, stack_pixels
 from ltserve.runtime.buckets import bucket_for
@@ -64,17 +71,23 @@ class Predictor:
             bucket; needs `ltserve export ... --model-format onnx,pt2`).
         torch_options: the torch runner's device, precision, cuda_graphs, compile, device_preprocess (see
             `TorchRunner`).
+        open_set: "off", "flag" (every answer carries `unknown` and `ood_score`) or "reject" (an unknown image also
+            answers label null); None: "flag" when the package has open-set thresholds, else "off".
 
     Raises:
         PackageError: the package is missing, invalid, fails its sha256 check, or its graph does not match
             model.json (input/output names, channels, size, classes).
         MissingDependency: onnxruntime (or torch) is not installed.
-        ConfigError: an unknown backend or provider, or a bad max_batch_size / threads.
+        ConfigError: an unknown backend or provider, or a bad max_batch_size / threads, an unknown open_set mode,
+            or "flag" / "reject" for a package without open-set thresholds (or a feature score on a runner
+            without the features output: the torch backend).
     """
 
     def __init__(self, model_dir: str | Path, providers: Sequence[str] | str | None = None,
                  threads: int | None = None, max_batch_size: int = 32, backend: str = "onnxruntime",
-                 torch_options: dict[str, Any] | None = None) -> None:
+                 torch_options: dict[str, Any] | None = None, open_set: str | None = None) -> None:
+        if open_set is not None:
+            check_mode(open_set, "open_set")
         if backend not in BACKENDS:
             raise ConfigError(unknown_choice("backend", backend, BACKENDS))
         if max_batch_size < 1:
@@ -94,11 +107,43 @@ class Predictor:
         self.buckets: list[int] = list(self.runner.buckets)
         self.providers: list[str] = list(self.runner.providers)
         self.threads: int | None = self.runner.info().get("threads")
+        self.open_set_mode, self.feature_stats = self._open_set(open_set)
         self.device_preprocess_check: dict[str, Any] | None = self._check_device_preprocess()
         self.warmup_s = self._warm_up()
         logger.info("loaded %s (%s, %s, %d classes) on %s, batch buckets %s, warm-up %.2f s", self.model_dir,
                     self.meta.name, self.meta.graph.precision, self.num_classes, self.providers[0], self.buckets,
                     self.warmup_s)
+
+    def _open_set(self, mode: str | None) -> tuple[str, FeatureStats | None]:
+        """The open-set mode and the feature statistics its score needs (checked against the package)."""
+        section = self.meta.open_set
+        self._thresholds = np.asarray(section.thresholds if section is not None else [], dtype=np.float64)
+        self._scorer: Scorer | None = None
+        if section is None:
+            if mode not in (None, "off"):
+                raise ConfigError(f"{self.model_dir}: open_set={mode!r} needs a package with open-set thresholds "
+                                  "(model.json `open_set`, written by `ltserve export` since open-set rejection); "
+                                  "re-export the package, or use open_set='off'")
+            return "off", None
+        needs_features = section.score in FEATURE_SCORES
+        if needs_features and getattr(self.runner, "features_name", None) is None:
+            if mode not in (None, "off"):
+                raise ConfigError(f"{self.model_dir}: the package's open-set score {section.score!r} needs the "
+                                  f"graph's features output, which the {self.backend} runner does not give; use "
+                                  "backend='onnxruntime' or open_set='off'")
+            logger.warning("%s: open-set score %s needs features the %s runner does not give: open-set off",
+                           self.model_dir, section.score, self.backend)
+            return "off", None
+        stats = None
+        if section.stats_key is not None and getattr(self.runner, "features_name", None) is not None:
+            text = self.runner.metadata().get(section.stats_key)
+            try:
+                stats = FeatureStats.from_text(text or "")
+            except ValueError as exc:
+                raise PackageError(f"{self.model_dir / 'model.onnx'}: metadata {section.stats_key!r}: {exc}; "
+                                   "re-export the package") from None
+        self._scorer = Scorer(section.score, stats if needs_features else None)
+        return (mode or "flag"), stats
 
     @property
     def on_accelerator(self) -> bool:
@@ -172,7 +217,7 @@ class Predictor:
         return pixels if self.pixel_input else normalize_pixels(pixels, self.spec)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Logits of a preprocessed batch.
+        """Logits of a preprocessed batch (`predict_outputs` also gives the penultimate features).
 
         Args:
             batch: float32 (N, C, crop, crop), or uint8 pixels (N, crop, crop, C) before normalisation (what
@@ -197,16 +242,66 @@ class Predictor:
         chunks = [run(batch[i:i + step]) for i in range(0, len(batch), step)]
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
+    def predict_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (N, num_classes) and the penultimate features (N, D) of a preprocessed batch, in one run.
+
+        Features are None when the runner cannot give them: a package without the features output, the torch
+        backend, or uint8 pixels normalised on the device. Takes what `predict` takes.
+        """
+        batch = np.asarray(batch)
+        run_outputs = getattr(self.runner, "run_outputs", None)
+        if run_outputs is None or getattr(self.runner, "features_name", None) is None or batch.dtype == np.uint8:
+            return self.predict(batch), None
+        c, s = self.spec.channels, self.spec.crop
+        batch = batch.astype(np.float32, copy=False)
+        if batch.ndim != 4 or batch.shape[1:] != (c, s, s) or batch.shape[0] < 1:
+            raise ValueError(f"predict_outputs expects float32 (N, {c}, {s}, {s}) or uint8 (N, {s}, {s}, {c}) with "
+                             f"N >= 1, got {batch.dtype} {batch.shape}")
+        step = self.max_batch_size
+        parts = [run_outputs(batch[i:i + step]) for i in range(0, len(batch), step)]
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def open_set_scores(self, logits: np.ndarray, features: np.ndarray | None = None,
+                        ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(ood_score (N,) float64, unknown (N,) bool) of the package's score and thresholds, or None when the
+        package has no open-set section or the score needs features and `features` is None."""
+        if self._scorer is None or (self._scorer.needs_features and features is None):
+            return None
+        score = self._scorer(logits, features)
+        return score, score > self._thresholds[np.asarray(logits).argmax(axis=1)]
+
     def postprocess(self, logits: np.ndarray, top_k: int = 5, answer: type[Prediction] = Prediction,
-                    **fields: Any) -> list[Prediction]:
-        """Softmax (float64, then float) and the top-k classes of every row; see `postprocess`."""
-        return postprocess(logits, self.labels, self.shot_groups, top_k, answer, **fields)
+                    features: np.ndarray | None = None, **fields: Any) -> list[Prediction]:
+        """Softmax (float64, then float) and the top-k classes of every row; see `postprocess`.
+
+        With open-set on (`open_set_mode` flag or reject) every answer also gets `ood_score` and `unknown`; a
+        feature score needs `features` (from `predict_outputs`): without them, flag answers leave both None (logged
+        once) and reject raises ValueError, as it cannot reject.
+        """
+        if self.open_set_mode == "off":
+            return postprocess(logits, self.labels, self.shot_groups, top_k, answer, **fields)
+        result = self.open_set_scores(logits, features)
+        if result is None:
+            if self.open_set_mode == "reject":
+                raise ValueError(f"open-set score {self.meta.open_set.score!r} needs the features: pass "
+                                 "features= from predict_outputs(batch)")
+            if not getattr(self, "_warned_features", False):
+                self._warned_features = True
+                logger.warning("postprocess without features: open-set score %s not computed (call "
+                               "predict_outputs and pass features=)", self.meta.open_set.score)
+            return postprocess(logits, self.labels, self.shot_groups, top_k, answer, **fields)
+        score, unknown = result
+        return postprocess(logits, self.labels, self.shot_groups, top_k, answer, ood_score=score, unknown=unknown,
+                           reject=self.open_set_mode == "reject", **fields)
 
     # -- conveniences ------------------------------------------------------------------------------------------------
 
     def classify(self, images: Sequence[np.ndarray], top_k: int = 5) -> list[Prediction]:
-        """uint8 (crop, crop, C) images -> predictions (preprocess, predict, postprocess)."""
-        return self.postprocess(self.predict(self.preprocess(images)), top_k)
+        """uint8 (crop, crop, C) images -> predictions (preprocess, predict_outputs, postprocess)."""
+        logits, features = self.predict_outputs(self.preprocess(images))
+        return self.postprocess(logits, top_k, features=features)
 
     def classify_bytes(self, data: Sequence[bytes], top_k: int = 5,
                        max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Prediction]:
@@ -226,9 +321,21 @@ class Predictor:
         keep = ("mode", "reason", "images_affected", "top1_agreement_vs_exact", "accuracy_change")
         return {"on": bool(self.spec.allow_draft), **{k: r[k] for k in keep if k in r}}
 
+    def open_set_info(self) -> dict[str, Any]:
+        """{"mode", "score", "chosen_by", "target", "thresholds" (per class), "threshold_source", "group_thresholds",
+        "features_output", "val_accepted"}; {"mode": "off", "score": None} for a package without open-set."""
+        o = self.meta.open_set
+        if o is None:
+            return {"mode": "off", "score": None, "features_output": self.meta.features_name}
+        return {"mode": self.open_set_mode, "score": o.score, "chosen_by": o.chosen_by, "target": o.target,
+                "thresholds": dict(zip(self.labels, o.thresholds)), "threshold_source": dict(zip(self.labels,
+                                                                                               o.threshold_source)),
+                "group_thresholds": o.group_thresholds, "features_output": self.meta.features_name,
+                "val_accepted": o.val_accepted}
+
     def info(self) -> dict[str, Any]:
         """What the package and this runner are: precision, labels, shot groups, preprocessing and whether JPEG
-        draft decoding runs, head, metrics, provenance, runtime."""
+        draft decoding runs, head, metrics, provenance, runtime, open-set rejection (`open_set_info`)."""
         m = self.meta
         runner = self.runner.info()
         runtime = {"backend": self.backend, "providers": self.providers, "threads": self.threads,
@@ -255,4 +362,5 @@ class Predictor:
             "graph": m.graph.model_dump(mode="json"),
             "provenance": m.provenance.model_dump(mode="json"),
             "runtime": runtime,
+            "open_set": self.open_set_info(),
         }
