@@ -100,6 +100,13 @@ class DataConfig(_Section):
     few_threshold: int = Field(20, description="few-shot: fewer than this many training images")
     max_train_images: int | None = Field(None, description="cap on training images (tiny runs and tests)")
     max_test_images: int | None = Field(None, description="cap on test images, stratified (tiny runs and tests)")
+    held_out_classes: list[str] = Field(default_factory=list, description="classes kept out of training: removed "
+                                        "from train, val and test (the other classes are renumbered in order); "
+                                        "their test images are near unknowns for open-set evaluation "
+                                        "(`Splits.held_out`)")
+    open_set: str | None = Field(None, description="images no class covers (a folder, or a list of paths) for "
+                                 "`ltserve evaluate models/NAME --data ...` open-set figures when --open-set is not "
+                                 "given")
 
 
 class AugmentConfig(_Section):

@@ -40,6 +40,21 @@ def run_cli(argv: list[str]) -> int:
     return 0
 
 
+def _recipe_open_set(model: Path) -> str | None:
+    """data.open_set of the run the package was exported from, when that run is still on disk."""
+    from ltserve.errors import LtserveError
+    from ltserve.package import read_model_json
+    from ltserve.rundir import open_run
+
+    run = read_model_json(model).provenance.run
+    if not run or not (Path(run) / "run.json").is_file():
+        return None
+    try:
+        return open_run(run).config.data.open_set
+    except LtserveError:
+        return None
+
+
 def package_cli(argv: list[str]) -> int:
     """`ltserve evaluate MODEL_DIR --data ...`: Many/Medium/Few/All of a package, through ONNX Runtime."""
     parser = argparse.ArgumentParser(
@@ -55,6 +70,10 @@ def package_cli(argv: list[str]) -> int:
                         "to it is warmed up at start)")
     parser.add_argument("--providers", help="ONNX Runtime providers, comma separated (cpu, cuda, ...)")
     parser.add_argument("--threads", type=int, help="session threads (default: all cores)")
+    parser.add_argument("--open-set", metavar="PATH", help="images no class covers (a folder, or a list of paths): "
+                        "report open-set rejection (AUROC, AUPR, FPR at 95%% TPR, known images rejected per shot "
+                        "group, accuracy on accepted known images, OLTR's F-measure); default: the package's run's "
+                        "data.open_set, when it names one")
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
     parser.add_argument("--predictions", type=Path, help="write per-image predictions here (.csv or .jsonl)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -69,7 +88,8 @@ def package_cli(argv: list[str]) -> int:
 
     report, logits, labels = evaluate_package(args.model, args.data, root=args.root, limit=args.limit,
                                               batch_size=args.batch_size, providers=args.providers,
-                                              threads=args.threads, seed=args.seed, progress=not args.no_progress)
+                                              threads=args.threads, seed=args.seed, progress=not args.no_progress,
+                                              open_set=args.open_set or _recipe_open_set(args.model))
     print(format_report(report))
     if args.out:
         write_json(args.out, report)

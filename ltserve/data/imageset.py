@@ -7,7 +7,7 @@ test of one data set with its class names and a fingerprint of what defines it.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +119,8 @@ class Splits:
         class_names: C names in label order.
         fingerprint: 16 hex digits of a sha256 over what defines the data: item identities (relative paths or
             indices into the official files), labels, class names and the split settings.
+        held_out: the test images of `data.held_out_classes` (near unknowns), labels indexing `held_out_names`;
+            None when no class is held out.
     """
 
     train: ImageSet
@@ -126,6 +128,8 @@ class Splits:
     test: ImageSet | None
     class_names: list[str]
     fingerprint: str
+    held_out: ImageSet | None = None
+    held_out_names: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:

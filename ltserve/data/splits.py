@@ -57,16 +57,58 @@ def _load_fashion_mnist(cfg: "DataConfig") -> Splits:
     names = list(FASHION_MNIST_CLASSES)
     pool = ImageSet(labels=fm["train_labels"], arrays=fm["train_images"])
     test = ImageSet(labels=fm["test_labels"], arrays=fm["test_images"])
+    kept, held = held_out_split(names, cfg.held_out_classes)
+    held_test = None
+    if held:
+        pool, _ = hold_out(pool, kept)
+        test, held_test = hold_out(test, kept, held)
+        names = [names[j] for j in kept]
     train_idx, val_idx = _train_val_indices(pool.labels, cfg, names, "Fashion-MNIST train")
     test_idx = np.arange(len(test), dtype=np.int64)
     if cfg.max_test_images is not None:
         test_idx = stratified_subsample(test.labels, cfg.max_test_images, cfg.split_seed + 3)
     splits = Splits(train=pool.subset(train_idx), val=pool.subset(val_idx), test=test.subset(test_idx),
-                    class_names=names, fingerprint="")
+                    class_names=names, fingerprint="", held_out=held_test,
+                    held_out_names=[FASHION_MNIST_CLASSES[j] for j in held])
     _check_no_empty_class(splits, "Fashion-MNIST train")
     splits.fingerprint = _fingerprint(cfg, names, {"train": train_idx, "val": val_idx, "test": test_idx}, splits)
     _log_summary(splits, "fashion-mnist", folder)
     return splits
+
+
+def held_out_split(names: list[str], held_out: list[str]) -> tuple[list[int], list[int]]:
+    """(kept class indices, held-out class indices) for `data.held_out_classes`.
+
+    Raises:
+        DataError: a name that is not a class, or every class held out.
+    """
+    unknown = [n for n in held_out if n not in names]
+    if unknown:
+        raise DataError(f"data.held_out_classes: {', '.join(map(repr, unknown))} not classes of this data set; the "
+                        f"classes are {', '.join(map(repr, names))}")
+    held = [j for j, n in enumerate(names) if n in held_out]
+    kept = [j for j in range(len(names)) if j not in held]
+    if len(kept) < 2:
+        raise DataError("data.held_out_classes: at least two classes must stay in training")
+    return kept, held
+
+
+def hold_out(images: ImageSet, kept: list[int], held: list[int] | None = None) -> tuple[ImageSet, ImageSet | None]:
+    """The images of the kept classes (labels renumbered 0..K-1 in order) and, with `held`, those of the held-out
+    classes (labels indexing `held`)."""
+    remap = np.full(max([*kept, *(held or [])]) + 1, -1, dtype=np.int64)
+    remap[kept] = np.arange(len(kept))
+    keep = np.flatnonzero(np.isin(images.labels, kept))
+    out = images.subset(keep)
+    out.labels = remap[out.labels]
+    if not held:
+        return out, None
+    hidx = np.flatnonzero(np.isin(images.labels, held))
+    other = images.subset(hidx)
+    hmap = np.full(remap.size, -1, dtype=np.int64)
+    hmap[held] = np.arange(len(held))
+    other.labels = hmap[other.labels]
+    return out, other
 
 
 def _train_val_indices(labels: np.ndarray, cfg: "DataConfig", names: list[str],
@@ -118,7 +160,10 @@ def _fingerprint(cfg: "DataConfig", names: list[str], ids: dict[str, list[str] |
                  splits: Splits) -> str:
     # The root is left out on purpose: the same data mounted elsewhere is the same data. In-memory images are
     # hashed by content (cheap: at most ~55 MB), file-based ones by their paths relative to the data root.
-    settings = cfg.model_dump(mode="json", exclude={"root", "many_threshold", "few_threshold"})
+    # open_set names evaluation images, not training data; held_out_classes is left out when empty, so that runs
+    # from before the field keep their fingerprint
+    settings = cfg.model_dump(mode="json", exclude={"root", "many_threshold", "few_threshold", "open_set",
+                                                    *(() if cfg.held_out_classes else ("held_out_classes",))})
     h = hashlib.sha256()
     h.update(json.dumps({"settings": settings, "classes": names}, sort_keys=True).encode())
     for split in ("train", "val", "test"):
@@ -200,6 +245,9 @@ def _read_source(cfg: "DataConfig", split: str, names: list[str] | None) -> tupl
 def _load_files(cfg: "DataConfig") -> Splits:
     if cfg.root is None and cfg.train is None:
         raise DataError(f"data.source {cfg.source!r} needs data.root and/or data.train")
+    if cfg.held_out_classes:
+        raise DataError(f"data.held_out_classes: supported for data.source fashion-mnist only (not {cfg.source!r}); "
+                        "leave the classes out of the folder or list instead and name their images in data.open_set")
     pool, names, pool_ids = _read_source(cfg, "train", None)
     test: ImageSet | None = None
     test_ids: list[str] = []
