@@ -102,7 +102,7 @@ class Classifier:
             self.predictor = Predictor(path, providers=self.settings.providers,
                                        threads=cpu_threads(self.settings, WORKERS),
                                        max_batch_size=self.settings.max_batch_size, backend=self.settings.backend,
-                                       torch_options=self.settings.torch_options())
+                                       torch_options=self.settings.torch_options(), open_set=self.settings.open_set)
         except LtserveError as exc:
             logger.error("cannot start: model package %s: %s (set LTSERVE_MODEL to a package folder)", path, exc)
             raise
@@ -158,32 +158,39 @@ class Classifier:
         return self.engine.running
 
     async def predictions(self, files: Sequence[bytes]) -> list[Prediction]:
-        """What every classify route answers: decode, batch, predict -> logits -> live prior -> top-k.
+        """What every classify route answers: decode, batch, predict -> logits -> live prior -> top-k (and, with
+        open-set rejection on, `unknown` and `ood_score`).
 
         Raises:
             InvalidInput: a file is not a usable image, or the files are over the pixel budget.
         """
-        logits, adapted = await self.logits(files)
+        logits, features, adapted = await self.outputs(files)
         if self.prior is None:
-            predictions = self.predictor.postprocess(logits, self.settings.top_k)
+            predictions = self.predictor.postprocess(logits, self.settings.top_k, features=features)
         else:
-            predictions = self.predictor.postprocess(logits, self.settings.top_k, LivePrediction, adapted=adapted)
-        counter = self.metrics["predictions"]
+            predictions = self.predictor.postprocess(logits, self.settings.top_k, LivePrediction, features=features,
+                                                     adapted=adapted)
         for p in predictions:
-            counter.labels(shot_group=p.shot_group).inc()
+            group = p.top_k[0].shot_group  # the top class's, also for an image rejected as unknown
+            self.metrics["predictions"].labels(shot_group=group).inc()
+            if p.unknown:
+                self.metrics["unknown"].labels(shot_group=group).inc()
         return predictions
 
-    async def logits(self, files: Sequence[bytes]) -> tuple[np.ndarray, bool]:
-        """The served logits (N, C) of `files` (decode, batch, predict, then the live prior's shift with apply) and
-        whether they were shifted.
+    async def outputs(self, files: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray | None, bool]:
+        """The served logits (N, C) of `files` (decode, batch, predict, then the live prior's shift with apply), the
+        penultimate features (N, D) when the package's graph gives them (else None), and whether the logits were
+        shifted.
 
         Raises:
             InvalidInput: as `predictions`.
         """
-        logits = await self.engine.logits_of(files, self.settings.max_pixels, self.settings.max_request_pixels)
+        logits, features = await self.engine.outputs_of(files, self.settings.max_pixels,
+                                                        self.settings.max_request_pixels)
         if self.prior is None:
-            return logits, False
-        return self.prior.adapt(logits)
+            return logits, features, False
+        logits, adapted = self.prior.adapt(logits)
+        return logits, features, adapted
 
     # -- the Python API: the same answers for direct calls; BentoML documents it and SyncHTTPClient calls it --------
 
@@ -333,7 +340,7 @@ async def _route_v2_infer(request: HttpRequest) -> Answer:
     svc = _v2_model(request)
     try:
         infer = v2.parse_infer(request.body, request.header(v2.HEADER_LENGTH), SETTINGS.max_batch_images)
-        logits, _ = await svc.logits(infer.images)
+        logits, _, _ = await svc.outputs(infer.images)
     except v2.V2Error as exc:
         raise _v2_error(exc.status, str(exc)) from None
     except InvalidInput as exc:

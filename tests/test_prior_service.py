@@ -27,7 +27,7 @@ from package_helpers import read_fashion
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "models" / "fashion-lt"
-PREDICTION_FIELDS = {"label", "class_index", "probability", "shot_group", "top_k"}
+PREDICTION_FIELDS = {"label", "class_index", "probability", "shot_group", "top_k", "unknown", "ood_score"}
 
 
 def skewed(labels: np.ndarray, pi: np.ndarray, n: int, rng: np.random.Generator, exclude=()) -> np.ndarray:

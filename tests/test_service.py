@@ -154,6 +154,7 @@ FIELD_VALUES = {
     "api_key": ("k3y", "k3y"), "cors_origins": ("http://a.example, http://b.example",
                                                 ["http://a.example", "http://b.example"]),
     "metrics_dir": ("/tmp/ltserve-test-metrics", Path("/tmp/ltserve-test-metrics")),
+    "open_set": ("reject", "reject"),
     "prior_adapt": ("apply", "apply"), "prior_method": ("bbse", "bbse"), "prior_window": ("500", 500),
     "prior_half_life": ("300", 300.0), "prior_min_samples": ("50", 50), "prior_max_shift": ("2", 2.0),
     "prior_dead_band": ("0.1", 0.1), "prior_state_dir": ("/tmp/prior-x", Path("/tmp/prior-x")),
@@ -669,7 +670,9 @@ def test_openapi_lists_every_route_status_and_the_security_scheme(server):
     paths = spec["paths"]
     prediction_fields = {"label", "class_index", "probability", "shot_group", "top_k"}
     one = paths["/classify"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    one = spec["components"]["schemas"][one["$ref"].rsplit("/", 1)[-1]]  # a component: its optional fields nullable
     assert set(one["required"]) == prediction_fields
+    assert one["properties"]["unknown"]["nullable"] is True and one["properties"]["label"]["nullable"] is True
     batch = paths["/classify_batch"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert batch["required"] == ["predictions"] and batch["properties"]["predictions"]["type"] == "array"
     item = batch["properties"]["predictions"]["items"]

@@ -22,7 +22,7 @@ INLINE_DECODE_PIXELS = 40_000
 hundred microseconds each, less than the round trip through a thread pool."""
 
 INLINE_MODEL_MS = 0.25
-"""A lone batch whose model call took at most this long at warm-up runs on the event loop (see `logits`)."""
+"""A lone batch whose model call took at most this long at warm-up runs on the event loop (see `outputs`)."""
 
 LARGE_IMAGE_PIXELS = 4_000_000
 """Images above this many pixels (2560x1440 is 3.7 MP) decode on the large-image lane: 30-300 ms each on one core,
@@ -46,10 +46,11 @@ class AsyncPredictor:
     they are decoded: on the event loop when every image holds at most `INLINE_DECODE_PIXELS`, else in one of two
     thread pools, images up to `LARGE_IMAGE_PIXELS` on the main lane (`decode_threads` threads), larger ones on a
     lane of their own (`decode_threads - 1` threads, at least one), so a request of ordinary images never waits
-    behind a flood of huge ones; at worst they share the cores. Decoded images are queued. One worker task runs one batch at a time in its own thread: when the model is free it runs
-    the queued images (up to `max_batch_size`) at the batch size with the most images per second as timed at
-    warm-up (see `_batch_target`); it waits for more, at most `max_latency_ms` after the oldest queued request
-    arrived, only while other requests are still being decoded. So a lone request runs at once (no batching delay at
+    behind a flood of huge ones; at worst they share the cores. Decoded images are queued. One worker task runs one
+    batch at a time in its own thread: when the model is free it runs the queued images (up to `max_batch_size`) at
+    the batch size with the most images per second as timed at warm-up (see `_batch_target`); it waits for more, at
+    most `max_latency_ms` after the oldest queued request arrived, only while other requests are still being
+    decoded. So a lone request runs at once (no batching delay at
     concurrency 1), and under load batches grow by themselves while the previous batch runs, as far as larger
     batches pay.
 
@@ -85,13 +86,14 @@ class AsyncPredictor:
 
     async def classify(self, files: Sequence[bytes], top_k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS,
                        max_request_pixels: int | None = None) -> list[Prediction]:
-        """`logits_of` and the Predictor's postprocess: one Prediction per file, in order."""
-        logits = await self.logits_of(files, max_pixels, max_request_pixels)
-        return self.predictor.postprocess(logits, top_k)
+        """`outputs_of` and the Predictor's postprocess: one Prediction per file, in order."""
+        logits, features = await self.outputs_of(files, max_pixels, max_request_pixels)
+        return self.predictor.postprocess(logits, top_k, features=features)
 
-    async def logits_of(self, files: Sequence[bytes], max_pixels: int = DEFAULT_MAX_PIXELS,
-                        max_request_pixels: int | None = None) -> np.ndarray:
-        """Check, decode, batch with concurrent requests and predict: the logits (N, C) of `files`, in order.
+    async def outputs_of(self, files: Sequence[bytes], max_pixels: int = DEFAULT_MAX_PIXELS,
+                         max_request_pixels: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Check, decode, batch with concurrent requests and predict: the logits (N, C) of `files`, in order, and
+        their penultimate features (N, D) when the model gives them (`Predictor.predict_outputs`), else None.
 
         Each header is read once, on the event loop (microseconds, no pixel decoded); images of at most
         `INLINE_DECODE_PIXELS` pixels are decoded there too (a thread hop costs more than their decode), larger ones
@@ -130,10 +132,11 @@ class AsyncPredictor:
                 self._incoming -= 1
                 self._notify()
         _raise_first(results, len(files))
-        return await self.logits(results)
+        return await self.outputs(results)
 
-    async def logits(self, images: list[np.ndarray]) -> np.ndarray:
-        """Queue decoded uint8 (crop, crop, C) images; their logits (N, C) once their batch has run.
+    async def outputs(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Queue decoded uint8 (crop, crop, C) images; their (logits (N, C), features (N, D) or None) once their
+        batch has run.
 
         When nothing is queued or running and the model's warm-up time for this batch is at most
         `INLINE_MODEL_MS`, the batch runs at once on the event loop: a round trip through the model thread costs
@@ -181,7 +184,7 @@ class AsyncPredictor:
             images = [im for j in jobs for im in j.images]
             self._busy = True
             try:
-                logits = await loop.run_in_executor(self._model_pool, self._predict, images)
+                logits, features = await loop.run_in_executor(self._model_pool, self._predict, images)
             except Exception as exc:  # a server fault: every waiting request gets it (answered 500)
                 for j in jobs:
                     if not j.future.done():
@@ -191,9 +194,10 @@ class AsyncPredictor:
                 self._busy = False
             start = 0
             for j in jobs:
+                end = start + len(j.images)
                 if not j.future.done():
-                    j.future.set_result(logits[start:start + len(j.images)])
-                start += len(j.images)
+                    j.future.set_result((logits[start:end], None if features is None else features[start:end]))
+                start = end
 
     def _model_ms(self, n: int) -> float:
         """The warm-up time of the bucket that runs `n` images (ms; infinite beyond one model call)."""
@@ -216,11 +220,11 @@ class AsyncPredictor:
         candidates = [b for b in self.predictor.buckets if b <= cap] + [cap]
         return max(candidates, key=lambda k: (k / max(cost[self.predictor.bucket_for(k)], 1e-6), k))
 
-    def _predict(self, images: list[np.ndarray]) -> np.ndarray:
-        logits = self.predictor.predict(self.predictor.preprocess(images))
+    def _predict(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        outputs = self.predictor.predict_outputs(self.predictor.preprocess(images))
         if self.on_batch is not None:
             self.on_batch(len(images))
-        return logits
+        return outputs
 
     @property
     def running(self) -> bool:

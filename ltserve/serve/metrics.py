@@ -21,6 +21,9 @@ def service_metrics() -> dict[str, Any]:
 
         _METRICS["predictions"] = prometheus_client.Counter(
             "ltserve_predictions", "Images classified, by the shot group of the predicted class", ["shot_group"])
+        _METRICS["unknown"] = prometheus_client.Counter(
+            "ltserve_unknown", "Images flagged or rejected as unknown (open-set), by the shot group of their top class",
+            ["shot_group"])
         _METRICS["batch_size"] = prometheus_client.Histogram(
             "ltserve_batch_size", "Images per model call (adaptive batching across requests)",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024))

@@ -131,7 +131,7 @@ def _classify_answers(op: dict[str, Any], route: str, settings: ServiceSettings,
                       unsupported: str) -> dict[str, Any]:
     """Every answer of a classify route: BentoML's 200, the 4xx of the guard and the method, and `error_answers`."""
     return {
-        "200": op["responses"].get(200) or op["responses"]["200"],  # BentoML's dict keys statuses as ints
+        "200": _answer_ref(op["responses"].get(200) or op["responses"]["200"], route),
         "400": _error(bad_request),
         "413": _error(f"the body is over {settings.max_upload_bytes} bytes (LTSERVE_MAX_UPLOAD_BYTES), an image over "
                       f"{settings.max_pixels} pixels (LTSERVE_MAX_PIXELS), the images over "
@@ -141,6 +141,17 @@ def _classify_answers(op: dict[str, Any], route: str, settings: ServiceSettings,
         "415": _error(unsupported),
         **error_answers(settings, route=route),
     }
+
+
+def _answer_ref(ok: dict[str, Any], route: str) -> dict[str, Any]:
+    """BentoML's 200 answer (its dict keys statuses as ints) of a one-image route, its schema replaced by a reference
+    to the answer's component schema: BentoML writes it inline and, doing so, drops `null` from the optional fields
+    (`_flatten_field` keeps the first type of an `anyOf`)."""
+    if route == BATCH_ROUTE:
+        return ok
+    media = ok["content"]["application/json"]
+    name = media["schema"].get("title", "").removesuffix("IODescriptor") or "Prediction"
+    return {**ok, "content": {"application/json": {**media, "schema": {"$ref": SCHEMAS + name}}}}
 
 
 def _model_operation(settings: ServiceSettings) -> dict[str, Any]:
@@ -210,6 +221,7 @@ def complete_openapi(spec: dict[str, Any], settings: ServiceSettings, version: s
         for route in PROTECTED_ROUTES:
             for op in paths[route].values():
                 op["security"] = [{SECURITY_SCHEME: []}]
+    _nullable_as_oas30(doc)
     for route, summary in SUMMARIES.items():
         for op in paths[route].values():
             op["summary"] = summary
@@ -227,6 +239,26 @@ SUMMARIES = {
     "/livez": "Liveness", "/healthz": "Health", "/readyz": "Readiness (the model is loaded and warm)",
     "/metrics": "Prometheus metrics",
 }
+
+
+def _nullable_as_oas30(node: Any) -> None:
+    """pydantic writes an optional field as `anyOf: [X, {"type": "null"}]` (JSON Schema); the document is OpenAPI
+    3.0, which has no "null" type (validators drop it and then refuse null), so write it as X with `nullable: true`."""
+    if isinstance(node, dict):
+        options = node.get("anyOf")
+        if isinstance(options, list) and {"type": "null"} in options:
+            rest = [o for o in options if o != {"type": "null"}]
+            del node["anyOf"]
+            if len(rest) == 1 and "$ref" not in rest[0]:
+                node.update(rest[0])
+            else:
+                node["anyOf"] = rest
+            node["nullable"] = True
+        for value in node.values():
+            _nullable_as_oas30(value)
+    elif isinstance(node, list):
+        for value in node:
+            _nullable_as_oas30(value)
 
 
 def _drop_unused_schemas(doc: dict[str, Any]) -> None:

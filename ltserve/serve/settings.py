@@ -95,6 +95,9 @@ class ServiceSettings(BaseSettings):
         metrics_dir: the Prometheus multiprocess directory of this server's workers (LTSERVE_METRICS_DIR; default: a
             new private directory per server, removed when it stops). `bentoml serve` empties BentoML's shared one
             at every start, which would reset the counters of a server already running on the host.
+        open_set: open-set rejection: off; flag (every answer carries `unknown` and `ood_score`); reject (an unknown
+            image also answers `label: null`) (LTSERVE_OPEN_SET; default: flag when the package has open-set
+            thresholds, else off; flag or reject on a package without them stops start-up).
         prior_adapt: live label shift: off; report (estimate the traffic's class prior, GET /prior, gauges); apply
             (also shift every answer's logits to it) (LTSERVE_PRIOR_ADAPT).
         prior_method: em (EM over the posteriors) or bbse (needs the val confusion matrix in model.json)
@@ -141,6 +144,7 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = None
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     metrics_dir: Path | None = None
+    open_set: Literal["off", "flag", "reject"] | None = None
     prior_adapt: Literal["off", "report", "apply"] = "report"
     prior_method: Literal["em", "bbse"] = _ESTIMATOR.method  # type: ignore[assignment]
     # defaults: the estimator's own (ltserve.runtime.prior)
