@@ -164,12 +164,12 @@ class Classifier:
         Raises:
             InvalidInput: a file is not a usable image, or the files are over the pixel budget.
         """
-        logits, features, adapted = await self.outputs(files)
+        logits, features, raw = await self.outputs(files)
         if self.prior is None:
             predictions = self.predictor.postprocess(logits, self.settings.top_k, features=features)
-        else:
+        else:  # open-set scores from the model's own logits, whatever the live prior shifted
             predictions = self.predictor.postprocess(logits, self.settings.top_k, LivePrediction, features=features,
-                                                     adapted=adapted)
+                                                     scored_logits=raw, adapted=logits is not raw)
         for p in predictions:
             group = p.top_k[0].shot_group  # the top class's, also for an image rejected as unknown
             self.metrics["predictions"].labels(shot_group=group).inc()
@@ -177,20 +177,20 @@ class Classifier:
                 self.metrics["unknown"].labels(shot_group=group).inc()
         return predictions
 
-    async def outputs(self, files: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    async def outputs(self, files: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """The served logits (N, C) of `files` (decode, batch, predict, then the live prior's shift with apply), the
-        penultimate features (N, D) when the package's graph gives them (else None), and whether the logits were
-        shifted.
+        penultimate features (N, D) when the package's graph gives them (else None), and the model's own logits
+        (the same array when nothing was shifted).
 
         Raises:
             InvalidInput: as `predictions`.
         """
-        logits, features = await self.engine.outputs_of(files, self.settings.max_pixels,
-                                                        self.settings.max_request_pixels)
+        raw, features = await self.engine.outputs_of(files, self.settings.max_pixels,
+                                                     self.settings.max_request_pixels)
         if self.prior is None:
-            return logits, features, False
-        logits, adapted = self.prior.adapt(logits)
-        return logits, features, adapted
+            return raw, features, raw
+        logits, adapted = self.prior.adapt(raw)
+        return (logits if adapted else raw), features, raw
 
     # -- the Python API: the same answers for direct calls; BentoML documents it and SyncHTTPClient calls it --------
 

@@ -273,16 +273,19 @@ class Predictor:
         return score, score > self._thresholds[np.asarray(logits).argmax(axis=1)]
 
     def postprocess(self, logits: np.ndarray, top_k: int = 5, answer: type[Prediction] = Prediction,
-                    features: np.ndarray | None = None, **fields: Any) -> list[Prediction]:
+                    features: np.ndarray | None = None, scored_logits: np.ndarray | None = None,
+                    **fields: Any) -> list[Prediction]:
         """Softmax (float64, then float) and the top-k classes of every row; see `postprocess`.
 
         With open-set on (`open_set_mode` flag or reject) every answer also gets `ood_score` and `unknown`; a
         feature score needs `features` (from `predict_outputs`): without them, flag answers leave both None (logged
-        once) and reject raises ValueError, as it cannot reject.
+        once) and reject raises ValueError, as it cannot reject. `scored_logits`: the logits the open-set score is
+        computed from when they are not `logits` (the model's own, before a live-prior shift: the thresholds were
+        calibrated on those).
         """
         if self.open_set_mode == "off":
             return postprocess(logits, self.labels, self.shot_groups, top_k, answer, **fields)
-        result = self.open_set_scores(logits, features)
+        result = self.open_set_scores(logits if scored_logits is None else scored_logits, features)
         if result is None:
             if self.open_set_mode == "reject":
                 raise ValueError(f"open-set score {self.meta.open_set.score!r} needs the features: pass "
