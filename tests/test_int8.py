@@ -78,7 +78,8 @@ def test_int8_package_is_a_verified_qdq_graph_with_one_float_output_gemm(int8_pa
     assert meta.graph.op_counts == dict(sorted(ops.items()))
     gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
     assert gemm.output[0] == "logits"  # the logits are the Gemm's float output, never re-quantised
-    (inp,), (out,) = model.graph.input, model.graph.output
+    (inp,), (out, *extra) = model.graph.input, model.graph.output
+    assert [o.name for o in extra] == ["features"]  # the penultimate features (open-set scores), as in fp32
     assert inp.type.tensor_type.elem_type == out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert inp.type.tensor_type.shape.dim[0].dim_param == "batch"
     assert any(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
