@@ -1,24 +1,33 @@
-"""Generate the README's "Performance" section from the committed benchmark results (never copied by hand).
+"""Generate docs/performance.md and the README's performance summary from the committed benchmark results (never
+copied by hand).
 
-    python -m benchmarks.perf_readme                 # rewrite README.md between the perf markers
-    python -m benchmarks.perf_readme --check         # exit 1 when README.md is out of date (CI)
+    python -m benchmarks.perf_readme                 # rewrite docs/performance.md and the README's summary
+    python -m benchmarks.perf_readme --check         # exit 1 when either is out of date (CI)
     python -m benchmarks.perf_readme --summary DIR   # print the goals of one machine's results folder
 
 Reads `benchmarks/results/<machine>/<benchmark>/results.json` (machine folders ending in `-smoke` are skipped unless
-`--include-smoke`) and writes, between `<!-- perf:start -->` and `<!-- perf:end -->` (the README's own
-"## Performance" heading and introduction stay outside the markers; without markers, both are appended):
-  - one table of every goal a benchmark reported (`results["goals"]`: goal, target, measured, met), plus the GPU
-    service goal derived from serve_load on GPU machines (HTTP throughput >= half the CPU decode ceiling);
-  - per benchmark and machine: the machine (CPU model and cores, GPU), date and versions, then a compact table
-    (model_latency with its int8 speed-ups, accuracy, accuracy_int8, int8_placement) or the benchmark's own
-    results.md table.
-The section is deterministic for given results files, so `--check` can guard it.
+`--include-smoke`) and writes two generated sections, each between its markers (text outside them stays):
+
+- docs/performance.md (`--doc`; default: docs/performance.md beside the README), between `<!-- perf:start -->` and
+  `<!-- perf:end -->`: one table of every goal a benchmark reported (`results["goals"]`: goal, target, measured,
+  met), plus the GPU service goal derived from serve_load on GPU machines (HTTP throughput >= half the CPU decode
+  ceiling); then per benchmark and machine: the machine (CPU model and cores, GPU), date and versions, and a compact
+  table (model_latency with its int8 speed-ups, accuracy, accuracy_int8, int8_placement) or the benchmark's own
+  results.md table. A missing page is created with a title; a page without markers gets them appended.
+- README.md (`--readme`), between `<!-- perf-summary:start -->` and `<!-- perf-summary:end -->`: one row per
+  benchmark and machine with goals, how many are met, and the ones that are not. Without these markers the README
+  is left as it is (a note on stderr).
+
+Goals of `gpu_preprocess_check` measured on a machine without a GPU are labelled CPU stand-ins: the device path ran
+on the CPU there, so they say nothing about a GPU yet. Both sections are deterministic for given results files, so
+`--check` can guard them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -27,6 +36,16 @@ from typing import Any
 from benchmarks.common import RESULTS_ROOT, markdown_table
 
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
+SUMMARY_START, SUMMARY_END = "<!-- perf-summary:start -->", "<!-- perf-summary:end -->"
+STAND_IN = "CPU stand-in, not a GPU result (no GPU session has run it): "
+DOC_HEAD = """# Performance
+
+Generated from the committed results in `benchmarks/results/` by `python -m benchmarks.perf_readme`, which also
+writes the short summary in the README (`make bench` measures them again on your machine; `make bench-gpu` runs
+`benchmarks/gpu_run.sh` on a GPU machine). Every figure names the machine it was measured on; compare ratios within
+one run only.
+
+"""
 REPO = Path(__file__).resolve().parents[1]
 ORDER = ("model_latency", "model_latency_int8", "serve_load", "serve_load_int8", "batch_predict", "decode", "stage2",
          "accuracy", "accuracy_int8", "int8_placement", "sampler_ablation", "label_shift")
@@ -78,6 +97,8 @@ def goals_of(item: dict[str, Any]) -> list[dict[str, Any]]:
     """The goals a results file reports, plus derived ones (GPU service vs the CPU decode ceiling)."""
     res = item.get("results")
     out = [dict(g) for g in res.get("goals", [])] if isinstance(res, dict) else []
+    if item["benchmark"] == "gpu_preprocess_check" and not item.get("environment", {}).get("gpu"):
+        out = [{**g, "goal": STAND_IN + str(g.get("goal", ""))} for g in out]
     if item["benchmark"].startswith("serve_load") and isinstance(res, dict) and item.get("environment", {}).get("gpu"):
         goal = gpu_service_goal(res)
         if goal:
@@ -164,7 +185,7 @@ def own_table(item: dict[str, Any]) -> str:
     lines = path.read_text().splitlines()
     body = [ln for ln in lines if not ln.startswith("# ") and not ln.startswith("Machine: ")]
     text = "\n".join(body).strip()
-    # headings of the results file sit below the README's "### <benchmark>" heading, the first line included
+    # headings of the results file sit below the page's "### <benchmark>" heading, the first line included
     return re.sub(r"^#{1,2} ", "##### ", text, flags=re.MULTILINE)
 
 
@@ -208,6 +229,38 @@ def render(items: list[dict[str, Any]], root: Path) -> str:
     return "\n".join(lines)
 
 
+def short_machine(item: dict[str, Any]) -> str:
+    """'NVIDIA H200' or 'AMD EPYC, 2 cores', and the folder name."""
+    env = item.get("environment", {})
+    res = item.get("results")
+    gpu = env.get("gpu") or (res.get("card") if isinstance(res, dict) else None)
+    return f"{gpu or env.get('cpu', '?') + ', ' + str(env.get('cores', '?')) + ' cores'} [`{item['_machine_dir']}`]"
+
+
+def render_summary(items: list[dict[str, Any]], doc_link: str) -> str:
+    """The README's summary, markers included: per benchmark and machine, goals met, and those not met."""
+    lines = [SUMMARY_START, f"<!-- generated by `python -m benchmarks.perf_readme` with {doc_link}: do not edit by "
+             "hand -->", ""]
+    rows = []
+    for it in items:
+        goals = goals_of(it)
+        if not goals:
+            continue
+        met = sum(1 for g in goals if g.get("met") is True)
+        missed = [f"{g.get('goal')}: {g.get('measured')}" + (f" (target {g['target']})" if g.get("target") else "")
+                  + ("" if g.get("met") is False else " [not measured]")
+                  for g in goals if g.get("met") is not True]
+        label = it["benchmark"] + (" (CPU stand-in)" if goals[0]["goal"].startswith(STAND_IN) else "")
+        rows.append({"benchmark": label, "machine": short_machine(it), "met": f"{met} of {len(goals)}",
+                     "not met": "; ".join(missed) if missed else "-"})
+    if rows:
+        lines += [markdown_table(rows, ["benchmark", "machine", "met", "not met"]), ""]
+    else:
+        lines += ["No benchmark results committed yet: run `make bench`.", ""]
+    lines.append(SUMMARY_END)
+    return "\n".join(lines)
+
+
 def _notes_of(item: dict[str, Any]) -> str:
     path = item["_dir"] / "results.md"
     if not path.is_file():
@@ -223,12 +276,16 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
-def splice(readme: str, section: str) -> str:
+def has_markers(text: str, start: str = START, end: str = END) -> bool:
+    return start in text and end in text and text.index(start) < text.index(end)
+
+
+def splice(readme: str, section: str, start: str = START, end: str = END) -> str:
     """Replace the text between the markers (inclusive) with `section`; without markers, append a
     "## Performance" heading and the section at the end."""
-    if START in readme and END in readme and readme.index(START) < readme.index(END):
-        head, rest = readme.split(START, 1)
-        tail = rest.split(END, 1)[1]
+    if has_markers(readme, start, end):
+        head, rest = readme.split(start, 1)
+        tail = rest.split(end, 1)[1]
         return head + section + tail
     return readme.rstrip("\n") + ("\n\n" if readme.strip() else "") + "## Performance\n\n" + section + "\n"
 
@@ -237,11 +294,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.perf_readme", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=RESULTS_ROOT, help="results root (<machine>/<benchmark>/)")
-    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
+    parser.add_argument("--readme", type=Path, default=REPO / "README.md",
+                        help="the README whose summary is written between the perf-summary markers")
+    parser.add_argument("--doc", type=Path, default=None,
+                        help="the page of the full section (default: docs/performance.md beside the README)")
     parser.add_argument("--include-smoke", action="store_true", help="also use <machine>-smoke folders")
     parser.add_argument("--machine", action="append", default=None,
                         help="only these machine folders (repeatable; default all)")
-    parser.add_argument("--check", action="store_true", help="only check that the README section is up to date")
+    parser.add_argument("--check", action="store_true",
+                        help="only check that docs/performance.md and the README's summary are up to date")
     parser.add_argument("--summary", type=Path, default=None,
                         help="print the goals found in one machine folder (<DIR>/<benchmark>/results.json) and exit")
     args = parser.parse_args(argv)
@@ -251,27 +312,38 @@ def main(argv: list[str] | None = None) -> int:
         for it in items:
             for g in goals_of(it):
                 print(f"[met: {MET_WORDS[g.get('met')].strip('*')}] {g['goal']}: {g['measured']} "
-                      f"(target {g['target']})")
+                      f"(target {g.get('target', '-')})")
         print(f"{len(items)} results files in {args.summary}")
         return 0
     items = [it for it in load_results(args.results, args.include_smoke)
              if args.machine is None or it["_machine_dir"] in args.machine]
-    section = render(items, args.results)
-    old = args.readme.read_text() if args.readme.is_file() else ""
-    new = splice(old, section)
+    doc = args.doc or args.readme.parent / "docs" / "performance.md"
+    old_doc = doc.read_text() if doc.is_file() else DOC_HEAD
+    new_doc = splice(old_doc, render(items, args.results)) if has_markers(old_doc) else \
+        old_doc.rstrip("\n") + "\n\n" + render(items, args.results) + "\n"
+    old_readme = args.readme.read_text() if args.readme.is_file() else ""
+    new_readme = old_readme
+    if has_markers(old_readme, SUMMARY_START, SUMMARY_END):
+        link = os.path.relpath(doc, args.readme.parent)
+        new_readme = splice(old_readme, render_summary(items, link), SUMMARY_START, SUMMARY_END)
+    else:
+        print(f"perf_readme: {args.readme} has no {SUMMARY_START} ... {SUMMARY_END} markers; its summary is not "
+              "written", file=sys.stderr)
+    outputs = [(doc, old_doc if doc.is_file() else None, new_doc), (args.readme, old_readme, new_readme)]
     if args.check:
-        if new != old:
-            print(f"{args.readme}: the Performance section is out of date; run `python -m benchmarks.perf_readme`",
+        stale = [path for path, old, new in outputs if new != old]
+        for path in stale:
+            print(f"{path}: the generated performance section is out of date; run `python -m benchmarks.perf_readme`",
                   file=sys.stderr)
-            return 1
-        print(f"{args.readme}: Performance section up to date")
-        return 0
-    if new != old:
-        args.readme.write_text(new)
-    print(f"{args.readme}: Performance section {'updated' if new != old else 'unchanged'} "
-          f"({section.count(chr(10)) + 1} lines)")
+        if not stale:
+            print(f"{doc} and {args.readme}: performance sections up to date")
+        return 1 if stale else 0
+    for path, old, new in outputs:
+        if new != old:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(new)
+        print(f"{path}: performance section {'updated' if new != old else 'unchanged'}")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

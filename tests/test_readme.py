@@ -1,8 +1,9 @@
-"""README.md's examples are executed, so the README cannot drift from the code.
+"""The examples of README.md and docs/*.md are executed, so the documentation cannot drift from the code.
 
-Every fenced ```bash block of README.md is preceded by a marker:
+Every fenced ```bash block of README.md and of the pages under docs/ is preceded by a marker:
 
-    <!-- readme-test: NAME -->                 the block runs (README order, one shared working directory)
+    <!-- readme-test: NAME -->                 the block runs (README first, then docs/*.md by name, each in page
+                                               order; one shared working directory)
     <!-- readme-test: not-run (reason) -->     the block is only checked: it parses (`bash -n`), and the commands,
                                                options, make targets, extras and config files it names exist
 
@@ -34,6 +35,8 @@ from ltserve.serve.process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
+README_MAX_LINES = 400  # the page a person reads first; the rest belongs under docs/
 BIN = Path(sys.executable).parent
 MARKER = re.compile(r"<!--\s*readme-test:\s*(?:(?P<notrun>not-run)\s*\((?P<reason>[^)]*)\)|(?P<name>[\w.-]+))\s*-->")
 SERVER_PORT = "3000"  # the port README blocks use; a free one is substituted
@@ -55,6 +58,7 @@ class Block:
     code: str
     name: str | None = None
     not_run_reason: str | None = None
+    page: str = "README.md"
 
     @property
     def runs(self) -> bool:
@@ -62,10 +66,14 @@ class Block:
 
     @property
     def label(self) -> str:
-        return self.name or f"not-run@{self.line}"
+        return self.name or f"not-run@{self.where}"
+
+    @property
+    def where(self) -> str:
+        return f"{self.page}:{self.line}"
 
 
-def parse_readme(text: str) -> list[Block]:
+def parse_readme(text: str, page: str = "README.md") -> list[Block]:
     """Every ```bash block of a Markdown text, with the marker on the nearest non-blank line above its fence."""
     lines = text.splitlines()
     blocks: list[Block] = []
@@ -87,15 +95,17 @@ def parse_readme(text: str) -> list[Block]:
         above = next((lines[k] for k in range(start - 1, -1, -1) if lines[k].strip()), "")
         marker = MARKER.fullmatch(above.strip())
         if marker is None:
-            blocks.append(Block(start + 1, "\n".join(body) + "\n"))
+            blocks.append(Block(start + 1, "\n".join(body) + "\n", page=page))
         elif marker.group("notrun"):
-            blocks.append(Block(start + 1, "\n".join(body) + "\n", not_run_reason=marker.group("reason").strip()))
+            blocks.append(Block(start + 1, "\n".join(body) + "\n", not_run_reason=marker.group("reason").strip(),
+                                page=page))
         else:
-            blocks.append(Block(start + 1, "\n".join(body) + "\n", name=marker.group("name")))
+            blocks.append(Block(start + 1, "\n".join(body) + "\n", name=marker.group("name"), page=page))
     return blocks
 
 
-BLOCKS = parse_readme(README.read_text(encoding="utf-8"))
+BLOCKS = [b for page in PAGES
+          for b in parse_readme(page.read_text(encoding="utf-8"), str(page.relative_to(REPO)))]
 RUN_BLOCKS = [b for b in BLOCKS if b.runs]
 
 
@@ -272,7 +282,7 @@ class BlockRun:
     curl: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
-        return (f"README block {self.block.label!r} (README.md:{self.block.line}) exited {self.returncode}\n"
+        return (f"block {self.block.label!r} ({self.block.where}) exited {self.returncode}\n"
                 f"--- code\n{self.block.code}--- stdout (tail)\n{self.stdout[-4000:]}\n"
                 f"--- stderr (tail)\n{self.stderr[-4000:]}")
 
@@ -327,7 +337,7 @@ class ReadmeRunner:
                 self.results[block.name] = self._run(block)
             if block.name == name:
                 return self.results[name]
-        raise KeyError(f"README.md has no runnable block {name!r}")
+        raise KeyError(f"README.md and docs/*.md have no runnable block {name!r}")
 
     def _run(self, block: Block) -> BlockRun:
         code, out_dir = block.code, self.logs / block.name
@@ -398,6 +408,9 @@ def check_serve(run: BlockRun, work: Path) -> None:
     assert model["labels"] == json.loads((work / "models" / "quick" / "model.json").read_text())["labels"]
     assert {"shot_groups", "head"} <= set(model), model.keys()
     assert (work / "samples" / "labels.txt").is_file()
+    lines = {line.split(":", 1)[0]: line for line in run.stdout.splitlines() if ":" in line}
+    assert one["label"] in lines.get("bentoml client", ""), run.stdout[-2000:]
+    assert f":{one['class_index']}:{one['label']}" in lines.get("open inference protocol", ""), run.stdout[-2000:]
 
 
 def check_predict(run: BlockRun, work: Path) -> None:
@@ -430,8 +443,8 @@ def test_parser_reads_markers_and_skips_other_fences():
 
 
 def test_every_bash_block_is_marked():
-    unmarked = [b.line for b in BLOCKS if not b.runs and b.not_run_reason is None]
-    assert not unmarked, (f"README.md lines {unmarked}: precede every ```bash block with <!-- readme-test: NAME --> "
+    unmarked = [b.where for b in BLOCKS if not b.runs and b.not_run_reason is None]
+    assert not unmarked, (f"{unmarked}: precede every ```bash block with <!-- readme-test: NAME --> "
                           "(runs in tests/test_readme.py) or <!-- readme-test: not-run (reason) -->")
     assert all(b.not_run_reason for b in BLOCKS if not b.runs), "a not-run marker needs a reason"
     names = [b.name for b in RUN_BLOCKS]
@@ -442,9 +455,9 @@ def test_every_bash_block_is_marked():
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.label for b in BLOCKS])
 def test_block_parses_and_names_what_exists(block):
     out = subprocess.run(["bash", "-n"], input=block.code, capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0, f"README.md:{block.line}: bash -n: {out.stderr}"
+    assert out.returncode == 0, f"{block.where}: bash -n: {out.stderr}"
     problems = [f"{' '.join(cmd)}: {p}" for cmd in shell_commands(block.code) for p in check_command(cmd)]
-    assert not problems, f"README.md:{block.line}:\n" + "\n".join(problems)
+    assert not problems, f"{block.where}:\n" + "\n".join(problems)
 
 
 @pytest.mark.parametrize("name", [b.name for b in RUN_BLOCKS])
@@ -467,3 +480,22 @@ def test_checks_catch_what_does_not_exist():
         "Makefile has no target no-such-target", "Makefile has no variable NO_SUCH_VAR"]
     assert check_command(["pip", "install", ".[cpu,nosuch]"]) == ["pyproject.toml has no extra 'nosuch'"]
     assert check_command(["ltserve", "train", "configs/nosuch.yaml"]) == ["configs/nosuch.yaml does not exist"]
+
+
+def test_readme_stays_short_and_links_every_docs_page():
+    lines = README.read_text(encoding="utf-8").count("\n")
+    assert lines <= README_MAX_LINES, (f"README.md has {lines} lines (at most {README_MAX_LINES}): move reference "
+                                       "material to a page under docs/ and link it")
+    readme = README.read_text(encoding="utf-8")
+    unlinked = [p.name for p in PAGES[1:] if f"(docs/{p.name}" not in readme]
+    assert not unlinked, f"README.md does not link these docs pages: {unlinked}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_relative_links_resolve(page):
+    """Every relative Markdown link of a page names a file or folder that exists (anchors not checked)."""
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    missing = [t for t in targets if not re.match(r"[a-z]+:", t) and not t.startswith("#")
+               and not (page.parent / t.split("#", 1)[0]).exists()]
+    assert not missing, f"{page.relative_to(REPO)}: links to nothing: {missing}"

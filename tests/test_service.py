@@ -221,13 +221,14 @@ def test_invalid_settings_name_the_variable_and_unknown_yaml_keys_list_the_valid
             ServiceSettings.from_env()
 
 
-def test_readme_lists_every_setting():
+def test_docs_list_every_setting():
     from ltserve.serve.settings import ServiceSettings
 
-    readme = (REPO / "README.md").read_text()
-    serving = readme[readme.index("## Serving over HTTP"):readme.index("## Batch prediction")]
-    missing = [f for f in ServiceSettings.model_fields if f"`LTSERVE_{f.upper()}`" not in serving]
-    assert missing == [], f"README.md 'Serving over HTTP' lacks {missing}"
+    page = (REPO / "docs" / "serving.md").read_text()
+    start = page.index("## Settings")
+    table = page[start:page.index("\n## ", start + 1)]
+    missing = [f for f in ServiceSettings.model_fields if f"`LTSERVE_{f.upper()}`" not in table]
+    assert missing == [], f"docs/serving.md '## Settings' lacks {missing}"
 
 
 def test_missing_or_broken_package_stops_startup(package, tmp_path):
