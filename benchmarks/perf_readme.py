@@ -47,8 +47,8 @@ one run only.
 
 """
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ("model_latency", "model_latency_int8", "serve_load", "serve_load_int8", "batch_predict", "decode", "stage2",
-         "accuracy", "accuracy_int8", "int8_placement", "sampler_ablation", "label_shift")
+ORDER = ("model_latency", "model_latency_int8", "serve_load", "serve_load_int8", "serve_overhead", "batch_predict",
+         "decode", "stage2", "accuracy", "accuracy_int8", "int8_placement", "sampler_ablation", "label_shift")
 MET_WORDS = {True: "yes", False: "**no**", None: "not measured"}
 
 
