@@ -135,7 +135,37 @@ class CsvSink(_AppendedFile):
         self._f.write(buf.getvalue())
 
 
-class ParquetSink:
+class PartBuffer:
+    """Rows buffered into whole parts: a part is committed (`_commit`, the subclass's) every `part_rows` rows, or
+    on `flush` once `part_seconds` have passed since the last, and the rest at `close`. Subclasses set `_rows`,
+    `part_rows`, `part_seconds` and `_opened` (monotonic time of the last commit)."""
+
+    _rows: list[dict]
+    part_rows: int
+    part_seconds: float
+    _opened: float
+
+    def write(self, rows: Sequence[dict]) -> None:
+        self._rows.extend(rows)
+        while len(self._rows) >= self.part_rows:
+            self._commit(self._rows[:self.part_rows])
+            self._rows = self._rows[self.part_rows:]
+
+    def flush(self) -> None:
+        if self._rows and time.monotonic() - self._opened >= self.part_seconds:
+            self._commit(self._rows)
+            self._rows = []
+
+    def close(self) -> None:
+        if self._rows:
+            self._commit(self._rows)
+            self._rows = []
+
+    def _commit(self, rows: list[dict]) -> None:
+        raise NotImplementedError
+
+
+class ParquetSink(PartBuffer):
     """A directory of Parquet part files; a part is committed (tmp file, then rename) every `part_rows` rows.
 
     A Parquet file is unreadable until its footer is written, so a part is written under a temporary name and
@@ -191,22 +221,6 @@ class ParquetSink:
         parts = self._parts()
         self._next_part = int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
         self._opened = time.monotonic()
-
-    def write(self, rows: Sequence[dict]) -> None:
-        self._rows.extend(rows)
-        while len(self._rows) >= self.part_rows:
-            self._commit(self._rows[:self.part_rows])
-            self._rows = self._rows[self.part_rows:]
-
-    def flush(self) -> None:
-        if self._rows and time.monotonic() - self._opened >= self.part_seconds:
-            self._commit(self._rows)
-            self._rows = []
-
-    def close(self) -> None:
-        if self._rows:
-            self._commit(self._rows)
-            self._rows = []
 
     def _commit(self, rows: list[dict]) -> None:
         import pyarrow as pa

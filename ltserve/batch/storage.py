@@ -24,6 +24,7 @@ import re
 import time
 from typing import Any, Iterator, Sequence
 
+from ltserve.batch.sinks import PartBuffer
 from ltserve.errors import ConfigError, DataError, MissingDependency
 
 logger = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def prepare_remote_output(url: str, options: dict[str, Any] | None, resume: bool
                           "--storage-option endpoint_url=...)") from None
 
 
-class PartsSink:
+class PartsSink(PartBuffer):
     """An output folder of part objects on object storage: rows buffered, a part written whole by one PUT.
 
     The same interface as the local sinks (`recover`, `start`, `write`, `flush`, `close`).
@@ -237,22 +238,6 @@ class PartsSink:
         last = parts[-1].rsplit("/", 1)[-1] if parts else None
         self._next_part = int(last[len("part-"):-len(self.suffix)]) + 1 if last else 0
         self._opened = time.monotonic()
-
-    def write(self, rows: Sequence[dict]) -> None:
-        self._rows.extend(rows)
-        while len(self._rows) >= self.part_rows:
-            self._commit(self._rows[:self.part_rows])
-            self._rows = self._rows[self.part_rows:]
-
-    def flush(self) -> None:
-        if self._rows and time.monotonic() - self._opened >= self.part_seconds:
-            self._commit(self._rows)
-            self._rows = []
-
-    def close(self) -> None:
-        if self._rows:
-            self._commit(self._rows)
-            self._rows = []
 
     def _commit(self, rows: list[dict]) -> None:
         path = f"{self.folder}/part-{self._next_part:05d}{self.suffix}"
