@@ -112,6 +112,7 @@ class Classifier:
                                               prior_metrics())
         self.engine = AsyncPredictor(self.predictor, max_batch_size=self.settings.max_batch_size,
                                      max_latency_ms=self.settings.max_latency_ms,
+                                     inline_model_ms=self.settings.inline_model_ms,
                                      decode_threads=self.settings.decode_threads,
                                      on_batch=self.metrics["batch_size"].observe)
         self.info = {**self.predictor.info(), "service": {

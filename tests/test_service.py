@@ -48,8 +48,10 @@ def package(tmp_path_factory) -> Path:
 def server(package, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     config = tmp / "ltserve.yaml"
+    # inline_model_ms 0: every batch through the model thread, so concurrent requests batch whatever this machine's
+    # warm-up timings are (a tiny model would otherwise run on the event loop, one request at a time)
     config.write_text(f"top_k: 3\nmax_batch_images: {MAX_BATCH_IMAGES}\nmax_latency_ms: 10\nmax_batch_size: 16\n"
-                      "decode_threads: 3\n")
+                      "decode_threads: 3\ninline_model_ms: 0\n")
     env = {"LTSERVE_MODEL": str(package), "LTSERVE_CONFIG": str(config), "LTSERVE_API_KEY": API_KEY,
            "LTSERVE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "LTSERVE_MAX_PIXELS": str(MAX_PIXELS),
            "LTSERVE_CORS_ORIGINS": ORIGIN, "LTSERVE_THREADS": "2", "OMP_NUM_THREADS": "2"}
@@ -154,7 +156,7 @@ FIELD_VALUES = {
     "api_key": ("k3y", "k3y"), "cors_origins": ("http://a.example, http://b.example",
                                                 ["http://a.example", "http://b.example"]),
     "metrics_dir": ("/tmp/ltserve-test-metrics", Path("/tmp/ltserve-test-metrics")),
-    "open_set": ("reject", "reject"),
+    "open_set": ("reject", "reject"), "inline_model_ms": ("0", 0.0),
     "prior_adapt": ("apply", "apply"), "prior_method": ("bbse", "bbse"), "prior_window": ("500", 500),
     "prior_half_life": ("300", 300.0), "prior_min_samples": ("50", 50), "prior_max_shift": ("2", 2.0),
     "prior_dead_band": ("0.1", 0.1), "prior_state_dir": ("/tmp/prior-x", Path("/tmp/prior-x")),

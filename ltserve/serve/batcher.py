@@ -61,16 +61,20 @@ class AsyncPredictor:
         decode_threads: threads decoding uploads (default: every core when the model runs on a GPU, else
             min(4, os.cpu_count()), leaving the rest to inference).
         on_batch: called with the number of images of every batch run (metrics).
+        inline_model_ms: a lone batch whose model call took at most this long at warm-up runs on the event loop
+            (0: every batch goes through the model thread and can grow with concurrent requests).
     """
 
     def __init__(self, predictor: Predictor, max_batch_size: int | None = None, max_latency_ms: float = 5.0,
-                 decode_threads: int | None = None, on_batch: Any = None) -> None:
+                 decode_threads: int | None = None, on_batch: Any = None,
+                 inline_model_ms: float = INLINE_MODEL_MS) -> None:
         self.predictor = predictor
         self.max_batch_size = int(max_batch_size or predictor.max_batch_size)
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.max_wait_s = max(0.0, float(max_latency_ms)) / 1000.0
         self.on_batch = on_batch
+        self.inline_model_ms = float(inline_model_ms)
         cores = os.cpu_count() or 1
         self.decode_threads = int(decode_threads or (cores if predictor.on_accelerator else min(4, cores)))
         self._decode_pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="ltserve-decode")
@@ -139,10 +143,10 @@ class AsyncPredictor:
         batch has run.
 
         When nothing is queued or running and the model's warm-up time for this batch is at most
-        `INLINE_MODEL_MS`, the batch runs at once on the event loop: a round trip through the model thread costs
+        `inline_model_ms`, the batch runs at once on the event loop: a round trip through the model thread costs
         more than such a model (a linear head on small images), and no other request is there to batch with.
         """
-        if not self._queue and not self._busy and self._model_ms(len(images)) <= INLINE_MODEL_MS:
+        if not self._queue and not self._busy and self._model_ms(len(images)) <= self.inline_model_ms:
             return self._predict(images)
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():

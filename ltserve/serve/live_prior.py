@@ -91,11 +91,14 @@ class LivePrior:
         """Observe a batch's unadapted logits (N, C); return the logits to answer with and whether they are shifted.
 
         The request path's share of the work: copy the rows into the window and read the current shift (apply mode,
-        past the floor and the dead band). Re-estimating (EM or BBSE over the merged window, reading the other
+        past the floor and the dead band); at most once a second, look for a reset another worker wrote, so that
+        the next answer after a reset is counted from it whatever the background thread is doing. Re-estimating (EM or BBSE over the merged window, reading the other
         workers' files) runs in this worker's background thread, woken when `every` new images have come and at
         most every `REFRESH_MIN_S`: never on the event loop.
         """
         with self._lock:
+            if time.monotonic() >= self._next_reset_check:  # another worker's reset, at most one stat a second
+                self._check_reset()
             shift = self.live.shift if self.mode == "apply" else None
             due = self.live.record(logits)
             self._dirty = True

@@ -25,6 +25,7 @@ from pydantic_settings import (BaseSettings, NoDecode, PydanticBaseSettingsSourc
 from ltserve.errors import ConfigError, unknown_choice
 from ltserve.preprocess import DEFAULT_MAX_PIXELS, IMAGE_MEDIA_TYPES
 from ltserve.runtime.prior import EstimatorSettings
+from ltserve.serve.batcher import INLINE_MODEL_MS
 
 ENV_PREFIX = "LTSERVE_"
 CLASSIFY_ROUTE = "/classify"
@@ -87,6 +88,9 @@ class ServiceSettings(BaseSettings):
         max_batch_size: most images per model call across concurrent requests; 1 turns adaptive batching off
             (LTSERVE_MAX_BATCH_SIZE).
         max_latency_ms: longest a request waits in the queue for companions (LTSERVE_MAX_LATENCY_MS).
+        inline_model_ms: a lone request whose model call took at most this long at warm-up runs on the event loop,
+            as a plain server would: a thread hop costs more than such a model; 0 sends every batch through the
+            model thread (LTSERVE_INLINE_MODEL_MS).
         decode_threads: threads decoding uploads (LTSERVE_DECODE_THREADS; default: every core when the model runs
             on a GPU, whose cores have nothing else to run; else min(4, cores), leaving the rest to inference).
         api_key: when set, the classify routes, /model and /prior need `Authorization: Bearer <key>`
@@ -140,6 +144,7 @@ class ServiceSettings(BaseSettings):
     threads: int | None = Field(None, ge=1)
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_latency_ms: float = Field(5.0, ge=0, le=10_000)
+    inline_model_ms: float = Field(INLINE_MODEL_MS, ge=0, le=1000)
     decode_threads: int | None = Field(None, ge=1, le=1024)
     api_key: SecretStr | None = None
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
