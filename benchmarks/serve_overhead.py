@@ -138,8 +138,44 @@ def summarise(rows: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
     return out
 
 
-def goals(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's goals from the tiny model's rows at concurrency 1 and 8 (the worst row counts)."""
+def prior_step_us(package: Path, requests: int = 20_000, seed: int = 0) -> dict[str, float]:
+    """What live label shift in report mode adds to one request in process, CPU microseconds: the service's step
+    after predict (`LivePrior.adapt` then the answer as a LivePrediction) minus the plain postprocess, on the same
+    single-row logits; process CPU time, so the re-estimates in the prior's background thread count too. Between
+    two servers the HTTP figure is within their noise (+-10-30 % per point on the shared box); this isolates it."""
+    import numpy as np
+
+    from ltserve.runtime import Predictor
+    from ltserve.runtime.prior import EstimatorSettings
+    from ltserve.serve.live_prior import LivePrediction, LivePrior
+
+    predictor = Predictor(package, threads=1)
+    rows = np.random.default_rng(seed).normal(size=(requests, predictor.num_classes)).astype(np.float32)
+
+    def per_request(step: Any) -> float:
+        t0 = time.process_time()
+        for k in range(requests):
+            step(rows[k:k + 1])
+        return (time.process_time() - t0) / requests * 1e6
+
+    with tempfile.TemporaryDirectory(prefix="ltserve-prior-step-") as state:
+        prior = LivePrior(predictor.meta, EstimatorSettings(), "report", Path(state), "1")
+
+        def live(logits: Any) -> Any:
+            shifted, adapted = prior.adapt(logits)
+            return predictor.postprocess(shifted, 5, LivePrediction, adapted=adapted)
+
+        try:
+            plain = min(per_request(lambda r: predictor.postprocess(r, 5)) for _ in range(2))
+            with_prior = min(per_request(live) for _ in range(2))
+        finally:
+            prior.close()
+    return {"plain_us": plain, "report_us": with_prior, "added_us": with_prior - plain}
+
+
+def goals(summary: list[dict[str, Any]], prior_step: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """The issue's goals from the tiny model's rows at concurrency 1 and 8 (the worst row counts; the live prior's
+    cost from the in-process step, relative to ltserve's server CPU per request at concurrency 1)."""
     tiny = [r for r in summary if r["model"] == "tiny" and r["concurrency"] in (1, 8)]
     if not tiny:
         return []
@@ -151,9 +187,13 @@ def goals(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "target": "<= 1.5x (moonshot <= 1.15x)", "measured": f"{cpu:.2f}x (worst of 4)", "met": cpu <= 1.5},
            {"goal": "p50 at concurrency 1, ltserve / floor (tiny)", "target": "<= 1.4x",
             "measured": f"{p50:.2f}x (worst of 2)", "met": p50 <= 1.4}]
-    if prior:
+    if prior_step is not None:
+        base = min(r["ltserve_cpu_ms"] for r in tiny if r["concurrency"] == 1) * 1000
+        share = prior_step["added_us"] / base
+        http = ", ".join(f"{100 * p:+.0f} %" for p in prior)
         out.append({"goal": "live label shift report vs off, server CPU per request (tiny)", "target": "<= +3 %",
-                    "measured": f"{100 * max(prior):+.1f} % (worst of {len(prior)})", "met": max(prior) <= 0.03})
+                    "measured": f"{100 * share:+.1f} % ({prior_step['added_us']:.1f} us in process of "
+                                f"{base:.0f} us; HTTP, server vs server, c=1 and 8: {http})", "met": share <= 0.03})
     if v2:
         out.append({"goal": "Open Inference Protocol infer vs /classify_raw, server CPU per request (tiny)",
                     "target": "<= 1.2x", "measured": f"{max(v2):.2f}x (worst of {len(v2)})", "met": max(v2) <= 1.2})
@@ -207,10 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     summary: list[dict[str, Any]] = []
     points: list[dict[str, Any]] = []
+    prior_step = None
     try:
         for model in args.models.split(","):
             if model == "tiny":
                 package, images = make_tiny(work / "tiny", args.seed), tiny_images(64, args.seed)
+                prior_step = prior_step_us(package, 2_000 if args.smoke else 20_000)
             else:
                 package, images = make_resnet18(work / "resnet18", args.seed), typical_photos(work, args.seed, n=24)
             from ltserve.runtime import Predictor
@@ -234,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{min(p['load_1min'] for p in points):.1f}-{max(p['load_1min'] for p in points):.1f}. cpu_ratio and "
              "p50_ratio: ltserve / floor; prior_cost: ltserve (live prior in report mode) / ltserve with "
              "LTSERVE_PRIOR_ADAPT=off - 1, server CPU per request.")
-    write_results(out, NAME, config, {"summary": summary, "points": points, "goals": goals(summary)}, table,
+    write_results(out, NAME, config, {"summary": summary, "points": points, "prior_step": prior_step,
+                                            "goals": goals(summary, prior_step)}, table,
                   plot=lambda path: plot(summary, path), notes=notes)
     return 0 if all(r["errors"] == 0 for r in summary) else 1
 
