@@ -1,4 +1,5 @@
-"""Run every benchmark with budgets sized for the device, then regenerate the README's Performance section.
+"""Run every benchmark with budgets sized for the device, then regenerate docs/performance.md and the README's
+performance summary (`benchmarks.perf_readme`).
 
     python -m benchmarks.run_all --device cpu                  # `make bench`: ~1 hour on 2 cores
     python -m benchmarks.run_all --smoke --out /tmp/b          # every script in its smoke mode (seconds each)

@@ -25,7 +25,8 @@ are the same answers for direct Python calls (`await Classifier().classify(image
 typed contract it documents at /docs.json and that `bentoml.SyncHTTPClient` calls. Why not BentoML's own request
 path: its typed API layer parses every body again into arguments and writes uploads to temporary files, and its
 middlewares wrap every route (mounted apps too): measured on the 2-core box, 3.0-3.8x the server CPU per request
-of a bare uvicorn + Starlette server doing the same work (`benchmarks/serve_overhead.py`).
+of a bare uvicorn + Starlette server doing the same work; this path measures 0.89-1.00x of it
+(`benchmarks/serve_overhead.py`, results in benchmarks/results/cpu-x86_64-2c/serve_overhead/).
 
 Errors are `ErrorBody` JSON ({"error", "detail"}) with a 4xx status: API key 401, body over LTSERVE_MAX_UPLOAD_BYTES
 413, a malformed form 400, wrong media type 415, a file that is not a usable image 400/413/415, time limit 504;

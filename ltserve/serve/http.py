@@ -15,7 +15,6 @@ Handlers get an `HttpRequest` (method, path, lower-case headers, the body bytes,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import re
@@ -177,15 +176,19 @@ class Front:
             return error_answer(401, "unauthorized", "missing or wrong API key: send `Authorization: Bearer <key>`",
                                 {"WWW-Authenticate": 'Bearer realm="ltserve"'})
         try:
-            async with _time_limit(self.timeout_s):
-                body = await self._read_body(headers, receive) if method in ("POST", "PUT") else b""
-                return await route.handler(HttpRequest(method, scope["path"], headers, body, params))
+            return await _within(self.timeout_s, self._run(route, params, scope, receive, headers))
         except Reject as r:
             return r.answer
-        except TimeoutError:
+        except asyncio.TimeoutError:  # TimeoutError on 3.11+ (the same class)
             return error_answer(504, "timeout", f"no answer within {self.timeout_s:g} s (LTSERVE_TIMEOUT_S): the "
                                 "server is overloaded or the upload too slow; retry, with fewer images per request",
                                 {"Connection": "close"})
+
+    async def _run(self, route: Route, params: dict[str, str], scope: dict, receive: Any,
+                   headers: dict[str, str]) -> Answer:
+        method = scope["method"]
+        body = await self._read_body(headers, receive) if method in ("POST", "PUT") else b""
+        return await route.handler(HttpRequest(method, scope["path"], headers, body, params))
 
     def _authorised(self, header: str) -> bool:
         scheme, _, token = header.partition(" ")
@@ -216,10 +219,14 @@ class Front:
             chunks.append(chunk)
 
 
-def _time_limit(seconds: float) -> Any:
-    """`asyncio.timeout` (Python 3.11+: one timer, cancelled on exit); on 3.10 no limit here (BentoML's backstop)."""
+async def _within(seconds: float, work: Awaitable[Answer]) -> Answer:
+    """`await work`, cancelled after `seconds` (asyncio.TimeoutError): `asyncio.timeout` where it exists (Python
+    3.11+: one timer, cancelled on exit, no extra task), else `asyncio.wait_for`."""
     timeout = getattr(asyncio, "timeout", None)
-    return timeout(seconds) if timeout is not None else contextlib.nullcontext()
+    if timeout is None:
+        return await asyncio.wait_for(work, seconds)
+    async with timeout(seconds):
+        return await work
 
 
 async def send_answer(send: Any, answer: Answer) -> None:

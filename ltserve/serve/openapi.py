@@ -1,7 +1,7 @@
 """The service's OpenAPI contract: BentoML's generated document, completed so that a fuzzer can verify it.
 
 BentoML 1.4 documents its API methods (request bodies, the 200 schema) and its health routes, and nothing else:
-not `GET /model` (a mounted route), not the answers the request guard, the connection layer and the methods give
+not ltserve's own routes (`GET /model`, the prior, the protocol's), not the answers `Front`, the connection layer and the handlers give
 (401 408 413 415 503 504), not the Bearer scheme; it lists 404/500 bodies of its own that this service never sends
 for these routes, and leaves the upload forms open (any other field, an empty `images` list). `complete_openapi`
 fills that in from what the code does, and the service answers `GET /docs.json` with the result:
@@ -99,7 +99,7 @@ def _upload_operation(op: dict[str, Any], route: str, settings: ServiceSettings)
     field = UPLOAD_FIELDS[route]
     media = op["requestBody"]["content"]["multipart/form-data"]
     schema = media["schema"]
-    schema["additionalProperties"] = False  # the guard refuses any other field (400 unknown_field)
+    schema["additionalProperties"] = False  # the upload rules refuse any other field (400 unknown_field)
     prop = schema["properties"][field]
     if route == BATCH_ROUTE:
         prop["minItems"] = 1
@@ -129,7 +129,7 @@ def _raw_operation(op: dict[str, Any], settings: ServiceSettings) -> dict[str, A
 
 def _classify_answers(op: dict[str, Any], route: str, settings: ServiceSettings, bad_request: str,
                       unsupported: str) -> dict[str, Any]:
-    """Every answer of a classify route: BentoML's 200, the 4xx of the guard and the method, and `error_answers`."""
+    """Every answer of a classify route: BentoML's 200, the 4xx of the upload rules and the handler, and `error_answers`."""
     return {
         "200": _answer_ref(op["responses"].get(200) or op["responses"]["200"], route),
         "400": _error(bad_request),
