@@ -427,3 +427,28 @@ def test_a_second_server_keeps_its_own_metrics_and_its_workers_die_with_its_supe
             if p.is_running():
                 p.kill()
         second.stop()
+
+
+def test_workers_still_starting_when_their_supervisor_is_killed_exit_too(package, tmp_path):
+    """SIGKILL of the supervisor while its workers are still importing the service (before any answers): each
+    worker learns the supervisor's pid from the environment, so it exits once it gets that far instead of serving on
+    as an orphan whose parent was already init when it started watching."""
+    server = ServerProcess(server_env(package), tmp_path / "early.log")
+    workers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2 and time.monotonic() < deadline:
+            workers = server.workers()
+            time.sleep(0.005)
+        assert len(workers) == 2, "the workers did not start"
+        assert all(p.environ()["LTSERVE_SUPERVISOR_PID"] == str(server.proc.pid) for p in workers)
+        server.proc.kill()
+        killed_at = time.monotonic()
+        while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers):
+            assert time.monotonic() - killed_at < 30.0, f"workers alive 30 s after their supervisor: {workers}"
+            time.sleep(0.05)
+    finally:
+        for p in workers:
+            if p.is_running():
+                p.kill()
+        server.stop()

@@ -46,6 +46,10 @@ PARENT_POLL_S = 0.1
 EXIT_GRACE_S = 0.7
 """After its supervisor died, how long a worker's graceful shutdown may take before it exits anyway."""
 
+SUPERVISOR_PID_ENV = "LTSERVE_SUPERVISOR_PID"
+"""Environment variable in which `prepare_server` gives the workers the supervisor's pid: a worker that reaches
+`setup_worker` after its supervisor died (killed while this worker was still importing) knows it is an orphan."""
+
 OWNED_MARK = ".ltserve-temporary"
 """File in a metrics directory that `prepare_server` created: whoever outlives the server removes the directory."""
 
@@ -105,6 +109,7 @@ def prepare_server(settings: ServiceSettings) -> Path:
         (path / OWNED_MARK).touch()
         atexit.register(shutil.rmtree, path, ignore_errors=True)
     os.environ[env_name("metrics_dir")] = str(path)
+    os.environ[SUPERVISOR_PID_ENV] = str(os.getpid())
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")  # read by glibc when a worker starts
     return path
 
@@ -156,19 +161,28 @@ def fit_open_files(needed: int) -> int:
 
 def watch_parent(poll_s: float = PARENT_POLL_S, grace_s: float = EXIT_GRACE_S,
                  on_orphan: Callable[[], None] | None = None) -> threading.Thread:
-    """Exit this process when its parent (the supervisor) dies: a daemon thread compares `os.getppid()` with the
-    parent at start every `poll_s` seconds; on a change it calls `on_orphan`, sends this process SIGTERM (uvicorn's
-    graceful shutdown) and exits with status 1 `grace_s` seconds later if that has not finished.
+    """Exit this process when its supervisor dies: a daemon thread checks every `poll_s` seconds that the parent
+    is the one at start (`os.getppid()`) and, where `prepare_server` named the supervisor (SUPERVISOR_PID_ENV), that
+    this pid still exists; on a change it calls `on_orphan`, sends this process SIGTERM (uvicorn's graceful
+    shutdown) and exits with status 1 `grace_s` seconds later if that has not finished.
+
+    The named pid matters when the supervisor is killed while this worker is still importing: the parent at start
+    is then already init (or a subreaper), and a watch on `os.getppid()` alone would never fire.
 
     Returns:
         the watching thread (started).
     """
     parent = os.getppid()
+    named = os.environ.get(SUPERVISOR_PID_ENV, "")
+    supervisor = int(named) if named.isdigit() else parent
+
+    def orphaned() -> bool:
+        return os.getppid() != parent or (supervisor != parent and not pid_exists(supervisor))
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while not orphaned():
             time.sleep(poll_s)
-        logger.error("the server's supervisor (pid %d) is gone: worker %d exits", parent, os.getpid())
+        logger.error("the server's supervisor (pid %d) is gone: worker %d exits", supervisor, os.getpid())
         if on_orphan is not None:
             on_orphan()
         os.kill(os.getpid(), signal.SIGTERM)
@@ -178,3 +192,18 @@ def watch_parent(poll_s: float = PARENT_POLL_S, grace_s: float = EXIT_GRACE_S,
     thread = threading.Thread(target=watch, name="ltserve-parent-watch", daemon=True)
     thread.start()
     return thread
+
+
+def pid_exists(pid: int) -> bool:
+    """Whether a process (not a zombie left for its parent to reap) has this pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):  # no /proc (not Linux), or gone meanwhile
+        return True
