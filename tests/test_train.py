@@ -134,6 +134,43 @@ def test_resume_after_interruption_gives_bit_identical_weights(tmp_path):
         assert a == b, f"{rel} differs after resume"
     losses = [e["loss"] for e in straight.train_metrics["epochs"]]
     assert losses == [e["loss"] for e in resumed.train_metrics["epochs"]]
+    # metrics.csv keeps the epochs before the interruption (they live in the checkpoint's history), and the
+    # per-epoch val metrics, taken on the same weights, are the same
+    keep = ("epoch", "train_loss", "val_top1", "val_balanced", "val_many", "val_medium", "val_few")
+    rows = {name: [{k: r[k] for k in keep} for r in _metrics_csv(tmp_path / name)] for name in ("straight", "resumed")}
+    assert len(rows["resumed"]) == 3 and rows["resumed"] == rows["straight"]
+
+
+def _metrics_csv(run: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_epoch_is_scored_on_val_in_metrics_csv_and_run_json(tiny_run, tiny_config):
+    """Stage 1 scores the joint head on val after each epoch: top-1, balanced accuracy and Many/Medium/Few with the
+    run's shot groups, one metrics.csv row per epoch beside the checkpoints."""
+    from ltserve.train.val_metrics import CSV_COLUMNS
+
+    info = read_run(tiny_run)
+    rows = _metrics_csv(tiny_run)
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert [int(r["epoch"]) for r in rows] == list(range(1, tiny_config.train.epochs + 1))
+    epochs = info.train_metrics["epochs"]
+    for row, epoch in zip(rows, epochs):
+        assert float(row["train_loss"]) == pytest.approx(epoch["loss"], rel=1e-5)
+        for col in ("val_top1", "val_balanced", "val_many", "val_medium", "val_few"):
+            assert 0.0 <= float(row[col]) <= 1.0, (col, row)
+        assert float(row["val_seconds"]) > 0 and float(row["seconds"]) > 0
+        val = epoch["val"]
+        assert val["n"] == info.split_sizes["val"] and float(row["val_top1"]) == pytest.approx(val["top1"], abs=1e-5)
+        # the val split is balanced (10 images per class): balanced accuracy is top-1
+        assert val["balanced_accuracy"] == pytest.approx(val["top1"])
+    # the last epoch's score is the trained joint head's (from the float16 feature cache: allow a few flips)
+    final = info.train_metrics["eval"]["val"]["joint"]
+    assert float(rows[-1]["val_top1"]) == pytest.approx(final["top1"], abs=0.05)
+    assert float(rows[-1]["val_balanced"]) > 0.2  # 10 classes: twice chance after 12 epochs
 
 
 def test_existing_run_needs_resume_and_resume_needs_the_same_recipe(tmp_path):

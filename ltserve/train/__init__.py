@@ -6,6 +6,7 @@
 
     stage1.py      `train`: the epochs, checkpoints, per-epoch val metrics and the end-of-training evaluation
     loop.py        process group, data loader, model, lr schedule, AMP, `train_one_epoch`
+    val_metrics.py accuracy of the joint head on val after each epoch, and the run's metrics.csv
     checkpoint.py  resumable checkpoints (safetensors + JSON)
     run_files.py   backbone.safetensors, heads/joint.*, run.json
 """

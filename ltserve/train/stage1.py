@@ -17,6 +17,9 @@ Decisions worth knowing:
   them: stage 2 and `ltserve evaluate` then start from the cache without reading the data set or rebuilding the
   backbone. With `evaluate=False` only the val features are extracted, for the calibration. Stage 2 never rewrites
   the joint head.
+- After every epoch, rank 0 scores the joint head (the model's own layer) on val: top-1, balanced accuracy and
+  Many/Medium/Few, in the epoch's log line, in `train_metrics["epochs"][i]["val"]` and in `RUN/metrics.csv`
+  (`ltserve.train.val_metrics`).
 - Evaluation uses exactly `ltserve.preprocess.transform_image` + `to_model_input` (the serving path); training
   augmentation ends in the same `to_model_input` normalisation.
 - With `model.trainable: last_block`, BatchNorm layers that have no trainable parameter stay in eval mode (their
@@ -50,6 +53,7 @@ from ltserve.train.checkpoint import (check_resume_config, gather_rng, latest_ch
 from ltserve.train.loop import (Dist, amp_for, build_model, check_train_config, init_distributed, make_loader,
                                 make_optimizer, train_one_epoch)
 from ltserve.train.run_files import check_out_folder, created_at, export_run, joint_head
+from ltserve.train.val_metrics import describe_val, epoch_val_metrics, write_metrics_csv
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +78,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, *, stop_after_epoc
         progress: show progress bars (on a terminal).
 
     Returns:
-        the RunInfo written to `out/run.json`; `train_metrics` holds per-epoch loss/lr/img/s, wall time,
+        the RunInfo written to `out/run.json`; `train_metrics` holds per-epoch loss/lr/img/s/val accuracy, wall time,
         throughput and (when evaluated) the val/test summary of the joint head.
 
     Raises:
@@ -141,18 +145,24 @@ def _train(cfg: Config, paths: RunPaths, resume: bool, stop_after_epochs: int | 
              cfg.name, device, cfg.model.backbone, splits.num_classes, len(splits.train), steps_per_epoch,
              tc.epochs, tc.sampler, dist.world_size)
     last = tc.epochs if stop_after_epochs is None else min(tc.epochs, stop_after_epochs)
+    class_counts = splits.class_counts().tolist()
     info = None
     for epoch in range(start_epoch, last):
         loader = make_loader(splits, cfg, dist, epoch, device)
         stats = train_one_epoch(net, loader, optimizer, cfg, epoch, epoch * steps_per_epoch, steps_per_epoch,
                                 device, amp, dist, progress)
+        if dist.is_main:
+            # before the RNG states are gathered: a resumed run then continues from the same states as a straight
+            # one (reading val files through a DataLoader draws a seed from torch's generator)
+            stats["val"] = epoch_val_metrics(model, splits.val, cfg, class_counts, device)
         history.append(stats)
         rng = gather_rng(dist, device)
         if dist.is_main:
-            log.info("epoch %d/%d: loss %.4f, lr %.4g, %.0f img/s, %.1f s", epoch + 1, tc.epochs, stats["loss"],
-                     stats["lr"], stats["img_s"], stats["seconds"])
+            log.info("epoch %d/%d: loss %.4f, lr %.4g, %.0f img/s, %.1f s; %s", epoch + 1, tc.epochs, stats["loss"],
+                     stats["lr"], stats["img_s"], stats["seconds"], describe_val(stats["val"]))
             save_checkpoint(paths, model, optimizer, amp, cfg, epoch + 1, (epoch + 1) * steps_per_epoch, history,
                             rng)
+            write_metrics_csv(paths, history)
             info = export_run(paths, model, cfg, splits, epoch + 1, _train_metrics(history, dist, device),
                               finished=False, created=created)
         dist.barrier()
