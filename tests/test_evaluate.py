@@ -146,3 +146,52 @@ def test_stage2_figures_come_from_the_head_files_and_no_plots_skips_every_png(ti
     bare = evaluate_run(run, "val", plots=False)
     assert set(bare["files"]) == {"json", "markdown"} and not list(paths.eval.glob("*.png"))
     assert (paths.eval / "val.md").is_file()
+
+
+def test_reliability_diagram_and_confusion_matrix_are_drawn_and_their_numbers_are_in_the_json(tiny_run, copy_run):
+    """Every evaluation draws a reliability diagram (ECE per head) and the row-normalised confusion matrix of joint
+    and the best head by val, classes head to tail; the JSON names the PNGs and holds the numbers they show."""
+    from ltserve.metrics import softmax
+
+    run = copy_run(tiny_run)
+    paths = RunPaths(run)
+    joint = load_head(paths.heads, "joint")
+    norms = np.linalg.norm(joint.weight, axis=1, keepdims=True)
+    save_head(CalibratedHead(weight=joint.weight / norms, bias=np.zeros_like(joint.bias), method="tau_norm",
+                             meta={"tau": 1.0, "val": {"balanced_accuracy": 0.99, "top1": 0.99}}), paths.heads)
+    results = evaluate_run(run, "test")
+    on_disk = json.loads((paths.eval / "test.json").read_text())
+    for key, name in (("reliability_png", "test_reliability.png"), ("confusion_png", "test_confusion.png")):
+        assert on_disk["files"][key] == str(paths.eval / name)
+        data = (paths.eval / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
+
+    info = read_run(run)
+    feats, labels = cached_features(run, "test")
+    order = np.argsort(-np.asarray(info.class_counts), kind="stable")
+    assert list(on_disk["reliability"]) == ["joint", "tau_norm"]
+    assert list(on_disk["confusion"]) == ["joint", "tau_norm"]  # tau_norm is the best head by val here
+    for name in ("joint", "tau_norm"):
+        curve = on_disk["reliability"][name]
+        assert sum(curve["count"]) == labels.size == curve["n"] and len(curve["edges"]) == len(curve["count"]) + 1
+        assert curve["ece"] == pytest.approx(results["heads"][name]["ece"], abs=1e-9)  # the reports' ECE
+        for c, a, k, lo, hi in zip(curve["confidence"], curve["accuracy"], curve["count"], curve["edges"],
+                                   curve["edges"][1:]):
+            assert (c is None) == (k == 0) and (k == 0 or (lo < c <= hi and 0.0 <= a <= 1.0))
+        entry = on_disk["confusion"][name]
+        assert entry["order"] == order.tolist() and entry["class_names"] == [info.class_names[j] for j in order]
+        counts = [info.class_counts[j] for j in entry["order"]]
+        assert counts == sorted(counts, reverse=True)  # head to tail
+        matrix = np.asarray(entry["matrix"], dtype=np.float64)
+        assert matrix.shape == (10, 10) and (matrix >= 0).all()
+        np.testing.assert_allclose(matrix.sum(axis=1), 1.0, atol=1e-9)
+        np.testing.assert_array_equal(entry["row_totals"], np.bincount(labels, minlength=10)[order])
+        # the diagonal is each class's recall, the report's per-class accuracy
+        np.testing.assert_allclose(np.diag(matrix), np.asarray(results["heads"][name]["per_class"])[order])
+        pred = load_head(paths.heads, name).logits(feats).argmax(1)
+        i, j = 0, 1  # an off-diagonal entry counted directly: true order[0] predicted as order[1]
+        share = np.mean(pred[labels == order[i]] == order[j])
+        assert matrix[i, j] == pytest.approx(share)
+        # the last bin holds the images the head is most sure of: counted directly from its served probabilities
+        top = softmax(load_head(paths.heads, name).logits(feats)).max(axis=1)
+        assert curve["count"][-1] == int(np.sum(top > curve["edges"][-2]))

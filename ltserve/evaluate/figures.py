@@ -4,6 +4,8 @@
                               against the best head)
     plot_weight_norms         ||w_j|| per class, one panel per head (the paper's Figure 2, left)
     plot_tau_sweep            val Many/Medium/Few/All against tau or tau_la, the chosen value marked (Figure 2, right)
+    plot_reliability          accuracy against confidence in bins, one panel per head, ECE in each panel's title
+    plot_confusion            row-normalised confusion matrices, classes head to tail, shot groups marked
 
 One function per figure; each takes plain values and a path, writes the PNG atomically and returns the path.
 Classes are always drawn head to tail (training count, descending), the order in which long-tailed effects show.
@@ -132,7 +134,8 @@ GROUP_STYLE = {"many": ("Many", "tab:blue"), "medium": ("Medium", "tab:orange"),
 
 
 def sweep_of(meta: Mapping[str, Any]) -> tuple[str, list[dict[str, Any]], float | None]:
-    """(knob name, sweep curve, chosen value) from a head's meta (tau_norm, la and the +la heads record one).
+    """(knob name, sweep curve, chosen value) from a head's meta (tau_norm, la and the +la heads record one; the
+    knob is whatever the method swept, named by the curve's points).
 
     Raises:
         ValueError: the head recorded no sweep.
@@ -140,7 +143,7 @@ def sweep_of(meta: Mapping[str, Any]) -> tuple[str, list[dict[str, Any]], float 
     curve = meta.get("sweep")
     if not curve:
         raise ValueError("this head recorded no sweep (tau_norm, la, tau_norm+la and lws+la have one)")
-    knob = "tau" if "tau" in curve[0] else "tau_la"
+    knob = next(iter(curve[0]))  # each point starts with the knob's value (`ltserve.heads.common.sweep`)
     return knob, list(curve), meta.get(knob)
 
 
@@ -167,4 +170,90 @@ def plot_tau_sweep(path: str | Path, meta: Mapping[str, Any], title: str = "") -
     ax.set_title(title or f"val accuracy against {knob}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_reliability(path: str | Path, curves: Mapping[str, Mapping[str, Any]], title: str = "") -> Path:
+    """Reliability diagram: accuracy against confidence in equal-width bins, one panel per head, ECE in each title.
+
+    Bars are each bin's accuracy at its mean confidence's bin; the diagonal is perfect calibration; the gap (red)
+    between a bar and the diagonal is what the ECE sums, weighted by the bin's share of images (shown in grey).
+
+    Args:
+        path: the PNG to write.
+        curves: head name -> `diagnostics.reliability_curve` (edges, count, confidence, accuracy, ece, n).
+        title: figure title.
+    """
+    names = list(curves)
+    cols = min(4, max(1, len(names)))
+    rows = math.ceil(len(names) / cols) if names else 1
+    fig = _figure(3.2 * cols, 3.3 * rows)
+    for k, name in enumerate(names):
+        curve = curves[name]
+        edges = np.asarray(curve["edges"], dtype=np.float64)
+        width = float(edges[1] - edges[0])
+        centres = (edges[:-1] + edges[1:]) / 2
+        acc = np.array([np.nan if a is None else a for a in curve["accuracy"]], dtype=np.float64)
+        conf = np.array([np.nan if c is None else c for c in curve["confidence"]], dtype=np.float64)
+        share = np.asarray(curve["count"], dtype=np.float64) / max(int(curve["n"]), 1)
+        ax = fig.add_subplot(rows, cols, k + 1)
+        ax.bar(centres, share, width=width, color="#cccccc", zorder=1, label="images (share)")
+        ax.bar(centres, np.nan_to_num(acc), width=width, color="#3b75af", edgecolor="white", lw=0.5, zorder=2,
+               label="accuracy")
+        gap = np.where(np.isnan(acc), 0.0, conf - acc)
+        ax.bar(centres, gap, bottom=np.nan_to_num(acc), width=width, color="#d62728", alpha=0.35, zorder=3,
+               label="gap to confidence")
+        ax.plot([0, 1], [0, 1], color="black", lw=1, ls="--", zorder=4)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top-1 probability)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{name}: ECE {curve['ece']:.3f}", fontsize=9)
+        if k == 0:
+            ax.legend(loc="upper left", fontsize=7)
+    fig.suptitle(title or "reliability diagram", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_confusion(path: str | Path, class_names: Sequence[str], class_counts: Sequence[int],
+                   matrices: Mapping[str, np.ndarray], title: str = "", many_threshold: int = 100,
+                   few_threshold: int = 20) -> Path:
+    """Row-normalised confusion matrices (true class down, predicted across), classes head to tail, one panel per
+    head: a head biased toward frequent classes puts the tail rows' mass in the left columns.
+
+    Args:
+        path: the PNG to write.
+        class_names, class_counts: C names and training counts (in class-index order).
+        matrices: head name -> (C, C) row-normalised matrix already in head-to-tail order
+            (`diagnostics.confusion_matrix` with `head_to_tail(class_counts)`).
+        many_threshold, few_threshold: shot-group boundaries, drawn as lines between the groups.
+    """
+    order = head_to_tail(class_counts)
+    names = [class_names[j] for j in order]
+    groups = shot_groups(np.asarray(class_counts)[order].tolist(), many_threshold, few_threshold)
+    cuts = [i - 0.5 for i in range(1, len(groups)) if groups[i] != groups[i - 1]]
+    side = max(3.5, min(12.0, 0.3 * len(order) + 2.0))
+    fig = _figure(side * len(matrices) + 0.8, side + 0.6)
+    fig.set_layout_engine("constrained")  # keeps the colour bar, the tick labels and the title clear of each other
+    image = None
+    for k, (head, matrix) in enumerate(matrices.items()):
+        ax = fig.add_subplot(1, len(matrices), k + 1)
+        image = ax.imshow(np.nan_to_num(np.asarray(matrix, dtype=np.float64)), vmin=0.0, vmax=1.0, cmap="Blues",
+                          interpolation="nearest")
+        for cut in cuts:
+            ax.axhline(cut, color="#d62728", lw=0.8)
+            ax.axvline(cut, color="#d62728", lw=0.8)
+        if len(order) <= 40:
+            ax.set_xticks(range(len(order)))
+            ax.set_xticklabels(names, rotation=90, fontsize=7)
+            ax.set_yticks(range(len(order)))
+            ax.set_yticklabels(names if k == 0 else [], fontsize=7)
+        ax.set_xlabel("predicted class" + ("" if len(order) <= 40 else ", head to tail"))
+        if k == 0:
+            ax.set_ylabel("true class" + ("" if len(order) <= 40 else ", head to tail"))
+        ax.set_title(head, fontsize=9)
+    if image is not None:
+        fig.colorbar(image, ax=fig.axes, shrink=0.8, label="share of the true class's images")
+    fig.suptitle(title or "confusion matrix (rows sum to 1), classes head to tail", fontsize=10)
     return _save(fig, path)

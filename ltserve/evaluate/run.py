@@ -9,6 +9,12 @@ calibration temperature (ece_raw, ece) and per-class accuracy (`ltserve.metrics.
     eval/weight_norms.png            per-class classifier weight norms of every head (the paper's Figure 2, left)
     eval/sweep_<head>.png            val accuracy against tau / tau_la, for every head that recorded a sweep
     eval/<split>_joint_vs_best.png   per-class accuracy of joint against the best head (`selection.best_head`)
+    eval/<split>_reliability.png     reliability diagram of every head (accuracy against confidence, ECE per panel)
+    eval/<split>_confusion.png       row-normalised confusion matrix, classes head to tail: joint and the best head
+                                     by val when both are evaluated, else the first head evaluated
+
+The numbers of the last two are in the JSON too (`diagnostics`): "reliability" {head: bins} and "confusion"
+{head: rows in head-to-tail order, each summing to 1}.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ import numpy as np
 
 from ltserve.errors import RunError
 from ltserve.evaluate import figures
+from ltserve.evaluate.diagnostics import RELIABILITY_BINS, confusion_entry, confusion_matrix, reliability_curve
 from ltserve.evaluate.predictions import write_predictions
 from ltserve.evaluate.selection import best_head
 from ltserve.evaluate.tables import format_markdown
 from ltserve.features.cache import backbone_sha256, cached_features
 from ltserve.fileio import atomic_write_text, write_json
 from ltserve.heads import head_sha256
-from ltserve.metrics import SHOT_GROUPS, classification_report, shot_groups
+from ltserve.metrics import SHOT_GROUPS, classification_report, shot_groups, softmax
 from ltserve.rundir import Run, open_run, utc_now
 
 log = logging.getLogger(__name__)
@@ -48,7 +55,8 @@ def evaluate_run(run: Run | str | Path, split: str = "test", predictions: str | 
         {"run", "split", "n", "class_names", "class_counts", "groups" (class -> shot group), "group_sizes",
          "many_threshold", "few_threshold", "backbone_sha256", "data_fingerprint", "created", "files",
          "heads": {head: `head_report`: classification_report (with ece_raw, before calibration), "temperature",
-         "head_sha256"}}.
+         "head_sha256"}, "reliability": {head: `diagnostics.reliability_curve` of its served probabilities},
+         "confusion": {head: `diagnostics.confusion_entry`} for joint and the best head (see the module docstring)}.
 
     Raises:
         RunError: not a run, no such split, or an unknown/missing head (the message lists the available ones).
@@ -70,11 +78,18 @@ def evaluate_run(run: Run | str | Path, split: str = "test", predictions: str | 
     for name in names:
         logits[name] = run.head(name).logits(features)
         results["heads"][name] = head_report(run, name, features, labels, logits[name])
+    # the head's logits are already divided by its temperature: these are the probabilities the package serves
+    results["reliability"] = {name: reliability_curve(softmax(logits[name]), labels) for name in names}
+    order = figures.head_to_tail(info.class_counts)
+    matrices = {name: confusion_matrix(logits[name].argmax(1), labels, order)
+                for name in _confusion_heads(run, names)}
+    results["confusion"] = {name: confusion_entry(m, totals, order, info.class_names)
+                            for name, (m, totals) in matrices.items()}
     eval_dir = run.paths.eval
     results["files"] = {"json": str(eval_dir / f"{split}.json"), "markdown": str(eval_dir / f"{split}.md")}
     atomic_write_text(eval_dir / f"{split}.md", format_markdown(results))
     if plots:
-        results["files"].update(draw_figures(run, split, results))
+        results["files"].update(draw_figures(run, split, results, {h: m for h, (m, _) in matrices.items()}))
     if predictions is not None:
         results["files"]["predictions"] = str(write_predictions(predictions, labels, logits))
     write_json(eval_dir / f"{split}.json", results)
@@ -118,8 +133,22 @@ def _heads_to_evaluate(run: Run, heads: Sequence[str] | None) -> list[str]:
     return list(heads)
 
 
-def draw_figures(run: Run, split: str, results: dict[str, Any]) -> dict[str, str]:
-    """The evaluation's PNGs in `eval/` (see the module docstring); {figure key: path}."""
+def _confusion_heads(run: Run, names: Sequence[str]) -> list[str]:
+    """Whose confusion matrix is drawn: joint and the best head by val (what `export --head best` ships) when both
+    are evaluated, else joint alone, else the first head evaluated."""
+    if "joint" not in names:
+        return [names[0]]
+    best = best_head(run) if len(names) > 1 else "joint"
+    return ["joint", best] if best != "joint" and best in names else ["joint"]
+
+
+def draw_figures(run: Run, split: str, results: dict[str, Any],
+                 confusion: dict[str, np.ndarray] | None = None) -> dict[str, str]:
+    """The evaluation's PNGs in `eval/` (see the module docstring); {figure key: path}.
+
+    Args:
+        confusion: head -> (C, C) row-normalised confusion matrix in head-to-tail order, to draw (None: not drawn).
+    """
     eval_dir, name = run.paths.eval, run.root.name
     reports = results["heads"]
     common = dict(class_names=results["class_names"], class_counts=results["class_counts"],
@@ -145,4 +174,12 @@ def draw_figures(run: Run, split: str, results: dict[str, Any]) -> dict[str, str
                 eval_dir / f"{split}_joint_vs_best.png",
                 per_class={"joint": reports["joint"]["per_class"], best: reports[best]["per_class"]},
                 title=f"{name}: joint against the best head by val ({best}), {split}", **common)
+    if results.get("reliability"):
+        files["reliability_png"] = figures.plot_reliability(
+            eval_dir / f"{split}_reliability.png", results["reliability"],
+            title=f"{name}: reliability on {split} (probabilities as served, {RELIABILITY_BINS} bins)")
+    if confusion:
+        files["confusion_png"] = figures.plot_confusion(
+            eval_dir / f"{split}_confusion.png", matrices=confusion,
+            title=f"{name}: confusion on {split}, rows = true class (each sums to 1), classes head to tail", **common)
     return {k: str(v) for k, v in files.items()}
