@@ -80,6 +80,8 @@ def image_dir(tmp_path_factory, fashion_test):
     bad["bad/huge.png"] = ("ImageTooLarge", b"")
     os.symlink(root / "does-not-exist.png", root / "bad/dangling.png")  # unreadable, even for root
     bad["bad/dangling.png"] = ("Unreadable", b"")
+    os.mkfifo(root / "bad/pipe.png")  # opening it would block a decode worker until something writes to it
+    bad["bad/pipe.png"] = ("Unreadable", b"")
     (root / ".hidden.png").write_bytes(png)  # hidden files are not inputs
     listing = root.parent / f"{root.name}-list.txt"
     listing.write_text("".join(f"{rel} {labels[i]}\n" for i, rel in enumerate(good)))
@@ -104,9 +106,22 @@ def start_cli(*args: str) -> subprocess.Popen:
     # its own session, so that a signal reaches the CLI and its decode workers together (like Ctrl-C in a shell)
     # SIGINT back to its default: a test runner started in the background (CI, nohup ... &) has it ignored, and a
     # Python started with SIGINT ignored never turns Ctrl-C into KeyboardInterrupt
-    return subprocess.Popen([sys.executable, "-m", "ltserve.cli", "predict", *map(str, args), "--no-progress"],
+    # -X faulthandler: SIGABRT makes it print every thread's stack, which `communicate_or_dump` reports on a hang
+    return subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "ltserve.cli", "predict", *map(str, args),
+                             "--no-progress"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def communicate_or_dump(proc: subprocess.Popen, timeout: float) -> tuple[bytes, bytes]:
+    """`proc.communicate(timeout)`; if it has not exited by then, fail with the stack of each of its threads."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGABRT)
+        _, stderr = proc.communicate(timeout=30)
+        os.killpg(proc.pid, signal.SIGKILL)  # its decode workers too
+        pytest.fail(f"still running {timeout:.0f} s later; its threads:\n{stderr.decode(errors='replace')[-8000:]}")
 
 
 def _children(pid: int) -> list[int]:
@@ -274,7 +289,7 @@ def test_ctrl_c_on_parquet_then_resume(tmp_path, package, big_dir):
             break
         time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = communicate_or_dump(proc, 60)
     assert proc.returncode == 130, stderr
     assert b"--resume" in stderr and stderr.count(b"interrupted") == 1  # one message, not one per layer
     parts_at_stop = list(out.glob("part-*.parquet"))

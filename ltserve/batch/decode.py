@@ -5,10 +5,13 @@ Module-level functions only, so they pickle by reference under the spawn start m
 
 from __future__ import annotations
 
+import errno
 import itertools
+import logging
 import multiprocessing
 import os
 import signal
+import stat
 import threading
 import time
 from collections import deque
@@ -22,8 +25,12 @@ from ltserve.batch import storage
 from ltserve.errors import ImageTooLarge, InvalidInput, LtserveError
 from ltserve.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec, decode
 
+logger = logging.getLogger(__name__)
+
 MAX_FILE_BYTES = 256 * 1024 * 1024
 """Files larger than this are reported as too large without being read (no image a model needs is this big)."""
+STOP_GRACE_S = 5.0
+"""When a job stops early, how long a decode worker may take to finish its chunk and leave before it is terminated."""
 _CHUNKS_IN_FLIGHT_PER_WORKER = 4  # enough to keep every worker busy while the main process runs a batch
 
 
@@ -49,7 +56,10 @@ def read_and_decode(file: str, spec: PreprocessSpec, max_pixels: int = DEFAULT_M
         except ValueError:
             raise ImageTooLarge(f"the object is larger than {MAX_FILE_BYTES} bytes; not decoded") from None
         return decode(data, spec, max_pixels)
-    size = os.stat(file).st_size
+    info = os.stat(file)
+    if not stat.S_ISREG(info.st_mode):  # opening a FIFO would block this worker until something writes to it
+        raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device)")
+    size = info.st_size
     if size > MAX_FILE_BYTES:
         raise ImageTooLarge(f"the file is {size} bytes, more than {MAX_FILE_BYTES}; not read")
     with open(file, "rb") as f:
@@ -116,6 +126,19 @@ def _decode_in_worker(files: list[str], offset: int) -> DecodedChunk:
                         _WORKER_STATE["storage_options"])
 
 
+def stop_processes(processes: Sequence[multiprocessing.process.BaseProcess], grace_s: float) -> None:
+    """Wait up to `grace_s` seconds (in all) for processes to exit, then SIGKILL the rest (decode workers ignore
+    SIGINT and SIGTERM, see `_init_worker`, and hold nothing that must be saved)."""
+    deadline = time.monotonic() + grace_s
+    for p in processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in processes:
+        if p.is_alive():
+            logger.warning("decode worker %s did not stop within %.0f s of the job stopping: killed", p.pid, grace_s)
+            p.kill()
+            p.join(1.0)
+
+
 class DecodePool:
     """Decode files in chunks, in order, in spawned worker processes, with a bounded number of chunks in flight.
 
@@ -155,13 +178,21 @@ class DecodePool:
                 self._submit(s)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: Any) -> None:
         for _, future in self._pending:
             future.cancel()
         self._pending.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        if exc_type is None:
+            pool.shutdown(wait=True, cancel_futures=True)
+            return
+        # stopping (Ctrl-C, SIGTERM, an error): nothing more is needed from the workers, and the caller still has
+        # rows to write, so a worker that does not leave promptly is terminated instead of waited for
+        workers = list((getattr(pool, "_processes", None) or {}).values())  # private, but the only handle on them
+        pool.shutdown(wait=False, cancel_futures=True)
+        stop_processes(workers, STOP_GRACE_S)
 
     def _submit(self, s: int) -> None:
         assert self._pool is not None
