@@ -1,7 +1,8 @@
 """The head registry: one entry per method, read by config, stage 2, export and evaluation.
 
-A method registered here, in the test, with its own settings, fit and reference logits and nothing else, is
-validated by the config, fitted by `rebalance`, folded and verified by `export`, and reported by `evaluate`.
+A method registered here, in the test, with its own settings, fit, reference logits, parameters, export check and
+chosen value and nothing else, is validated by the config, fitted by `rebalance`, folded, checked and verified by
+`export` (its parameter and its warning reach model.json), and reported by `evaluate`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ltserve.config import load_config
 from ltserve.errors import ConfigError, PackageError
 from ltserve.heads import HEADS, CalibratedHead, HeadMethod, raw_bias
 from ltserve.heads.common import HeadFitter, MethodSettings
+from ltserve.package import load_package
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,6 +43,24 @@ def power_norm_reference(head, joint, features, class_counts):
     return features @ w.T + raw_bias(joint)
 
 
+def power_norm_params(head):
+    return {"power": head.meta["power"]}
+
+
+def power_norm_check(head, class_names):
+    """A toy export check: a warning naming the class whose row the power shrinks most."""
+    norms = np.linalg.norm(head.weight, axis=1)
+    return [f"power {head.meta['power']:g} leaves {class_names[int(norms.argmin())]!r} the smallest row"]
+
+
+def power_norm_chosen(meta):
+    return [f"power={meta['power']:g}"]
+
+
+POWER_NORM = HeadMethod("power_norm", power_norm_reference, PowerNorm, "power_norm", base="joint",
+                        params=power_norm_params, check=power_norm_check, chosen=power_norm_chosen)
+
+
 def joint_reference_only(head, joint, features, class_counts):
     """A wrong reference: it ignores what the method did to the rows."""
     return features @ joint.weight.astype(np.float64).T + raw_bias(joint)
@@ -51,6 +71,9 @@ def test_the_built_in_registry():
     assert HEADS.stage2() == HEADS.names()[1:]
     assert {n: HEADS.get(n).base for n in ("la", "tau_norm+la", "lws+la")} == \
         {"la": "joint", "tau_norm+la": "tau_norm", "lws+la": "lws"}
+    # a composition inherits its base's checks and reports its base's choice with its own
+    assert HEADS.get("lws+la").check is HEADS.get("lws").check
+    assert HEADS.get("tau_norm+la").chosen({"tau_la": 0.4, "base_meta": {"tau": 0.7}}) == ["tau=0.7", "tau_la=0.4"]
     assert [n for n in HEADS.names() if HEADS.get(n).trains] == ["crt", "lws"]
     assert set(HEADS.sections()) == {"crt", "tau_norm", "lws", "ncm", "la"}
     with pytest.raises(ConfigError, match="did you mean 'tau_norm'"):
@@ -66,9 +89,10 @@ def test_a_method_registered_here_runs_through_config_rebalance_export_and_evalu
     from ltserve.export import export_package
     from ltserve.rebalance import rebalance
 
+    from ltserve.evaluate.tables import chosen_value
+
     run = copy_run(tiny_run)
-    entry = HeadMethod("power_norm", power_norm_reference, PowerNorm, "power_norm", base="joint")
-    with HEADS.registered(entry):
+    with HEADS.registered(POWER_NORM):
         cfg = load_config(REPO / "configs" / "tiny.yaml", ["rebalance.power_norm.power=0.25"])
         assert cfg.rebalance.power_norm.power == 0.25 and "power_norm" in cfg.rebalance.heads
         with pytest.raises(ConfigError, match=r"rebalance\.power_norm\.pow: unknown key; did you mean 'power'"):
@@ -83,6 +107,10 @@ def test_a_method_registered_here_runs_through_config_rebalance_export_and_evalu
         assert meta.head.name == "power_norm"
         assert meta.verification["fp32"]["top1_agreement"] >= 0.99  # checked against the registered reference
         assert meta.verification["graph"]["head_ops"] == ["Gemm"]  # folded into the one Gemm
+        written = load_package(tmp_path / "pkg")  # the method's own parameter and check, read back from model.json
+        assert written.head.params["power"] == 0.25 and written.head.params["method"] == "power_norm"
+        assert written.verification["warnings"] == power_norm_check(head, written.labels)
+        assert chosen_value("power_norm", head.meta) == "power=0.25"
 
         results = evaluate_run(run, "test", plots=False)
         assert list(results["heads"]) == ["joint", "power_norm"]

@@ -39,7 +39,8 @@ def cli(argv: list[str] | None = None) -> int:
                       device=args.device, progress=not args.no_progress)
     rows = val_metrics(run, ["joint", *heads])
     for name in heads:
-        rows[name] = {**rows[name], "chosen": chosen_value(heads[name].meta), "temperature": heads[name].temperature}
+        rows[name] = {**rows[name], "chosen": chosen_value(name, heads[name].meta),
+                      "temperature": heads[name].temperature}
     print(f"\nval metrics of {args.run_dir} (Many/Medium/Few: mean per-class accuracy by training count; "
           "All: top-1)\n")
     print(heads_table(rows, columns=("many", "medium", "few", "top1", "ece_raw", "ece"),

@@ -3,7 +3,7 @@
     markdown_table(header, rows)        the renderer (benchmarks use it too)
     heads_table(results)                one row per head: Many | Medium | Few | All | Top-5 | Balanced | ECE raw | ECE
     format_markdown(results)            a run's whole eval/<split>.md
-    chosen_value(meta)                  what val chose for a head, in words
+    chosen_value(name, meta)            what val chose for a head, in words (its registry entry's `chosen`)
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ltserve.heads import HEADS
 from ltserve.metrics import format_percent
 
 HEAD_COLUMNS = ("many", "medium", "few", "top1", "top5", "balanced_accuracy", "ece_raw", "ece")
@@ -73,14 +74,7 @@ def format_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def chosen_value(meta: Mapping[str, Any]) -> str:
-    """What val chose for a head, in words: "tau=0.7", "epoch 8/10", "tau=0.7, tau_la=0.4", "" for ncm."""
-    parts = []
-    for m in (meta.get("base_meta") or {}, meta):
-        if "tau" in m:
-            parts.append(f"tau={m['tau']:g}")
-        if "best_epoch" in m:
-            parts.append(f"epoch {m['best_epoch']}/{m['epochs']}")
-    if "tau_la" in meta:
-        parts.append(f"tau_la={meta['tau_la']:g}")
-    return ", ".join(parts)
+def chosen_value(name: str, meta: Mapping[str, Any]) -> str:
+    """What val chose for head `name`, in words, as its method says (`HeadMethod.chosen`): "tau=0.7", "epoch 8/10",
+    "tau=0.7, tau_la=0.4", "" for ncm."""
+    return ", ".join(HEADS.get(name).chosen(meta))

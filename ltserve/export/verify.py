@@ -9,9 +9,9 @@ into `model.json` (`verification`); a failed check raises PackageError and nothi
   the file size. fp16: agreement >= 0.98, no group drops more than 3 points. int8: few-shot and All drops bounded
   (default 1.0 and 0.5 points), agreement reported;
 - pt2: `torch.export.load` of the saved program vs the ONNX logits.
-- lws scales (lws, lws+la): a non-positive scale refuses the export (a head fitted before ltserve kept scales
-  positive: it reverses that class's logits); a tiny one (`ltserve.heads.lws.TINY_SCALE`) is logged and listed in
-  `verification["warnings"]`, so the package says what its head does to those classes.
+
+A method's own checks (lws: its scales) are its registry entry's `check` (`ltserve.heads.registry.HeadMethod`),
+run by `ltserve.export.build` before these.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import torch
 from ltserve.errors import PackageError
 from ltserve.export.graph import INPUT_NAME, OUTPUT_NAME, check_head_subgraph, check_model
 from ltserve.heads import CalibratedHead
-from ltserve.heads.lws import scale_check
 from ltserve.metrics import SHOT_GROUPS, classification_report, shot_groups
 from ltserve.rundir import RunInfo
 
@@ -277,20 +276,3 @@ def verify_onnx(path: Path, head: CalibratedHead, x: np.ndarray, labels: np.ndar
     verification["fp32"], logits = verify_fp32(path, x, ref, per_row_constant(head))
     verification["accuracy"] = group_accuracy(logits, labels, info)
     return logits
-
-
-def check_scales(head: CalibratedHead, class_names: Sequence[str]) -> list[str]:
-    """The warnings about a head's lws scales (extras["scales"], f (C,)); [] for a head without scales.
-
-    Raises:
-        PackageError: a scale is <= 0, naming the head, the classes and the fix.
-    """
-    if "scales" not in head.extras:
-        return []
-    check = scale_check(head.extras["scales"], class_names)
-    if check["non_positive"]:
-        raise PackageError(f"heads/{head.method}.safetensors: head {head.method!r} cannot be exported: "
-                           f"{check['warnings'][0]}; re-fit it with `ltserve rebalance RUN --heads {head.method}` "
-                           "(scales are now kept positive) or export another head")
-    return list(check["warnings"])
-

@@ -199,3 +199,9 @@ def head_extra(head: CalibratedHead, key: str) -> np.ndarray:
         raise RunError(f"heads/{head.method}.safetensors: no extras.{key}, so the head cannot be recomputed from its "
                        f"method; re-fit it with `ltserve rebalance RUN --heads {head.method}`")
     return head.extras[key]
+
+
+def recorded(head: CalibratedHead, keys: Sequence[str]) -> dict[str, Any]:
+    """The parameters among `keys` that a head's meta records, for model.json (a key missing from an older head file
+    is left out rather than invented)."""
+    return {k: head.meta[k] for k in keys if k in head.meta}

@@ -13,18 +13,20 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from pydantic import Field
 
 from ltserve.heads.common import (HeadFitter, MethodSettings, Val, ValScorer, check_features, class_counts,
-                                  head_param, linear_logits, log_prior, sweep)
+                                  head_param, linear_logits, log_prior, recorded, sweep)
 from ltserve.heads.head import CalibratedHead
 
 log = logging.getLogger(__name__)
 
 Reference = Callable[[CalibratedHead, CalibratedHead, np.ndarray, Sequence[int]], np.ndarray]
+Params = Callable[[CalibratedHead], dict[str, Any]]
+Chosen = Callable[[Mapping[str, Any]], list[str]]
 
 
 class LaSettings(MethodSettings):
@@ -113,3 +115,25 @@ def adjusted(base_reference: Reference) -> Reference:
         return base_reference(head, joint, features, class_counts) - shift
 
     return reference
+
+
+def adjusted_params(base_params: Params) -> Params:
+    """model.json's record of logit adjustment on a head whose own record is `base_params`: the base's parameters
+    (read from meta["base_meta"], e.g. tau_norm+la's tau) with tau_la, its source, the base's name and the val metric
+    over them."""
+
+    def params(head: CalibratedHead) -> dict[str, Any]:
+        base = replace(head, meta=dict(head.meta.get("base_meta") or {}))  # the base's meta; its extras are kept
+        return {**base_params(base), **recorded(head, ("tau_la", "tau_la_source", "base", "selection_metric"))}
+
+    return params
+
+
+def adjusted_chosen(base_chosen: Chosen) -> Chosen:
+    """What val chose for logit adjustment on a head whose own choice is `base_chosen`: ["tau=0.7", "tau_la=0.4"]."""
+
+    def chosen(meta: Mapping[str, Any]) -> list[str]:
+        own = [f"tau_la={meta['tau_la']:g}"] if "tau_la" in meta else []
+        return [*base_chosen(meta.get("base_meta") or {}), *own]
+
+    return chosen

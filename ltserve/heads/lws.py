@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from pydantic import Field
 
+from ltserve.errors import PackageError
 from ltserve.heads.common import Val, head_extra
 from ltserve.heads.head import CalibratedHead, raw_bias
-from ltserve.heads.sgd import SgdFitter, SgdSettings
+from ltserve.heads.sgd import SgdFitter, SgdSettings, params as sgd_params
 
 if TYPE_CHECKING:
     from torch import nn
@@ -144,3 +145,28 @@ def reference(head: CalibratedHead, joint: CalibratedHead, features: np.ndarray,
     f = head_extra(head, "scales").astype(np.float64)
     z = np.asarray(features, np.float64) @ joint.weight.astype(np.float64).T + raw_bias(joint)
     return f * z
+
+
+def params(head: CalibratedHead) -> dict[str, Any]:
+    """model.json's record of an lws head: best epoch, selection metric and the scales' min / mean / max."""
+    out = sgd_params(head)
+    if "scales" in head.extras:
+        f = head.extras["scales"].astype(np.float64)
+        out["scales"] = {"min": float(f.min()), "mean": float(f.mean()), "max": float(f.max())}
+    return out
+
+
+def check(head: CalibratedHead, class_names: Sequence[str]) -> list[str]:
+    """Export's check of a head with lws scales (extras["scales"], f (C,)): the warnings about tiny ones.
+
+    Raises:
+        PackageError: a scale is <= 0 (it reverses the class's logits), naming the head, the classes and the fix.
+    """
+    if "scales" not in head.extras:
+        return []
+    found = scale_check(head.extras["scales"], class_names)
+    if found["non_positive"]:
+        raise PackageError(f"heads/{head.method}.safetensors: head {head.method!r} cannot be exported: "
+                           f"{found['warnings'][0]}; re-fit it with `ltserve rebalance RUN --heads {head.method}` "
+                           "(scales are now kept positive) or export another head")
+    return list(found["warnings"])

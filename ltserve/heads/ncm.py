@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from ltserve.heads.common import HeadFitter, MethodSettings, Val, check_features, class_counts, head_extra
+from ltserve.heads.common import (HeadFitter, MethodSettings, Val, check_features, class_counts, head_extra,
+                                  recorded)
 from ltserve.heads.head import L2_EPS, CalibratedHead
 
 log = logging.getLogger(__name__)
@@ -95,3 +96,8 @@ def reference(head: CalibratedHead, joint: CalibratedHead, features: np.ndarray,
     for start in range(0, len(x), 16):
         out[start:start + 16] = -((x[start:start + 16, None, :] - centroids[None]) ** 2).sum(-1)
     return out
+
+
+def params(head: CalibratedHead) -> dict[str, Any]:
+    """model.json's record of an ncm head: its metric (the centre and centroids are in the graph)."""
+    return recorded(head, ("metric",))

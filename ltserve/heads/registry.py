@@ -1,29 +1,57 @@
 """The head registry: every head name, once, with everything the stages need to know about it.
 
     name -> method class (its settings class is the `rebalance.<section>` of a recipe), config section, base head,
-            whether it trains on batches, reference (unfolded) logits
+            whether it trains on batches, reference (unfolded) logits, the parameters it records in model.json,
+            its checks at export, and what val chose for it (in words)
 
 `ltserve.config` validates `rebalance.heads` and each method's section against it; `ltserve.rebalance` fits each
-head on its base with its method; `ltserve.evaluate` and `ltserve.export` read names, order and reference logits
-from it. Adding a method means its own file (settings, fit, reference) and one line in `HEADS` below.
+head on its base with its method; `ltserve.export` checks a head with its entry's `check`, verifies the folded graph
+against its `reference` and records its `params`; `ltserve.evaluate` reports its `chosen` values. None of them
+compares head names. Adding a method means its own file (settings, fit, reference, params) and one line in `HEADS`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from ltserve.errors import ConfigError, unknown_choice
-from ltserve.heads import crt, joint, la, lws, ncm, tau_norm
+from ltserve.heads import crt, joint, la, lws, ncm, sgd, tau_norm
 from ltserve.heads.common import HeadFitter, MethodSettings
 from ltserve.heads.head import CalibratedHead
 
 Reference = Callable[[CalibratedHead, CalibratedHead, np.ndarray, Sequence[int]], np.ndarray]
 """(head, the run's joint head, features (N, D), training counts (C,)) -> logits (N, C) float64, computed from the
 method's definition and the head's recorded parameters, before the target prior and the temperature."""
+
+Params = Callable[[CalibratedHead], dict[str, Any]]
+"""head -> the method's own parameters for model.json's `head.params` (JSON-able: tau, scales summary, ...; no
+sweep curves or per-epoch logs). Export adds what every head has (method, transform, target prior, calibration)."""
+
+Check = Callable[[CalibratedHead, Sequence[str]], list[str]]
+"""(head, class names (C,)) -> warnings the package records (`verification["warnings"]`), run by export before the
+slow steps; raises `ltserve.errors.PackageError` when the head must not be exported (the message gives the fix)."""
+
+Chosen = Callable[[Mapping[str, Any]], list[str]]
+"""a head's meta -> what val chose for it, in words (["tau=0.7"], ["epoch 8/10"]); [] when nothing was chosen."""
+
+
+def no_params(head: CalibratedHead) -> dict[str, Any]:
+    """A method with nothing of its own to record (joint)."""
+    return {}
+
+
+def no_check(head: CalibratedHead, class_names: Sequence[str]) -> list[str]:
+    """A method whose heads export as they are."""
+    return []
+
+
+def nothing_chosen(meta: Mapping[str, Any]) -> list[str]:
+    """A method that chooses nothing on val (joint, ncm)."""
+    return []
 
 
 @dataclass(frozen=True)
@@ -37,6 +65,9 @@ class HeadMethod:
         base: the head it is fitted on (None for joint).
         trains: it trains on batches of features, so `--no-cache` can feed it augmented images.
         reference: its unfolded logits (see `Reference`), what export checks the folded graph against.
+        params: its parameters in model.json (see `Params`).
+        check: its checks at export (see `Check`).
+        chosen: what val chose for it, for the reports (see `Chosen`).
     """
 
     name: str
@@ -45,6 +76,9 @@ class HeadMethod:
     section: str | None = None
     base: str | None = None
     trains: bool = False
+    params: Params = no_params
+    check: Check = no_check
+    chosen: Chosen = nothing_chosen
 
     @property
     def settings(self) -> type[MethodSettings] | None:
@@ -120,14 +154,28 @@ class Registry:
             self.unregister(method.name)
 
 
+def adjusted(base: HeadMethod) -> HeadMethod:
+    """The entry of logit adjustment on `base` (`ltserve.heads.la`): named la (on joint) or <base>+la, fitted on the
+    base head; the base's reference, parameters and checks hold for it, with tau_la on top."""
+    return HeadMethod(la.adjusted_method(base.name), la.adjusted(base.reference), la.LogitAdjustment, "la",
+                      base=base.name, params=la.adjusted_params(base.params), check=base.check,
+                      chosen=la.adjusted_chosen(base.chosen))
+
+
+_JOINT = HeadMethod("joint", joint.reference)
+_TAU_NORM = HeadMethod("tau_norm", tau_norm.reference, tau_norm.TauNorm, "tau_norm", base="joint",
+                       params=tau_norm.params, chosen=tau_norm.chosen)
+_LWS = HeadMethod("lws", lws.reference, lws.LWS, "lws", base="joint", trains=True, params=lws.params,
+                  check=lws.check, chosen=sgd.chosen)
+
 HEADS = Registry([
-    HeadMethod("joint", joint.reference),
-    HeadMethod("crt", crt.reference, crt.CRT, "crt", base="joint", trains=True),
-    HeadMethod("tau_norm", tau_norm.reference, tau_norm.TauNorm, "tau_norm", base="joint"),
-    HeadMethod("lws", lws.reference, lws.LWS, "lws", base="joint", trains=True),
-    HeadMethod("ncm", ncm.reference, ncm.NCM, "ncm", base="joint"),
-    HeadMethod("la", la.adjusted(joint.reference), la.LogitAdjustment, "la", base="joint"),
-    HeadMethod("tau_norm+la", la.adjusted(tau_norm.reference), la.LogitAdjustment, "la", base="tau_norm"),
-    HeadMethod("lws+la", la.adjusted(lws.reference), la.LogitAdjustment, "la", base="lws"),
+    _JOINT,
+    HeadMethod("crt", crt.reference, crt.CRT, "crt", base="joint", trains=True, params=sgd.params, chosen=sgd.chosen),
+    _TAU_NORM,
+    _LWS,
+    HeadMethod("ncm", ncm.reference, ncm.NCM, "ncm", base="joint", params=ncm.params),
+    adjusted(_JOINT),
+    adjusted(_TAU_NORM),
+    adjusted(_LWS),
 ])
 """Every head ltserve knows, in report order: one line per head."""

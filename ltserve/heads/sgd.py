@@ -17,12 +17,13 @@ import copy
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol
 
 import numpy as np
 from pydantic import Field
 
-from ltserve.heads.common import HeadFitter, MethodSettings, ValScorer, check_features, class_counts
+from ltserve.heads.common import HeadFitter, MethodSettings, ValScorer, check_features, class_counts, recorded
+from ltserve.heads.head import CalibratedHead
 from ltserve.samplers import SamplerKind, build_sampler
 
 if TYPE_CHECKING:
@@ -221,3 +222,13 @@ class SgdFitter(HeadFitter):
                 "selection_metric": scorer.metric, "epochs_curve": curve, "features": source.kind,
                 "fit_seconds": time.perf_counter() - start}
         return state, meta
+
+
+def params(head: CalibratedHead) -> dict[str, Any]:
+    """model.json's record of a head trained on features (crt, lws): its best epoch and the val metric that chose it."""
+    return recorded(head, ("best_epoch", "selection_metric"))
+
+
+def chosen(meta: Mapping[str, Any]) -> list[str]:
+    """What val chose, in words: ["epoch 8/10"]."""
+    return [f"epoch {meta['best_epoch']}/{meta['epochs']}"] if "best_epoch" in meta else []

@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from pydantic import Field
 
 from ltserve.heads.common import (HeadFitter, MethodSettings, Val, ValScorer, check_features, class_counts, head_param,
-                                  linear_logits, sweep)
+                                  linear_logits, recorded, sweep)
 from ltserve.heads.head import L2_EPS, CalibratedHead, raw_bias
 
 log = logging.getLogger(__name__)
@@ -118,3 +118,13 @@ def reference(head: CalibratedHead, joint: CalibratedHead, features: np.ndarray,
     w = w0 / np.maximum(np.linalg.norm(w0, axis=1, keepdims=True), L2_EPS) ** float(head_param(head, "tau"))
     b = raw_bias(joint) if bool(head_param(head, "keep_bias")) else np.zeros(len(w0))
     return np.asarray(features, np.float64) @ w.T + b
+
+
+def params(head: CalibratedHead) -> dict[str, Any]:
+    """model.json's record of a tau-norm head: tau, where it came from, keep_bias, the val metric that chose it."""
+    return recorded(head, ("tau", "tau_source", "keep_bias", "selection_metric"))
+
+
+def chosen(meta: Mapping[str, Any]) -> list[str]:
+    """What val chose, in words: ["tau=0.7"]."""
+    return [f"tau={meta['tau']:g}"] if "tau" in meta else []
