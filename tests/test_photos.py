@@ -104,6 +104,7 @@ def test_photo_run_finishes_and_scores_every_epoch_on_val(photo_run):
 
 
 def test_photo_run_exports_a_package_that_classifies_a_photo(photo_run, photo_folder, tmp_path):
+    from ltserve.evaluate.package import evaluate_package
     from ltserve.export import export_package
     from ltserve.runtime import Predictor
 
@@ -117,3 +118,11 @@ def test_photo_run_exports_a_package_that_classifies_a_photo(photo_run, photo_fo
     assert pred.label in COUNTS and 0.0 < pred.probability <= 1.0
     assert [t.label for t in pred.top_k][0] == pred.label and len(pred.top_k) == 4
     assert sum(t.probability for t in pred.top_k) == pytest.approx(1.0, abs=1e-4)
+
+    # `ltserve evaluate models/NAME --data FOLDER` on the photo folder reports the reliability and confusion numbers
+    report, logits, labels = evaluate_package(out, str(photo_folder), threads=1, progress=False)
+    assert report["n"] == sum(COUNTS.values()) and report["reliability"]["ece"] == pytest.approx(report["ece"])
+    confusion = report["confusion"]
+    assert confusion["class_names"] == list(COUNTS)  # head to tail by the training counts
+    np.testing.assert_allclose(np.asarray(confusion["matrix"]).sum(axis=1), 1.0, atol=1e-9)
+    assert confusion["row_totals"] == list(COUNTS.values())

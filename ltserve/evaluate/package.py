@@ -31,8 +31,9 @@ from PIL import Image
 
 from ltserve import data as ltdata
 from ltserve.errors import DataError, InvalidInput
+from ltserve.evaluate.diagnostics import confusion_entry, confusion_matrix, reliability_curve
 from ltserve.evaluate.tables import heads_table
-from ltserve.metrics import SHOT_GROUPS, classification_report, group_accuracy, per_class_accuracy
+from ltserve.metrics import SHOT_GROUPS, classification_report, group_accuracy, per_class_accuracy, softmax
 from ltserve.open_set import FEATURE_SCORES, LOGIT_SCORES, aupr, auroc, fpr_at_tpr, open_set_report, scores
 from ltserve.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec, decode, transform_image
 from ltserve.progress import progress_bar
@@ -233,8 +234,9 @@ def evaluate_package(model_dir: str | Path, data: str, root: str | None = None, 
 
     Returns:
         (report, logits (N, C), labels (N,)); the report holds n, top1, top5, balanced_accuracy, many, medium, few
-        (None when a group has no class), all (= top1), ece, per_class, labels, class_groups, and model and data
-        descriptions.
+        (None when a group has no class), all (= top1), ece, per_class, labels, class_groups, reliability
+        (`diagnostics.reliability_curve`), confusion (`diagnostics.confusion_entry`, classes head to tail by the
+        package's training counts), and model and data descriptions.
     """
     predictor = Predictor(model_dir, providers=providers, threads=threads, max_batch_size=batch_size)
     meta = predictor.meta
@@ -253,6 +255,11 @@ def evaluate_package(model_dir: str | Path, data: str, root: str | None = None, 
     report["labels"] = list(meta.labels)
     report["class_groups"] = {g: [meta.labels[j] for j, s in enumerate(meta.shot_groups) if s == g]
                               for g in SHOT_GROUPS}
+    # the numbers of a run evaluation's reliability diagram and confusion matrix, for the package's head; the
+    # package's logits already hold the head's temperature: these are the served probabilities
+    order = np.argsort(-np.asarray(meta.class_counts), kind="stable")
+    report["reliability"] = reliability_curve(softmax(logits), labels)
+    report["confusion"] = confusion_entry(*confusion_matrix(logits.argmax(1), labels, order), order, meta.labels)
     if open_set is not None:
         report["open_set"] = open_set_evaluation(predictor, logits, features, labels, load_open_set(open_set, root),
                                                  f"--open-set {open_set}", batch_size, progress)
