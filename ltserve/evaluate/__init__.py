@@ -5,6 +5,7 @@
     selection.py    best_head(run): the one rule (highest val accuracy)
     tables.py       the heads table and the Markdown renderer
     figures.py      the PNG figures
+    diagnostics.py  the numbers of the reliability diagram and the confusion matrix
     predictions.py  per-image predictions (CSV or JSONL)
 
 Reporting reads files (heads, eval/, the cache) and the head registry; it imports nothing from stage 2.
