@@ -96,20 +96,29 @@ with TestClient(Classifier.to_asgi()) as client:
     refs = re.findall(r'(?:src|href)=["\\']([^"\\']+)["\\']', page.text)
     assets = {ref: client.get("/" + ref.lstrip("./")).status_code for ref in refs}
     spec = client.get("/docs.json").json()
+    bundle = client.get("/static_content/swagger-ui-bundle.js").text
 print(json.dumps({"statuses": {p: r.status_code for p, r in pages.items()}, "same": pages["/"].text == pages["/docs"].text,
                   "html": page.text, "csp": page.headers.get("content-security-policy", ""), "assets": assets,
                   "summaries": {p: [op.get("summary") for op in item.values()] for p, item in spec["paths"].items()},
-                  "servers": spec.get("servers")}))
+                  "servers": spec.get("servers"), "openapi": spec["openapi"],
+                  "batch": spec["paths"]["/classify_batch"]["post"]["requestBody"]["content"],
+                  "bundle_array": "class JsonSchema_array" in bundle and "wrapComponents" in bundle}))
 """
 
 
-def test_the_api_page_loads_nothing_from_another_host(package):
-    """`/` and `/docs` serve the same Swagger page; every file it names is served here, it names no other host,
-    Swagger's validator is off, its CSP admits only this origin, and every route has a one-line summary."""
+@pytest.fixture(scope="module")
+def api_page(package) -> dict:
+    """What PAGE_SCRIPT saw of the API page, its assets and its contract (one service start for the page tests)."""
     out = subprocess.run([sys.executable, "-c", PAGE_SCRIPT], capture_output=True, text=True, timeout=180, cwd=REPO,
                          env={**os.environ, "LTSERVE_MODEL": str(package), "LTSERVE_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_api_page_loads_nothing_from_another_host(api_page):
+    """`/` and `/docs` serve the same Swagger page; every file it names is served here, it names no other host,
+    Swagger's validator is off, its CSP admits only this origin, and every route has a one-line summary."""
+    got = api_page
     assert got["statuses"] == {"/": 200, "/docs": 200} and got["same"]
     page = got["html"]
     assert "<title>ltserve: fashion-lsq</title>" in page
@@ -122,3 +131,26 @@ def test_the_api_page_loads_nothing_from_another_host(package):
     assert got["servers"] is None
     missing = [p for p, summaries in got["summaries"].items() if not all(summaries)]
     assert not missing, f"routes without a summary: {missing}"
+
+
+def test_the_api_page_uploads_several_files_to_classify_batch(api_page):
+    """Try it out on /classify_batch offers one multi-file input and sends the chosen files, not placeholder text.
+
+    The bundled Swagger UI (5.12) draws an OpenAPI 3.0 array of `format: binary` strings as an empty list with an
+    "Add string item" button per file, and sends an item left without a file as the text "string"; the page's
+    plugin replaces that array component, for binary items only, by `<input type="file" multiple>` (checked in
+    headless Chromium when written: the three chosen files went out as three `images` parts). Here: the contract
+    keeps the spelling the plugin keys on, with no example or default that Swagger would prefill as a text item,
+    and the page wraps the component the served bundle defines."""
+    got = api_page
+    assert got["openapi"].startswith("3.0."), got["openapi"]  # format: binary, not 3.1's contentMediaType
+    assert list(got["batch"]) == ["multipart/form-data"]
+    field = got["batch"]["multipart/form-data"]["schema"]["properties"]["images"]
+    assert field["type"] == "array" and field["items"] == {"type": "string", "format": "binary"}, field
+    assert not {"example", "examples", "default"} & (set(field) | set(field["items"])), field
+    page = got["html"]
+    assert re.search(r"plugins:\s*\[MultiFileUpload\]", page)
+    assert "JsonSchema_array: function (Original, system)" in page and "multiple: true" in page
+    assert 'items.get("type") === "string" && items.get("format") === "binary"' in page
+    assert "system.Im.List(" in page  # the File objects themselves are the field's value
+    assert got["bundle_array"], "the served Swagger UI has no JsonSchema_array component for the plugin to wrap"
