@@ -73,6 +73,8 @@ def test_the_built_in_registry():
         {"la": "joint", "tau_norm+la": "tau_norm", "lws+la": "lws"}
     # a composition inherits its base's checks and reports its base's choice with its own
     assert HEADS.get("lws+la").check is HEADS.get("lws").check
+    plain = CalibratedHead(np.ones((2, 3)), np.zeros(2), "any")  # euclidean ncm folds up to a per-row constant only
+    assert [n for n in HEADS.names() if not HEADS.get(n).exact(plain)] == ["ncm"]
     assert HEADS.get("tau_norm+la").chosen({"tau_la": 0.4, "base_meta": {"tau": 0.7}}) == ["tau=0.7", "tau_la=0.4"]
     assert [n for n in HEADS.names() if HEADS.get(n).trains] == ["crt", "lws"]
     assert set(HEADS.sections()) == {"crt", "tau_norm", "lws", "ncm", "la"}

@@ -26,7 +26,7 @@ import torch
 
 from ltserve.errors import PackageError
 from ltserve.export.graph import INPUT_NAME, OUTPUT_NAME, check_head_subgraph, check_model
-from ltserve.heads import CalibratedHead
+from ltserve.heads import HEADS, CalibratedHead
 from ltserve.metrics import SHOT_GROUPS, classification_report, shot_groups
 from ltserve.rundir import RunInfo
 
@@ -262,8 +262,9 @@ def write_pt2(program: torch.export.ExportedProgram, path: Path, x: np.ndarray,
 
 
 def per_row_constant(head: CalibratedHead) -> bool:
-    """Euclidean ncm equals its folded layer only up to a per-row constant (-||x'||^2); every other head exactly."""
-    return head.feature_transform == "centred_l2" and head.meta.get("metric", "euclidean") == "euclidean"
+    """Whether the head's folded layer equals its reference only up to a per-row constant, as its method says
+    (`HeadMethod.exact`; euclidean ncm drops -||x'||^2); every other head is compared exactly."""
+    return not HEADS.get(head.method).exact(head)
 
 
 def verify_onnx(path: Path, head: CalibratedHead, x: np.ndarray, labels: np.ndarray, ref: np.ndarray, info: RunInfo,

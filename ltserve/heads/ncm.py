@@ -101,3 +101,9 @@ def reference(head: CalibratedHead, joint: CalibratedHead, features: np.ndarray,
 def params(head: CalibratedHead) -> dict[str, Any]:
     """model.json's record of an ncm head: its metric (the centre and centroids are in the graph)."""
     return recorded(head, ("metric",))
+
+
+def exact(head: CalibratedHead) -> bool:
+    """Whether the folded layer equals `reference` exactly: cosine yes; euclidean only up to a per-row constant
+    (-||x'||^2, the same for every class, so the same argmax and softmax)."""
+    return head.meta.get("metric", "euclidean") != "euclidean"

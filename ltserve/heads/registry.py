@@ -6,8 +6,9 @@
 
 `ltserve.config` validates `rebalance.heads` and each method's section against it; `ltserve.rebalance` fits each
 head on its base with its method; `ltserve.export` checks a head with its entry's `check`, verifies the folded graph
-against its `reference` and records its `params`; `ltserve.evaluate` reports its `chosen` values. None of them
-compares head names. Adding a method means its own file (settings, fit, reference, params) and one line in `HEADS`.
+against its `reference` (exactly, or up to a per-row constant where `exact` says so) and records its `params`;
+`ltserve.evaluate` reports its `chosen` values. None of them compares head names. Adding a method means its own file
+(settings, fit, reference, params) and one line in `HEADS`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ Check = Callable[[CalibratedHead, Sequence[str]], list[str]]
 """(head, class names (C,)) -> warnings the package records (`verification["warnings"]`), run by export before the
 slow steps; raises `ltserve.errors.PackageError` when the head must not be exported (the message gives the fix)."""
 
+Exact = Callable[[CalibratedHead], bool]
+"""head -> whether its folded layer equals its reference logits exactly (False: only up to a constant per row, the
+same for every class, so export compares rows after centring them)."""
+
 Chosen = Callable[[Mapping[str, Any]], list[str]]
 """a head's meta -> what val chose for it, in words (["tau=0.7"], ["epoch 8/10"]); [] when nothing was chosen."""
 
@@ -47,6 +52,11 @@ def no_params(head: CalibratedHead) -> dict[str, Any]:
 def no_check(head: CalibratedHead, class_names: Sequence[str]) -> list[str]:
     """A method whose heads export as they are."""
     return []
+
+
+def always_exact(head: CalibratedHead) -> bool:
+    """A method whose folded layer is its definition."""
+    return True
 
 
 def nothing_chosen(meta: Mapping[str, Any]) -> list[str]:
@@ -67,6 +77,7 @@ class HeadMethod:
         reference: its unfolded logits (see `Reference`), what export checks the folded graph against.
         params: its parameters in model.json (see `Params`).
         check: its checks at export (see `Check`).
+        exact: whether the folded layer equals the reference exactly (see `Exact`).
         chosen: what val chose for it, for the reports (see `Chosen`).
     """
 
@@ -78,6 +89,7 @@ class HeadMethod:
     trains: bool = False
     params: Params = no_params
     check: Check = no_check
+    exact: Exact = always_exact
     chosen: Chosen = nothing_chosen
 
     @property
@@ -159,7 +171,7 @@ def adjusted(base: HeadMethod) -> HeadMethod:
     base head; the base's reference, parameters and checks hold for it, with tau_la on top."""
     return HeadMethod(la.adjusted_method(base.name), la.adjusted(base.reference), la.LogitAdjustment, "la",
                       base=base.name, params=la.adjusted_params(base.params), check=base.check,
-                      chosen=la.adjusted_chosen(base.chosen))
+                      exact=base.exact, chosen=la.adjusted_chosen(base.chosen))
 
 
 _JOINT = HeadMethod("joint", joint.reference)
@@ -173,7 +185,7 @@ HEADS = Registry([
     HeadMethod("crt", crt.reference, crt.CRT, "crt", base="joint", trains=True, params=sgd.params, chosen=sgd.chosen),
     _TAU_NORM,
     _LWS,
-    HeadMethod("ncm", ncm.reference, ncm.NCM, "ncm", base="joint", params=ncm.params),
+    HeadMethod("ncm", ncm.reference, ncm.NCM, "ncm", base="joint", params=ncm.params, exact=ncm.exact),
     adjusted(_JOINT),
     adjusted(_TAU_NORM),
     adjusted(_LWS),
