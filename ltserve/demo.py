@@ -107,8 +107,9 @@ def serve(model_dir: Path, port: int, sample: Path) -> int:
         server.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ltserve.demo", description=__doc__,
+def main(argv: list[str] | None = None, prog: str = "python -m ltserve.demo") -> int:
+    """`make demo`, `python -m ltserve.demo` and `ltserve demo` (prog: the name --help shows)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")

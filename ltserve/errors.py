@@ -41,6 +41,11 @@ class PackageError(LtserveError):
     """A model package (model.onnx + model.json) is missing, invalid, or fails its sha256 check."""
 
 
+class QualityGateRefused(PackageError):
+    """A verification gate refused an export's result (int8 or JPEG-draft accuracy per shot group): the inputs were
+    valid, the result was not good enough, and nothing was written. `ltserve` exits with status 3 on it."""
+
+
 class InvalidInput(LtserveError, ValueError):
     """A request or file given to the Predictor cannot be used; the service answers 4xx."""
 

@@ -3,6 +3,7 @@
     atomic_write(path, write)      write(tmp) fills a temporary file beside `path`, then it replaces `path`
     atomic_write_text(path, text)  the same for a text
     write_json(path, obj)          atomic JSON, NaN written as null
+    json_text(obj)                 the same JSON as a string (what `--json -` prints)
     sha256_file(path)              hex sha256 of a file's bytes
 
 A temporary file lives in the same folder (so the final rename is atomic on POSIX), starts with a dot and carries
@@ -51,7 +52,12 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     """Atomic JSON (indented), with NaN written as null and NumPy scalars and arrays as plain numbers and lists."""
-    return atomic_write_text(path, json.dumps(_nan_to_none(obj), indent=2, default=_json_default))
+    return atomic_write_text(path, json_text(obj))
+
+
+def json_text(obj: Any) -> str:
+    """Indented JSON of `obj`, NaN as null, NumPy scalars and arrays as plain numbers and lists (as `write_json`)."""
+    return json.dumps(_nan_to_none(obj), indent=2, default=_json_default)
 
 
 def _nan_to_none(obj: Any) -> Any:

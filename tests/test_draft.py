@@ -117,7 +117,7 @@ def test_a_bound_no_draft_meets_keeps_it_off_in_auto_and_refuses_in_on(photo_run
     refused = tmp_path / "photos-on"
     argv = ["export", str(photo_run), "--head", "joint", "--out", str(refused), "--jpeg-draft", "on",
             "--jpeg-draft-max-drop", "-100", "--no-progress"]
-    assert main(argv) == 2
+    assert main(argv) == 3  # a quality gate refused (ltserve.cli.common.EXIT_REFUSED)
     err = capsys.readouterr().err
     assert "--jpeg-draft on refused" in err and "draft vs exact" in err and "Few (n=40)" in err
     assert not refused.exists()  # nothing written

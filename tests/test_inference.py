@@ -296,7 +296,7 @@ def ltserve(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_predictor_on_png_files_agrees_with_ltserve_evaluate(lsq_package, fashion_png_list, predictor, tmp_path):
-    out = ltserve("evaluate", str(lsq_package), "--data", "fashion-mnist:test", "--out", str(tmp_path / "e.json"),
+    out = ltserve("evaluate", str(lsq_package), "--data", "fashion-mnist:test", "--json", str(tmp_path / "e.json"),
                   "--predictions", str(tmp_path / "e.csv"))
     assert out.returncode == 0, out.stderr
     assert "| head | Many | Medium | Few | All |" in out.stdout and "| lstsq |" in out.stdout
@@ -325,7 +325,7 @@ def test_predictor_on_png_files_agrees_with_ltserve_evaluate(lsq_package, fashio
     assert report["top1"] > 0.75 and report["top5"] > report["top1"]
 
     # the same files through `ltserve evaluate LIST`: the file path (decode) gives the same numbers
-    out_list = ltserve("evaluate", str(lsq_package), "--data", str(fashion_png_list), "--out",
+    out_list = ltserve("evaluate", str(lsq_package), "--data", str(fashion_png_list), "--json",
                        str(tmp_path / "l.json"))
     assert out_list.returncode == 0, out_list.stderr
     report_list = json.loads((tmp_path / "l.json").read_text())

@@ -191,7 +191,7 @@ def test_a_damaging_calibration_is_refused_with_the_per_group_table(tiny_rebalan
     rc = main(["export", str(tiny_rebalanced_run), "--head", "tau_norm", "--out", str(out), "--precision", "int8",
                "--verify-images", "1000", "--int8-retries", "1", "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 2
+    assert rc == 3  # a quality gate refused (ltserve.cli.common.EXIT_REFUSED)
     assert "int8 verification refused" in err and "few-shot drop <= 1.00 points, All drop <= 0.50 points" in err
     table = err[err.index("attempt"):]
     assert "Many" in table and "Medium" in table and " !" in table

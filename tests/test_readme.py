@@ -173,9 +173,10 @@ def help_text(program: tuple[str, ...]) -> str:
     return out.stdout
 
 
-def ltserve_help(command: str) -> str:
-    """Help of `ltserve COMMAND`; for evaluate also the package evaluation's (`ltserve evaluate models/NAME --data`)."""
-    text = help_text((str(BIN / "ltserve"), command))
+def ltserve_help(command: str, sub: str | None = None) -> str:
+    """Help of `ltserve COMMAND` (`ltserve data SUB`: the subcommand's); for evaluate also the package evaluation's
+    (`ltserve evaluate models/NAME --data`)."""
+    text = help_text((str(BIN / "ltserve"), command, *([sub] if sub else [])))
     if command == "evaluate":
         text += help_text((sys.executable, "-c", "import sys; from ltserve.cli.evaluate import package_cli; "
                            "sys.exit(package_cli(sys.argv[1:]))"))
@@ -214,7 +215,7 @@ def check_command(tokens: list[str]) -> list[str]:
     if found is not None:
         source, sub, args = found
         if source == "ltserve":
-            text = ltserve_help(sub)
+            text = ltserve_help(sub, args[0] if sub == "data" and args and not args[0].startswith("-") else None)
         elif source == "bentoml":
             text = help_text((str(BIN / "bentoml"), sub))
         else:
@@ -474,7 +475,7 @@ def test_block_runs(runner, name):
 
 
 def test_checks_catch_what_does_not_exist():
-    assert check_command(["ltserve", "predict", "x", "--model", "m", "--no-such-option"]) == [
+    assert check_command(["ltserve", "predict", "m", "x", "--no-such-option"]) == [
         "`ltserve predict` has no option --no-such-option"]
     assert check_command(["make", "no-such-target", "NO_SUCH_VAR=1"]) == [
         "Makefile has no target no-such-target", "Makefile has no variable NO_SUCH_VAR"]

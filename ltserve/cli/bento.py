@@ -116,7 +116,8 @@ class BentoPlan:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ltserve bento", description="Build a Bento that serves one model package: "
                                 "the package, the serving code and pinned dependencies; LTSERVE_MODEL set to it.")
-    p.add_argument("model", type=Path, help="model package folder (models/NAME, from `ltserve export`)")
+    p.add_argument("model", type=Path, metavar="MODEL_DIR", help="model package folder (models/NAME, from "
+                   "`ltserve export`)")
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                    help="onnxruntime (default; no torch in the Bento), or torch: the package's model.pt2 through "
                         "PyTorch (export with --model-format onnx,pt2)")

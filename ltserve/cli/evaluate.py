@@ -1,10 +1,15 @@
 """`ltserve evaluate RUN` (every head of a run, from its feature cache) or `ltserve evaluate models/NAME --data ...`
-(a model package on a data set, through the serving path: no torch). A folder holding model.json is a package."""
+(a model package on a data set, through the serving path: no torch). A folder holding model.json is a package.
+Either writes its report as JSON with `--json PATH` (`-`: to stdout); `--out` is the package form's older name of
+`--json`, accepted for one release."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+from ltserve.cli.common import add_alias, add_json_option, emit_json
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -21,18 +26,21 @@ def run_cli(argv: list[str]) -> int:
         prog="ltserve evaluate", description="Report every head of a run side by side (Many/Medium/Few/All, top-5, "
         "balanced accuracy, ECE) on cached features; writes RUN/eval/. For a model package use "
         "`ltserve evaluate models/NAME --data ...`.")
-    parser.add_argument("run", help="run directory, e.g. runs/fashion_lt")
+    parser.add_argument("run", metavar="RUN", help="run directory, e.g. runs/fashion_lt")
     parser.add_argument("--split", default="test", choices=("val", "test", "train"))
     parser.add_argument("--predictions", default=None, metavar="FILE",
                         help="write per-image predictions of every head (.csv or .jsonl)")
     parser.add_argument("--heads", default=None, metavar="A,B", help="only these heads (comma list)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_json_option(parser, "the report (every head's metrics, the files written)")
     args = parser.parse_args(argv)
     from ltserve.evaluate import evaluate_run, heads_table
 
     heads = [h.strip() for h in args.heads.split(",") if h.strip()] if args.heads else None
     results = evaluate_run(args.run, args.split, predictions=args.predictions, heads=heads, plots=not args.no_plots)
+    if emit_json(args.json, results):
+        return 0
     print(f"{results['run']}: {results['split']} ({results['n']} images)")
     print(heads_table(results["heads"]))
     for kind, path in results["files"].items():
@@ -60,7 +68,7 @@ def package_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="ltserve evaluate", description="Evaluate a model package (model.onnx + model.json) on a data set "
         "through ONNX Runtime and the serving preprocessing: Many/Medium/Few/All, top-1, top-5.")
-    parser.add_argument("model", type=Path, help="model package folder, e.g. models/fashion-lt")
+    parser.add_argument("model", type=Path, metavar="MODEL_DIR", help="model package folder, e.g. models/fashion-lt")
     parser.add_argument("--data", required=True, help="fashion-mnist:test | fashion-mnist:train | LIST.txt | "
                         "IMAGEFOLDER")
     parser.add_argument("--root", help="Fashion-MNIST folder, or the folder LIST paths are relative to")
@@ -74,7 +82,7 @@ def package_cli(argv: list[str]) -> int:
                         "report open-set rejection (AUROC, AUPR, FPR at 95%% TPR, known images rejected per shot "
                         "group, accuracy on accepted known images, OLTR's F-measure); default: the package's run's "
                         "data.open_set, when it names one")
-    parser.add_argument("--out", type=Path, help="write the report as JSON here")
+    add_alias(parser, "--out", add_json_option(parser, "the report"))
     parser.add_argument("--predictions", type=Path, help="write per-image predictions here (.csv or .jsonl)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -84,17 +92,15 @@ def package_cli(argv: list[str]) -> int:
         parser.error("--batch-size must be in 1..1024")
     from ltserve.evaluate.package import evaluate_package, format_report
     from ltserve.evaluate.predictions import write_predictions
-    from ltserve.fileio import write_json
 
     report, logits, labels = evaluate_package(args.model, args.data, root=args.root, limit=args.limit,
                                               batch_size=args.batch_size, providers=args.providers,
                                               threads=args.threads, seed=args.seed, progress=not args.no_progress,
                                               open_set=args.open_set or _recipe_open_set(args.model))
-    print(format_report(report))
-    if args.out:
-        write_json(args.out, report)
-        print(f"report written to {args.out}")
+    to_stdout = emit_json(args.json, report)
+    if not to_stdout:
+        print(format_report(report))
     if args.predictions:
         write_predictions(args.predictions, labels, logits, report["labels"])
-        print(f"predictions written to {args.predictions}")
+        print(f"predictions written to {args.predictions}", file=sys.stderr if to_stdout else sys.stdout)
     return 0

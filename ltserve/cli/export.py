@@ -3,7 +3,7 @@
 package (and, with --bento, its Bento: `ltserve bento`).
 
 int8 calibrates on a class-balanced sample of the run's training images, compares Many / Medium / Few / All with
-the fp32 graph on the test images, and refuses (exit status 2, with the per-group table) when few-shot accuracy
+the fp32 graph on the test images, and refuses (exit status 3, with the per-group table) when few-shot accuracy
 drops more than --int8-max-few-drop points or All more than --int8-max-all-drop points, after retrying with the
 most sensitive layers kept in float (--int8-retries).
 
@@ -11,8 +11,8 @@ most sensitive layers kept in float (--int8-retries).
 below the model's resize): the shipped graph runs on the verification split decoded exactly and with draft, and
 draft is turned on only when no group's accuracy (Many / Medium / Few / All) drops more than --jpeg-draft-max-drop
 points. auto (default): on when the check passes, off otherwise (and off when no image of the split would be decoded
-differently); on: the same, but a failed check refuses the export (exit status 2, with the per-group table); off: no
-check.
+differently); on: the same, but a failed check refuses the export (exit status 3, with the per-group table); off: no
+check. `--json [PATH]` writes the package's model.json (`-`: to stdout in place of the summary).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import argparse
 import shlex
 from pathlib import Path
 
+from ltserve.cli.common import add_json_option, emit_json
 from ltserve.errors import ConfigError
 from ltserve.heads import HEADS
 from ltserve.package import PRECISIONS
@@ -31,7 +32,7 @@ MIN_VERIFY_IMAGES = 8  # batch 1 and batch 7 are checked against the full batch
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ltserve export", description="Fold a head into one Gemm and export a verified "
                                 "model package: model.onnx (+ model.pt2) and model.json.")
-    p.add_argument("run_dir", type=Path, help="the run directory (runs/NAME)")
+    p.add_argument("run_dir", type=Path, metavar="RUN", help="the run directory (runs/NAME)")
     p.add_argument("--head", required=True,
                    help=f"one of {', '.join(HEADS.names())}, or 'best' (highest val accuracy)")
     p.add_argument("--out", type=Path, default=None, help="package folder (default: models/<run name>-<head>)")
@@ -75,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="test images the checks run on (default 256; int8: 2000)")
     p.add_argument("--bento", action="store_true", help="also build the package's Bento (as `ltserve bento OUT`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_json_option(p, "the written package's model.json")
     return p
 
 
@@ -113,6 +115,8 @@ def cli(argv: list[str] | None = None) -> int:
                           open_set_score=args.open_set_score, open_set_target=args.open_set_target)
     from ltserve.cli.inspect import draft_lines, open_set_lines, precision_lines
 
+    if emit_json(args.json, meta.model_dump(mode="json")):
+        return 0
     v = meta.verification
     size = sum(f.bytes for f in meta.files.values())
     print(f"{out}: head {head} (T={meta.head.temperature:.3g}), {meta.graph.precision}, opset {meta.graph.opset}, "

@@ -9,10 +9,11 @@ corrupted or swapped. No torch and no onnxruntime here: only model.json and the 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 from typing import Any
 
+from ltserve.cli.common import STDOUT, add_json_option, emit_json, wants_stdout_json
 from ltserve.errors import PackageError
 from ltserve.metrics import SHOT_GROUPS, format_percent
 from ltserve.package import MODEL_JSON, ModelJson, read_model_json
@@ -198,21 +199,26 @@ def inspect_package(model_dir: str | Path) -> tuple[ModelJson, list[str], list[s
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """`ltserve inspect MODEL_DIR [--json]`.
+    """`ltserve inspect MODEL_DIR [--json [PATH]]`.
 
     Raises:
         PackageError: model.json missing or invalid, or a file missing / corrupted / swapped (after printing the
             summary); `ltserve` prints it as "error: ..." and exits with status 2.
     """
     p = argparse.ArgumentParser(prog="ltserve inspect", description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", type=Path, help="the model package folder (models/NAME)")
-    p.add_argument("--json", action="store_true", help="print model.json instead of the summary")
+    p.add_argument("model_dir", type=Path, nargs="?", metavar="MODEL_DIR",
+                   help="the model package folder (models/NAME)")
+    add_json_option(p, "model.json (validated)")
     args = p.parse_args(argv)
+    if args.model_dir is None and args.json not in (None, STDOUT) and Path(args.json, MODEL_JSON).is_file():
+        args.model_dir, args.json = Path(args.json), STDOUT  # `inspect --json MODEL_DIR`: --json was a bare flag
+    if args.model_dir is None:
+        p.error("the following arguments are required: MODEL_DIR")
     meta, lines, problems = inspect_package(args.model_dir)
-    print(json.dumps(meta.model_dump(mode="json"), indent=2) if args.json else "\n".join(lines))
+    if not emit_json(args.json, meta.model_dump(mode="json")):
+        print("\n".join(lines))
     if problems:
         raise PackageError("model package failed its sha256 check (file corrupted, swapped or missing; re-export it "
                            "with `ltserve export`):\n  " + "\n  ".join(problems))
-    print(f"\nOK: {len(meta.files)} file(s) verified")
+    print(f"\nOK: {len(meta.files)} file(s) verified", file=sys.stderr if wants_stdout_json(args.json) else sys.stdout)
     return 0
-

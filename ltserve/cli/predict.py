@@ -1,8 +1,11 @@
-"""`ltserve predict INPUT... --model models/NAME --out preds.jsonl [--out-format jsonl|csv|parquet] [--top-k 5]
+"""`ltserve predict MODEL_DIR INPUT... --out preds.jsonl [--out-format jsonl|csv|parquet] [--top-k 5]
 [--batch-size 32] [--workers W] [--root DIR] [--errors PATH] [--resume] [--engine local|ray]
-[--adapt-prior [em|bbse]] [--storage-option KEY=VALUE]`: offline batch prediction (`ltserve.batch`). Inputs and
-outputs may be URLs on object storage (`s3://bucket/prefix/`; `ltserve.batch.storage`). Exit 0 when every file was predicted, 1 when
-any failed (listed in the errors file)."""
+[--adapt-prior [em|bbse]] [--storage-option KEY=VALUE] [--json [PATH]]`: offline batch prediction (`ltserve.batch`).
+Inputs and outputs may be URLs on object storage (`s3://bucket/prefix/`; `ltserve.batch.storage`). Exit 0 when every
+file was predicted, 1 when any failed (listed in the errors file).
+
+Older spellings, accepted for one release with a notice on stderr: `--model MODEL_DIR` (then every positional
+argument is an input), `--summary-json PATH` (now `--json PATH`), `--format` (now `--out-format`)."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Any
 from ltserve.batch.job import format_summary, run_predict
 from ltserve.batch.options import ENGINES, FORMATS, PredictOptions, default_workers
 from ltserve.batch.storage import is_url, parse_storage_options
-from ltserve.fileio import write_json
+from ltserve.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, add_alias, add_json_option, emit_json
 from ltserve.preprocess import DEFAULT_MAX_PIXELS
 from ltserve.runtime import BACKENDS
 from ltserve.runtime.prior import METHODS as PRIOR_METHODS
@@ -26,13 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ltserve predict", description="Offline batch prediction with a model package: folders, globs or list "
         "files in; JSONL, CSV or Parquet rows out; bad files to an errors file; resumable.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="folder (recursive), glob (quoted), image, or list file "
+    p.add_argument("model", metavar="MODEL_DIR", help="model package folder, e.g. models/fashion-lt")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="folder (recursive), glob (quoted), image, or list file "
                    "(.txt/.lst/.list: 'path' or 'path label' per line); local, or on object storage (s3://bucket/"
-                   "prefix/, with the s3 extra)")
-    p.add_argument("--model", required=True, type=Path, help="model package folder, e.g. models/fashion-lt")
+                   "prefix/, with the s3 extra); one or more")
+    p.add_argument("--model", dest="model_option", default=None, action=_OldModel, help=argparse.SUPPRESS)
     p.add_argument("--out", required=True, type=_path_or_url, help="output file (.jsonl, .csv), or a folder of Parquet part "
                    "files (.parquet; read as one table by pandas, pyarrow, DuckDB, Ray)")
-    p.add_argument("--out-format", choices=FORMATS, help="output format (default: from the --out suffix)")
+    out_format = p.add_argument("--out-format", choices=FORMATS, help="output format (default: from the --out "
+                                "suffix)")
+    add_alias(p, "--format", out_format)
     p.add_argument("--top-k", type=int, default=5, help="classes listed per image (default 5)")
     p.add_argument("--batch-size", type=int, default=32, help="images per inference call (default 32)")
     p.add_argument("--workers", type=int, help=f"decode processes (default cores - 1 = {default_workers()}; 0: "
@@ -74,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "unknown and ood_score columns; reject also leaves label, class_index, probability and "
                         "shot_group empty for unknown images; off leaves both columns empty (default: flag when the "
                         "package has thresholds, else off)")
-    p.add_argument("--summary-json", type=Path, help="also write the summary as JSON here")
+    add_alias(p, "--summary-json", add_json_option(p, "the summary (counts, rates, files)"))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -84,9 +90,14 @@ def cli(argv: list[str] | None = None) -> int:
 
     A missing model, an unwritable output or bad options raise LtserveError (the dispatcher prints it, exit 2).
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.model_option is not None:  # the old spelling: `--model DIR`, every positional an input
+        args.inputs, args.model = [args.model, *args.inputs], args.model_option
+    if not args.inputs:
+        parser.error("give the model package and at least one INPUT: ltserve predict MODEL_DIR INPUT... --out PATH")
     opts = PredictOptions(
-        inputs=args.inputs, model=args.model, out=args.out, format=args.out_format, top_k=args.top_k,
+        inputs=args.inputs, model=Path(args.model), out=args.out, format=args.out_format, top_k=args.top_k,
         batch_size=args.batch_size, workers=args.workers, root=args.root, errors=args.errors, resume=args.resume,
         overwrite=args.overwrite, engine=args.engine, threads=args.threads, providers=args.providers,
         backend=args.backend,
@@ -103,13 +114,13 @@ def cli(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: rows so far are in {opts.out}; continue with the same command and --resume",
               file=sys.stderr)
-        return 130  # the shell's code for SIGINT; returned, not re-raised, so the dispatcher adds no second line
+        # the shell's code for SIGINT; returned, not re-raised, so the dispatcher adds no second line
+        return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print(format_summary(summary))
-    if args.summary_json:
-        write_json(args.summary_json, summary)
-    return 1 if summary["failed"] else 0
+    if not emit_json(args.json, summary):
+        print(format_summary(summary))
+    return EXIT_FAILED if summary["failed"] else EXIT_OK
 
 
 def torch_options(device: str, precision: str, device_preprocess: bool = False) -> dict[str, Any] | None:
@@ -123,6 +134,16 @@ def torch_options(device: str, precision: str, device_preprocess: bool = False) 
 def _path_or_url(text: str) -> Path | str:
     """--out / --errors: a local path, or a URL on object storage kept as text (a Path would fold its '//')."""
     return text if is_url(text) else Path(text)
+
+
+class _OldModel(argparse.Action):
+    """`--model DIR`, the spelling before MODEL_DIR became the first positional argument (one release)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"{parser.prog}: --model is deprecated and will be removed in the next release; give the package "
+              "first: ltserve predict MODEL_DIR INPUT... --out PATH", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -1,5 +1,5 @@
-"""`ltserve train CONFIG.yaml [--set section.field=value ...] --out runs/NAME [--resume]`: stage 1, then the
-val/test evaluation of the run (eval/) from the features stage 1 has just cached."""
+"""`ltserve train CONFIG.yaml [--set section.field=value ...] --out runs/NAME [--resume] [--json [PATH]]`: stage 1,
+then the val/test evaluation of the run (eval/) from the features stage 1 has just cached."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import os
 from typing import Sequence
 
+from ltserve.cli.common import add_json_option, emit_json, wants_stdout_json
 from ltserve.config import load_config
 
 
@@ -25,6 +26,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-eval", action="store_true", help="skip the val/test evaluation at the end")
     parser.add_argument("--no-plots", action="store_true", help="evaluate without drawing the PNG figures")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_json_option(parser, "the run's summary (epochs, timings, losses) and its val/test reports")
     args = parser.parse_args(list(argv) if argv is not None else None)
     cfg = load_config(args.config, args.overrides)
     from ltserve.train import train
@@ -34,13 +36,20 @@ def cli(argv: Sequence[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
         return 0
     m = info.train_metrics
-    print(f"run {args.out}: {info.epochs_done}/{cfg.train.epochs} epochs, {m.get('train_seconds', 0):.1f} s, "
-          f"{m.get('images_per_second', 0):.0f} img/s, final loss {m.get('final_loss') or float('nan'):.4f}")
+    to_stdout = wants_stdout_json(args.json)
+    report = {"run": str(args.out), "epochs_done": info.epochs_done, "epochs": cfg.train.epochs,
+              "finished": info.finished, "train_metrics": m, "eval": {}}
+    if not to_stdout:
+        print(f"run {args.out}: {info.epochs_done}/{cfg.train.epochs} epochs, {m.get('train_seconds', 0):.1f} s, "
+              f"{m.get('images_per_second', 0):.0f} img/s, final loss {m.get('final_loss') or float('nan'):.4f}")
     if info.finished and "eval" in m:
         from ltserve.evaluate import evaluate_run, heads_table
 
         for split in m["eval"]:
             results = evaluate_run(args.out, split, plots=not args.no_plots)
-            print(f"\n{split} ({results['n']} images)")
-            print(heads_table(results["heads"]))
+            report["eval"][split] = {"n": results["n"], "heads": results["heads"], "files": results["files"]}
+            if not to_stdout:
+                print(f"\n{split} ({results['n']} images)")
+                print(heads_table(results["heads"]))
+    emit_json(args.json, report)
     return 0

@@ -1,4 +1,5 @@
-"""`python -m ltserve.data fetch [--dest DIR]` (what `make data` runs) and `samples OUT_DIR --count N`."""
+"""`ltserve data fetch [--dest DIR]` (or `python -m ltserve.data fetch`, what `make data` runs) and `ltserve data
+samples OUT_DIR --count N`."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from ltserve.data.fashion_mnist import (OFFICIAL_URL, download_fashion_mnist, fi
                                         write_samples)
 from ltserve.errors import DataError
 
-def cli(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None, prog: str = "python -m ltserve.data") -> int:
     """`fetch`: make sure Fashion-MNIST is present (find it, else download it) and print its folder.
     `samples OUT_DIR --count N`: write N Fashion-MNIST images as PNG files plus OUT_DIR/labels.txt."""
-    parser = argparse.ArgumentParser(prog="python -m ltserve.data", description=cli.__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=cli.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch", help="find Fashion-MNIST, else download it; print its folder")
     fetch.add_argument("--dest", help="folder to use (default: search, then download to the user cache "

@@ -137,7 +137,8 @@ def export_package(run: Run | str | Path, head: str, out_dir: str | Path, precis
         _move_into_place(tmp, out_dir)
     except PackageError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise PackageError(f"export of head {head!r} from {run.root} failed, nothing written to {out_dir}: {exc}") \
+        # the same class (QualityGateRefused stays one: `ltserve` exits 3 on a refused gate, 2 on other failures)
+        raise type(exc)(f"export of head {head!r} from {run.root} failed, nothing written to {out_dir}: {exc}") \
             from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,8 +14,8 @@ small change of the pixels the model sees. A package allows it only after export
   draft (`verify.compare_groups`, the comparison fp16 and int8 are accepted by): top-1 agreement and the Many /
   Medium / Few / All accuracy of both; every group's drop must stay within `options.max_drop` (0.3 point);
 - the decision by mode: "auto" turns draft on when the check passes and keeps it off otherwise (logging the
-  per-group table); "on" turns it on when the check passes and refuses the export otherwise (PackageError with the
-  table; also when no image is touched); "off" keeps it off without a check.
+  per-group table); "on" turns it on when the check passes and refuses the export otherwise (QualityGateRefused
+  with the table; also when no image is touched); "off" keeps it off without a check.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ltserve.data import ImageSet, stratified_subsample
-from ltserve.errors import ConfigError, PackageError, unknown_choice
+from ltserve.errors import ConfigError, QualityGateRefused, unknown_choice
 from ltserve.export.reference import verification_split
 from ltserve.export.verify import TABLE_GROUPS, _run, _session, compare_groups, group_table
 from ltserve.preprocess import PreprocessSpec, decode, jpeg_draft_applies, to_model_input
@@ -108,8 +108,8 @@ def check_jpeg_draft(run: "Run", spec: PreprocessSpec, model_path: Path, options
         levels, after resize and crop) and "passed".
 
     Raises:
-        PackageError: mode "on" and the check failed or could not run (no image affected); the message holds the
-            per-group table.
+        QualityGateRefused (a PackageError): mode "on" and the check failed or could not run (no image affected);
+            the message holds the per-group table.
     """
     report: dict[str, Any] = {"mode": options.mode, "decision": "off", "resize": spec.resize,
                               "max_accuracy_drop": {k: options.max_drop for k in TABLE_GROUPS}}
@@ -123,8 +123,8 @@ def check_jpeg_draft(run: "Run", spec: PreprocessSpec, model_path: Path, options
         reason = (f"{NO_IMAGE_AFFECTED} (no JPEG of the {len(idx)} {split} images checked has a shorter side of at "
                   f"least 2 x resize = {2 * spec.resize} px)")
         if options.mode == "on":
-            raise PackageError(f"--jpeg-draft on: {reason}, so the check cannot verify draft decoding; export with "
-                               "--jpeg-draft auto or off")
+            raise QualityGateRefused(f"--jpeg-draft on: {reason}, so the check cannot verify draft decoding; "
+                                     "export with --jpeg-draft auto or off")
         log.info("JPEG draft decoding stays off: %s", reason)
         return {**report, "reason": reason}
     exact_spec = spec.model_copy(update={"allow_draft": False})
@@ -148,9 +148,9 @@ def check_jpeg_draft(run: "Run", spec: PreprocessSpec, model_path: Path, options
         return report
     reason = "; ".join(comparison["failures"])
     if options.mode == "on":
-        raise PackageError(f"--jpeg-draft on refused: draft decoding changes accuracy on {len(affected)} affected of "
-                           f"{len(idx)} {split} images beyond the bound (a drop of at most "
-                           f"{options.max_drop * 100:.2f} points per group): {reason}\n{table}\nExport with "
-                           "--jpeg-draft auto or off, or loosen --jpeg-draft-max-drop.")
+        raise QualityGateRefused(f"--jpeg-draft on refused: draft decoding changes accuracy on {len(affected)} "
+                                 f"affected of {len(idx)} {split} images beyond the bound (a drop of at most "
+                                 f"{options.max_drop * 100:.2f} points per group): {reason}\n{table}\nExport with "
+                                 "--jpeg-draft auto or off, or loosen --jpeg-draft-max-drop.")
     log.warning("JPEG draft decoding stays off: %s\n%s", reason, table)
     return {**report, "reason": reason}

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from ltserve.errors import ConfigError, PackageError
+from ltserve.errors import ConfigError, PackageError, QualityGateRefused
 from ltserve.export.graph import INPUT_NAME, NORMALISATION_OPS, OUTPUT_NAME
 from ltserve.features.cache import run_splits
 from ltserve.heads import CalibratedHead
@@ -428,7 +428,8 @@ def build_int8(run: "Run", head: CalibratedHead, inputs: Int8Inputs, dst: Path,
         `compare_precision`), the calibration sample, the settings, the nodes kept in float and why, every attempt.
 
     Raises:
-        PackageError: every attempt was refused; the message holds the per-group table of all attempts.
+        QualityGateRefused (a PackageError): every attempt was refused; the message holds the per-group table of
+            all attempts.
         RunError: the data set on disk is not the run's (the calibration sample comes from its training split).
     """
     import tempfile
@@ -476,12 +477,12 @@ def build_int8(run: "Run", head: CalibratedHead, inputs: Int8Inputs, dst: Path,
                 break
     if not attempts[-1]["passed"]:
         table = attempt_table(attempts, {**report["images_per_group"], "top1": len(inputs.x)})
-        raise PackageError("int8 verification refused the quantised graph on "
-                           f"{len(inputs.x)} {inputs.split} images (bounds: few-shot drop <= "
-                           f"{options.max_few_drop * 100:.2f} points, All drop <= {options.max_all_drop * 100:.2f} "
-                           f"points):\n{table}\n"
-                           "Keep more layers in float (--int8-retries, --keep-float NODE), calibrate on more images "
-                           "(--calibration-images), or loosen the bounds (--int8-max-few-drop, --int8-max-all-drop).")
+        raise QualityGateRefused(
+            f"int8 verification refused the quantised graph on {len(inputs.x)} {inputs.split} images (bounds: "
+            f"few-shot drop <= {options.max_few_drop * 100:.2f} points, All drop <= "
+            f"{options.max_all_drop * 100:.2f} points):\n{table}\n"
+            "Keep more layers in float (--int8-retries, --keep-float NODE), calibrate on more images "
+            "(--calibration-images), or loosen the bounds (--int8-max-few-drop, --int8-max-all-drop).")
     return {**report, "calibration": calibration.record, "settings": settings,
             "float_nodes": [{"node": n, "op": ops.get(n, "?"), "why": why}
                             for n, why in attempts[-1]["float_nodes"].items()],
