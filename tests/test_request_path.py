@@ -97,12 +97,16 @@ with TestClient(Classifier.to_asgi()) as client:
     assets = {ref: client.get("/" + ref.lstrip("./")).status_code for ref in refs}
     spec = client.get("/docs.json").json()
     bundle = client.get("/static_content/swagger-ui-bundle.js").text
+    model = spec["paths"]["/v2/models/{model}/infer"]["post"]["parameters"][0]["schema"]["enum"][0]
+    example = spec["paths"]["/v2/models/{model}/infer"]["post"]["requestBody"]["content"]["application/json"]["example"]
+    infer = client.post(f"/v2/models/{model}/infer", json=example)
 print(json.dumps({"statuses": {p: r.status_code for p, r in pages.items()}, "same": pages["/"].text == pages["/docs"].text,
                   "html": page.text, "csp": page.headers.get("content-security-policy", ""), "assets": assets,
                   "summaries": {p: [op.get("summary") for op in item.values()] for p, item in spec["paths"].items()},
                   "servers": spec.get("servers"), "openapi": spec["openapi"],
                   "batch": spec["paths"]["/classify_batch"]["post"]["requestBody"]["content"],
-                  "bundle_array": "class JsonSchema_array" in bundle and "wrapComponents" in bundle}))
+                  "bundle_array": "class JsonSchema_array" in bundle and "wrapComponents" in bundle,
+                  "infer": [infer.status_code, infer.json()]}))
 """
 
 
@@ -154,3 +158,13 @@ def test_the_api_page_uploads_several_files_to_classify_batch(api_page):
     assert 'items.get("type") === "string" && items.get("format") === "binary"' in page
     assert "system.Im.List(" in page  # the File objects themselves are the field's value
     assert got["bundle_array"], "the served Swagger UI has no JsonSchema_array component for the plugin to wrap"
+
+
+def test_the_infer_example_is_a_real_request(api_page):
+    """Try it out on the Open Inference Protocol's infer route sends its example as is: a real PNG, answered 200
+    with the top 3 (Swagger's generated sample would send the text "string" as base64 image data)."""
+    status, body = api_page["infer"]
+    assert status == 200, body
+    (out,) = body["outputs"]
+    assert out["name"] == "probabilities" and out["datatype"] == "BYTES" and out["shape"] == [1, 3]
+    assert all(len(s.split(":")) == 3 for s in out["data"])  # score:index:label

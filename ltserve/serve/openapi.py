@@ -13,19 +13,28 @@ fills that in from what the code does, and the service answers `GET /docs.json` 
 - the upload forms: only their one field (`additionalProperties: false`), `images` with 1 to max_batch_images
   items; the raw-body route: a binary body under each accepted media type (image types, application/octet-stream),
   where BentoML says text/plain;
-- the Bearer security scheme on the protected routes when an API key is set.
+- the Bearer security scheme on the protected routes when an API key is set;
+- a request example where Swagger UI's own would fail: the Open Inference Protocol's infer body, whose generated
+  sample sends the text "string" as base64 image data, carries one real PNG (`infer_example`).
 """
 
 from __future__ import annotations
 
+import base64
 import copy
+import io
+from functools import lru_cache
 from typing import Any
+
+from PIL import Image
 
 from ltserve.preprocess import FORMAT_NAMES
 from ltserve.serve.http import ErrorBody
 from ltserve.serve.openapi_v2 import v2_paths
 from ltserve.serve.settings import (BATCH_ROUTE, CLASSIFY_ROUTE, MODEL_ROUTE, PRIOR_RESET_ROUTE, PRIOR_ROUTE,
-                                   PROTECTED_ROUTES, RAW_MEDIA_TYPES, RAW_ROUTE, UPLOAD_FIELDS, ServiceSettings)
+                                   PROTECTED_ROUTES, RAW_MEDIA_TYPES, RAW_ROUTE, UPLOAD_FIELDS, V2_INFER_ROUTE,
+                                   ServiceSettings)
+from ltserve.serve.v2 import INPUT, OUTPUT
 
 SCHEMAS = "#/components/schemas/"
 SECURITY_SCHEME = "bearerAuth"
@@ -205,6 +214,7 @@ def complete_openapi(spec: dict[str, Any], settings: ServiceSettings, version: s
     paths[PRIOR_ROUTE] = {"get": _prior_operation(settings, PRIOR_ROUTE)}
     paths[PRIOR_RESET_ROUTE] = {"post": _prior_operation(settings, PRIOR_RESET_ROUTE)}
     paths.update(v2_paths(settings, model, error_answers))
+    paths[V2_INFER_ROUTE]["post"]["requestBody"]["content"]["application/json"]["example"] = infer_example()
     for route in ("/livez", "/healthz", "/readyz", "/metrics"):
         op = paths[route]["get"]
         op["responses"] = {"200": _text("OK" if route != "/metrics" else "Prometheus text exposition"),
@@ -227,6 +237,22 @@ def complete_openapi(spec: dict[str, Any], settings: ServiceSettings, version: s
             op["summary"] = summary
     _drop_unused_schemas(doc)
     return doc
+
+
+@lru_cache(maxsize=1)
+def _example_png() -> str:
+    """A real image for the examples, base64: a 28 x 28 grey gradient as PNG (~100 bytes; any model's
+    preprocessing resizes it and converts its channels)."""
+    buf = io.BytesIO()
+    Image.linear_gradient("L").resize((28, 28)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def infer_example() -> dict[str, Any]:
+    """The example body of `POST /v2/models/{model}/infer` that "Try it out" sends: one PNG in `data`, and the top 3
+    asked as 'score:index:label' strings (the `classification` extension)."""
+    return {"inputs": [{"name": INPUT, "shape": [1], "datatype": "BYTES", "data": [_example_png()]}],
+            "outputs": [{"name": OUTPUT, "parameters": {"classification": 3}}]}
 
 
 SUMMARIES = {
