@@ -92,13 +92,13 @@ def test_train_rebalance_export_serve_predict_evaluate_agree(tmp_path, env):
     assert served["labels"] == model["labels"] and served["head"]["name"] == model["head"]["name"]
 
     # --- offline batch over the folder
-    sh(["ltserve", "predict", "images/", "--model", "models/e2e", "--out", "preds.jsonl", "--top-k",
+    sh(["ltserve", "predict", "models/e2e", "images/", "--out", "preds.jsonl", "--top-k",
         str(NUM_CLASSES), "--no-progress"], work, env)
     rows = {Path(row["path"]).name: row for row in map(json.loads, (work / "preds.jsonl").read_text().splitlines())}
     assert sorted(rows) == sorted(names)
 
     # --- the package evaluated on the list, with per-image predictions
-    sh(["ltserve", "evaluate", "models/e2e", "--data", "labels.txt", "--root", "images", "--out", "eval.json",
+    sh(["ltserve", "evaluate", "models/e2e", "--data", "labels.txt", "--root", "images", "--json", "eval.json",
         "--predictions", "eval.csv"], work, env)
     report = json.loads((work / "eval.json").read_text())
     assert report["n"] == N_IMAGES
