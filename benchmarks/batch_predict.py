@@ -177,8 +177,8 @@ def measure_cli(model: Path, listing: Path, batch: int, workers: int | None, wor
     summary = work / f"summary-w{workers}.json"
     for p in (out, Path(f"{out}.errors.jsonl"), summary):
         p.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "ltserve.cli", "predict", str(listing), "--model", str(model), "--out", str(out),
-           "--batch-size", str(batch), "--no-progress", "--summary-json", str(summary)]
+    cmd = [sys.executable, "-m", "ltserve.cli", "predict", str(model), str(listing), "--out", str(out),
+           "--batch-size", str(batch), "--no-progress", "--json", str(summary)]
     if workers is not None:
         cmd += ["--workers", str(workers)]
     start = time.perf_counter()
