@@ -124,6 +124,16 @@ def test_inspect_json_to_stdout_to_a_file_and_in_the_old_order(package, tmp_path
     assert json.loads(report.read_text())["name"] == "random-rgb"
 
 
+def test_rebalance_and_evaluate_print_their_report_as_json(tiny_run, copy_run, capsys):
+    run = copy_run(tiny_run)  # stage 1 only; la fits no layer, so this rebalance takes a moment
+    assert main(["rebalance", str(run), "--heads", "la", "--no-progress", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)  # the table is not printed around it
+    assert report["written"] == ["la"] and set(report["heads"]) == {"joint", "la"}
+    assert main(["evaluate", str(run), "--split", "val", "--no-plots", "--json", "-"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["split"] == "val" and {"joint", "la"} <= set(results["heads"])
+
+
 def test_data_verb_is_the_data_module(tmp_path, capsys):
     assert main(["data", "samples", str(tmp_path / "s"), "--count", "2"]) == 0
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["labels.txt", "test_0.png", "test_1.png"]

@@ -1,10 +1,12 @@
-"""`ltserve rebalance runs/NAME [--heads a,b] [--no-cache] [--tau T] [--target-prior P] [--set k=v]`: stage 2."""
+"""`ltserve rebalance runs/NAME [--heads a,b] [--no-cache] [--tau T] [--target-prior P] [--set k=v] [--json [PATH]]`:
+stage 2."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from ltserve.cli.common import add_json_option, emit_json
 from ltserve.heads import HEADS
 
 
@@ -27,6 +29,7 @@ def cli(argv: list[str] | None = None) -> int:
                         help="override a rebalance setting for this invocation (repeatable)")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda (default: the run's train.device)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_json_option(parser, "every head's val metrics and what val chose")
     args = parser.parse_args(argv)
     from ltserve.evaluate.selection import val_metrics
     from ltserve.evaluate.tables import chosen_value, heads_table
@@ -41,6 +44,9 @@ def cli(argv: list[str] | None = None) -> int:
     for name in heads:
         rows[name] = {**rows[name], "chosen": chosen_value(name, heads[name].meta),
                       "temperature": heads[name].temperature}
+    if emit_json(args.json, {"run": str(args.run_dir), "split": "val", "heads": rows,
+                             "written": list(heads), "heads_dir": str(run.paths.heads)}):
+        return 0
     print(f"\nval metrics of {args.run_dir} (Many/Medium/Few: mean per-class accuracy by training count; "
           "All: top-1)\n")
     print(heads_table(rows, columns=("many", "medium", "few", "top1", "ece_raw", "ece"),
