@@ -195,3 +195,33 @@ def test_reliability_diagram_and_confusion_matrix_are_drawn_and_their_numbers_ar
         # the last bin holds the images the head is most sure of: counted directly from its served probabilities
         top = softmax(load_head(paths.heads, name).logits(feats)).max(axis=1)
         assert curve["count"][-1] == int(np.sum(top > curve["edges"][-2]))
+
+
+def test_diagnostics_numbers_on_hand_made_predictions():
+    """The confusion rows count what they should (an imageless class gives an empty row, not a row of zeros that
+    claims to sum to 1); past 100 classes the JSON keeps totals and recall only; the reliability bins sum to the
+    reports' ECE."""
+    from ltserve.evaluate.diagnostics import (CONFUSION_JSON_MAX_CLASSES, confusion_entry, confusion_matrix,
+                                              reliability_curve)
+    from ltserve.metrics import expected_calibration_error, softmax
+
+    labels = np.array([0, 0, 0, 0, 2, 2])
+    pred = np.array([0, 0, 2, 1, 0, 2])
+    order = [2, 0, 1]  # class 1 has no image
+    matrix, totals = confusion_matrix(pred, labels, order)
+    np.testing.assert_allclose(matrix[:2], [[0.5, 0.5, 0.0], [0.25, 0.5, 0.25]])
+    assert np.isnan(matrix[2]).all() and totals.tolist() == [2, 4, 0]
+    entry = confusion_entry(matrix, totals, order, ["a", "b", "c"])
+    assert entry["class_names"] == ["c", "a", "b"] and entry["recall"] == [0.5, 0.5, None]
+    assert entry["matrix"][2] is None and entry["matrix"][1] == [0.25, 0.5, 0.25]
+    big = CONFUSION_JSON_MAX_CLASSES + 1
+    m, t = confusion_matrix(np.arange(big), np.arange(big), range(big))
+    wide = confusion_entry(m, t, range(big), [str(j) for j in range(big)])
+    assert "matrix" not in wide and wide["recall"] == [1.0] * big
+
+    rng = np.random.default_rng(0)
+    probs = softmax(rng.normal(0, 2, size=(500, 7)))
+    y = rng.integers(0, 7, size=500)
+    curve = reliability_curve(probs, y)
+    assert curve["ece"] == pytest.approx(expected_calibration_error(probs, y), abs=1e-12)
+    assert sum(curve["count"]) == 500 and curve["count"][0] == 0  # no confidence can be below 1/7

@@ -112,11 +112,18 @@ def _small(tmp_path: Path, *extra: str):
     return load_config(REPO / "configs" / "tiny.yaml", SMALL + list(extra))
 
 
-def test_resume_after_interruption_gives_bit_identical_weights(tmp_path):
+def test_resume_after_interruption_gives_bit_identical_weights(tmp_path, caplog):
+    import logging
+    import re
+
     from ltserve.train import train
 
     cfg = _small(tmp_path)
-    straight = train(cfg, tmp_path / "straight", evaluate=False)
+    with caplog.at_level(logging.INFO, logger="ltserve.train"):
+        straight = train(cfg, tmp_path / "straight", evaluate=False, progress=False)
+    # one log line per epoch, with its val scores (what a log file or CI shows, without progress bars)
+    lines = [r.getMessage() for r in caplog.records if re.match(r"epoch \d+/3: ", r.getMessage())]
+    assert len(lines) == 3 and all(re.search(r"; val top1 [\d.]+ %, balanced [\d.]+ % \(many ", m) for m in lines)
     stopped = train(cfg, tmp_path / "resumed", stop_after_epochs=2, evaluate=False)
     assert stopped.epochs_done == 2 and not stopped.finished
     ckpt = sorted(p.name for p in (tmp_path / "resumed" / "checkpoint").iterdir())
