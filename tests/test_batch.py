@@ -168,8 +168,8 @@ def assert_same_predictions(rows: dict[str, dict], ref: dict[str, dict]) -> None
 def folder_run(tmp_path_factory, package, image_dir):
     """One real CLI run over the folder of good and bad files (shared by several tests)."""
     out = tmp_path_factory.mktemp("out") / "preds.jsonl"
-    proc = run_cli(image_dir["root"], "--model", package, "--out", out, "--batch-size", 16, "--workers", 2,
-                   "--max-pixels", MAX_PIXELS, "--top-k", 3, "--summary-json", out.with_suffix(".summary.json"))
+    proc = run_cli(package, image_dir["root"], "--out", out, "--batch-size", 16, "--workers", 2,
+                   "--max-pixels", MAX_PIXELS, "--top-k", 3, "--json", out.with_suffix(".summary.json"))
     return {"proc": proc, "out": out, "errors": Path(f"{out}.errors.jsonl"),
             "summary": json.loads(out.with_suffix(".summary.json").read_text())}
 
@@ -226,7 +226,7 @@ def test_folder_of_tiff_and_pnm_predicts_like_png(tmp_path, package, fashion_tes
         img.save(buf, format="PNG")
         pngs.append(buf.getvalue())
     out = tmp_path / "preds.jsonl"
-    proc = run_cli(folder, "--model", package, "--out", out, "--top-k", 3, "--workers", 1)
+    proc = run_cli(package, folder, "--out", out, "--top-k", 3, "--workers", 1)
     assert proc.returncode == 0, proc.stderr
     rows = read_jsonl(out)
     assert [Path(r["path"]).stem for r in rows] == [f"{i:05d}" for i in range(24)]
@@ -237,14 +237,14 @@ def test_folder_of_tiff_and_pnm_predicts_like_png(tmp_path, package, fashion_tes
 
 
 def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(tmp_path, package, big_dir):
-    common = ["--model", package, "--batch-size", 8, "--workers", 1]
+    common = ["--batch-size", 8, "--workers", 1]
     ref_out = tmp_path / "ref.jsonl"
-    assert run_cli(big_dir, *common, "--out", ref_out).returncode == 0
+    assert run_cli(package, big_dir, *common, "--out", ref_out).returncode == 0
     ref = by_path(read_jsonl(ref_out))
     assert len(ref) == 2000
 
     out = tmp_path / "killed.jsonl"
-    proc = start_cli(big_dir, *common, "--out", out)
+    proc = start_cli(package, big_dir, *common, "--out", out)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if out.exists() and out.stat().st_size > 20_000:  # some dozens of rows written
@@ -267,7 +267,7 @@ def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(tmp_path, packag
     with open(out, "ab") as f:  # whatever the kill left, also leave a torn last line, as a kill inside write() does
         f.write(b'{"path": "' + str(big_dir).encode() + b'/00001.png", "label": "Tro')
 
-    proc2 = run_cli(big_dir, *common, "--out", out, "--resume", "--summary-json", tmp_path / "s.json")
+    proc2 = run_cli(package, big_dir, *common, "--out", out, "--resume", "--json", tmp_path / "s.json")
     assert proc2.returncode == 0, proc2.stderr
     assert "half-written last line" in proc2.stderr
     rows = read_jsonl(out)  # every line parses: the torn one was cut off
@@ -280,9 +280,9 @@ def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(tmp_path, packag
 
 def test_ctrl_c_on_parquet_then_resume(tmp_path, package, big_dir):
     # small batches and parts: the run lasts seconds, so the stop lands midway even on a fast, idle machine
-    common = ["--model", package, "--batch-size", 2, "--workers", 1, "--part-rows", 16]
+    common = ["--batch-size", 2, "--workers", 1, "--part-rows", 16]
     out = tmp_path / "preds.parquet"
-    proc = start_cli(big_dir, *common, "--out", out)
+    proc = start_cli(package, big_dir, *common, "--out", out)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if out.is_dir() and len(list(out.glob("part-*.parquet"))) >= 2:
@@ -297,7 +297,7 @@ def test_ctrl_c_on_parquet_then_resume(tmp_path, package, big_dir):
     n_at_stop = len(read_parquet_dir(out))
     assert 0 < n_at_stop < 2000
 
-    proc2 = run_cli(big_dir, *common, "--out", out, "--resume")
+    proc2 = run_cli(package, big_dir, *common, "--out", out, "--resume")
     assert proc2.returncode == 0, proc2.stderr
     rows = by_path(read_parquet_dir(out))
     assert set(rows) == {str(big_dir / f"{i:05d}.png") for i in range(2000)}
@@ -306,8 +306,8 @@ def test_ctrl_c_on_parquet_then_resume(tmp_path, package, big_dir):
 
 def test_list_mode_accuracy_matches_ltserve_evaluate(tmp_path, package, image_dir):
     out = tmp_path / "list.csv"
-    proc = run_cli(image_dir["list"], "--root", image_dir["root"], "--model", package, "--out", out,
-                   "--summary-json", tmp_path / "s.json")
+    proc = run_cli(package, image_dir["list"], "--root", image_dir["root"], "--out", out,
+                   "--json", tmp_path / "s.json")
     assert proc.returncode == 0, proc.stderr
     acc = json.loads((tmp_path / "s.json").read_text())["accuracy"]
     assert acc["n"] == N_GOOD
@@ -341,7 +341,7 @@ def test_list_mode_accuracy_matches_ltserve_evaluate(tmp_path, package, image_di
 
 def test_ray_engine_gives_the_same_predictions_as_local(tmp_path, package, image_dir, folder_run):
     out = tmp_path / "ray.parquet"
-    proc = run_cli(image_dir["root"], "--model", package, "--out", out, "--engine", "ray", "--ray-num-cpus", 2,
+    proc = run_cli(package, image_dir["root"], "--out", out, "--engine", "ray", "--ray-num-cpus", 2,
                    "--workers", 2, "--concurrency", 1, "--batch-size", 16, "--max-pixels", MAX_PIXELS, "--top-k", 3,
                    timeout=400)
     assert proc.returncode == 1, proc.stderr[-3000:]  # the bad files failed, as in the local run
@@ -359,7 +359,7 @@ def test_ray_engine_gives_the_same_predictions_as_local(tmp_path, package, image
 def test_missing_model_fails_fast_naming_the_path(tmp_path, image_dir):
     missing = tmp_path / "models" / "nope"
     out = tmp_path / "preds.jsonl"
-    proc = run_cli(image_dir["root"], "--model", missing, "--out", out)
+    proc = run_cli(missing, image_dir["root"], "--out", out)
     assert proc.returncode == 2
     assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
@@ -369,7 +369,7 @@ def test_unwritable_output_fails_fast_naming_the_path(tmp_path, package, image_d
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     out = blocker / "preds.jsonl"  # a folder that cannot exist: unwritable even for root
-    proc = run_cli(image_dir["root"], "--model", package, "--out", out)
+    proc = run_cli(package, image_dir["root"], "--out", out)
     assert proc.returncode == 2
     assert str(out) in proc.stderr and "not writable" in proc.stderr and "Traceback" not in proc.stderr
 

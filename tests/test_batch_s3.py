@@ -114,7 +114,7 @@ def check_rows(rows: list[dict], expected: list[str], images: dict, package: Pat
 
 def test_predict_from_s3_to_s3_answers_every_image_once_and_lists_the_bad_file(s3, uploaded, package):
     out = f"s3://{BUCKET}/out-local/"
-    proc = run_cli(s3, f"s3://{BUCKET}/small/", "--model", package, "--out", out, "--workers", 1,
+    proc = run_cli(s3, package, f"s3://{BUCKET}/small/", "--out", out, "--workers", 1,
                    "--batch-size", 16, "--part-rows", 25)
     assert proc.returncode == 1, proc.stderr[-3000:]  # one file failed
     assert "61 files: 60 predicted, 1 failed" in proc.stdout
@@ -124,15 +124,15 @@ def test_predict_from_s3_to_s3_answers_every_image_once_and_lists_the_bad_file(s
     errors = read_parts(s3["fs"], f"s3://{BUCKET}/out-local.errors.jsonl/")
     assert [(e["path"], e["error"]) for e in errors] == [(f"s3://{BUCKET}/small/corrupt.png", "InvalidImage")]
     # the same output again needs --resume or --overwrite; --resume then has nothing to do
-    again = run_cli(s3, f"s3://{BUCKET}/small/", "--model", package, "--out", out, "--workers", 0)
+    again = run_cli(s3, package, f"s3://{BUCKET}/small/", "--out", out, "--workers", 0)
     assert again.returncode == 2 and "--resume" in again.stderr
-    resumed = run_cli(s3, f"s3://{BUCKET}/small/", "--model", package, "--out", out, "--workers", 0, "--resume")
+    resumed = run_cli(s3, package, f"s3://{BUCKET}/small/", "--out", out, "--workers", 0, "--resume")
     assert resumed.returncode == 1 and "61 files: 60 predicted, 1 failed (61 done by an earlier run)" in resumed.stdout
 
 
 def test_sigkill_midway_then_resume_on_s3_loses_and_repeats_nothing(s3, uploaded, package, tmp_path):
     out = f"s3://{BUCKET}/out-killed/"
-    common = [f"s3://{BUCKET}/big/", "--model", package, "--out", out, "--workers", 1, "--batch-size", 8,
+    common = [package, f"s3://{BUCKET}/big/", "--out", out, "--workers", 1, "--batch-size", 8,
               "--part-rows", 8]
     proc = subprocess.Popen(_cli(*common), cwd=REPO, env={**os.environ, **s3["env"]}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
@@ -153,7 +153,7 @@ def test_sigkill_midway_then_resume_on_s3_loses_and_repeats_nothing(s3, uploaded
     assert 0 < done_at_kill < 240, "the run was not stopped midway"
 
     summary = tmp_path / "summary.json"
-    resumed = run_cli(s3, *common, "--resume", "--summary-json", summary)
+    resumed = run_cli(s3, *common, "--resume", "--json", summary)
     assert resumed.returncode == 1, resumed.stderr[-3000:]
     fs.invalidate_cache()
     rows = read_parts(fs, out)
@@ -168,7 +168,7 @@ def test_sigkill_midway_then_resume_on_s3_loses_and_repeats_nothing(s3, uploaded
 def test_ray_engine_reads_s3_and_writes_parquet_parts(s3, uploaded, package):
     pytest.importorskip("ray")
     out = f"s3://{BUCKET}/out-ray.parquet/"
-    proc = run_cli(s3, f"s3://{BUCKET}/small/", "--model", package, "--out", out, "--engine", "ray",
+    proc = run_cli(s3, package, f"s3://{BUCKET}/small/", "--out", out, "--engine", "ray",
                    "--ray-num-cpus", 2, "--workers", 1, "--concurrency", 1, "--batch-size", 16,
                    "--storage-option", f"endpoint_url={s3['env']['AWS_ENDPOINT_URL']}", timeout=400)
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -179,7 +179,7 @@ def test_ray_engine_reads_s3_and_writes_parquet_parts(s3, uploaded, package):
 
 
 def test_missing_prefix_and_bad_options_fail_fast_without_the_secret(s3, package):
-    proc = run_cli(s3, f"s3://{BUCKET}/no-such-prefix/", "--model", package, "--out", f"s3://{BUCKET}/o/")
+    proc = run_cli(s3, package, f"s3://{BUCKET}/no-such-prefix/", "--out", f"s3://{BUCKET}/o/")
     assert proc.returncode == 2 and "no such object or prefix" in proc.stderr
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_storage_options([f"secret{SECRET}"])

@@ -138,7 +138,7 @@ def png_dir(tmp_path_factory) -> Path:
 
 def ray_torch_predict(images: Path, model: Path, out: Path) -> subprocess.CompletedProcess:
     """`ltserve predict --engine ray --backend torch` (CPU, fp32: comparable with ONNX Runtime on any machine)."""
-    args = [images, "--model", model, "--out", out, "--engine", "ray", "--backend", "torch", "--torch-device", "cpu",
+    args = [model, images, "--out", out, "--engine", "ray", "--backend", "torch", "--torch-device", "cpu",
             "--torch-precision", "fp32", "--ray-num-cpus", 2, "--workers", 1, "--batch-size", 16, "--no-progress"]
     return subprocess.run([sys.executable, "-m", "ltserve.cli", "predict", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
@@ -198,7 +198,7 @@ def test_ltserve_predict_with_device_preprocess_writes_the_same_rows(pt2_package
     rows = {}
     for flag in ([], ["--torch-device-preprocess"]):
         out = tmp_path / f"p{len(flag)}.jsonl"
-        args = [str(png_dir), "--model", str(pt2_package), "--out", str(out), "--workers", "0", "--backend", "torch",
+        args = [str(pt2_package), str(png_dir), "--out", str(out), "--workers", "0", "--backend", "torch",
                 "--torch-device", "cpu", *flag]
         assert cli(args) == 0
         rows[len(flag)] = [json.loads(line) for line in out.read_text().splitlines()]
