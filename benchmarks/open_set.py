@@ -14,6 +14,13 @@ features with each head's own logits: export verifies the served graph's logits 
     python -m benchmarks.open_set                       # 3 seeds, the recipe's epochs
     python -m benchmarks.open_set --epochs 20 --seeds 0 # smaller
     python -m benchmarks.open_set --smoke               # seconds: 1 epoch, 1 seed
+    python -m benchmarks.open_set --epochs 30 --runs /tmp/os_runs  # keep the trained runs; a rerun reuses them
+
+The cost per request is measured on a package exported from seed 0's run: whole requests (decode, preprocess, predict,
+postprocess) with open-set off and flag, interleaved, and the steps open-set changes timed back to back on the same
+outputs (predict_outputs vs predict, postprocess with the score vs without), at batch 1 and 8. The goal uses the
+paired steps (the median of back-to-back differences): on a shared 2-core machine the difference of two whole-request
+p50s moves by more than the effect (both are reported).
 """
 
 from __future__ import annotations
@@ -72,6 +79,8 @@ def far_unknowns(n: int, size: int, seed: int) -> dict[str, np.ndarray]:
 
 
 def train_seed(seed: int, epochs: int | None, workdir: Path, smoke: bool) -> Path:
+    """Train and re-balance seed `seed` into workdir/seed<seed>; a finished run there (`--runs`) is reused when it was
+    trained with the same overrides (its saved config says so)."""
     from ltserve.config import load_config
     from ltserve.rebalance import rebalance
     from ltserve.train import train
@@ -82,9 +91,31 @@ def train_seed(seed: int, epochs: int | None, workdir: Path, smoke: bool) -> Pat
     if smoke:
         overrides += ["train.epochs=1", "data.longtail.n_max=200", "data.max_test_images=800"]
     run = workdir / f"seed{seed}"
-    train(load_config(CONFIG, overrides), run)
+    cfg = load_config(CONFIG, overrides)
+    if _finished(run, cfg):
+        return run
+    if run.exists():
+        import shutil
+
+        shutil.rmtree(run)
+    train(cfg, run)
     rebalance(run)
     return run
+
+
+def _finished(run: Path, cfg: Any) -> bool:
+    """Whether `run` holds a re-balanced run of exactly `cfg`."""
+    from ltserve.heads import HEADS
+    from ltserve.rundir import open_run
+
+    if not (run / "run.json").exists():
+        return False
+    try:
+        opened = open_run(run)
+        same = opened.config == cfg
+        return same and all((run / "heads" / f"{h}.json").exists() for h in HEADS.names())
+    except Exception:  # noqa: BLE001 - an unfinished or foreign folder: train again
+        return False
 
 
 def seed_results(run_dir: Path, far_n: int, seed: int) -> dict[str, Any]:
@@ -95,8 +126,8 @@ def seed_results(run_dir: Path, far_n: int, seed: int) -> dict[str, Any]:
     from ltserve.features.extract import extract_features
     from ltserve.heads import HEADS
     from ltserve.metrics import shot_groups
-    from ltserve.open_set import (FEATURE_SCORES, LOGIT_SCORES, OLTR_MSP_THRESHOLD, calibrate, fit_feature_stats,
-                                  open_set_report, scores)
+    from ltserve.open_set import (FEATURE_SCORES, LOGIT_SCORES, OLTR_MSP_THRESHOLD, PREFERENCE, calibrate,
+                                  fit_feature_stats, open_set_report, scores)
     from ltserve.rundir import open_run
 
     run = open_run(run_dir)
@@ -133,12 +164,12 @@ def seed_results(run_dir: Path, far_n: int, seed: int) -> dict[str, Any]:
                     rep = open_set_report(ss, ps, ys, su, pu, groups, thr)
                     rows.append({"seed": seed, "head": head_name, "score": score, "rule": rule, "unknowns": kind,
                                  **_flat(rep)})
-            if score == "mahalanobis" and head_name == "tau_norm":
+            if score == PREFERENCE[0] and head_name == "tau_norm":
                 far_by_kind = {k: float(np.mean(sf[far_kind == k] > np.asarray(cal["thresholds"])[pf[far_kind == k]]))
                                for k in far_images}
     return {"rows": rows, "class_counts": info.class_counts, "groups": groups, "classes": info.class_names,
             "held_out": splits.held_out_names, "n_near": int(len(near)), "n_far": int(len(far)),
-            "far_rejected_by_kind_tau_norm_mahalanobis": far_by_kind}
+            "far_rejected_by_kind_tau_norm": far_by_kind}
 
 
 def _flat(rep: dict[str, Any]) -> dict[str, Any]:
@@ -154,8 +185,10 @@ def _flat(rep: dict[str, Any]) -> dict[str, Any]:
 
 
 def request_cost(run_dir: Path, workdir: Path, repeats: int) -> dict[str, Any]:
-    """p50 of one request in process (decode PNG bytes, preprocess, predict, postprocess) with open-set off vs flag
-    (predict_outputs + the score + the two fields), on a package exported from the run (tau_norm, the rule's score)."""
+    """What open-set flag adds to one request in process, on a package exported from the run (tau_norm, the rule's
+    score): whole requests (decode PNG bytes, preprocess, predict, postprocess) off vs flag, interleaved, and the two
+    steps flag changes timed back to back on the same batch (predict_outputs vs predict; postprocess with the score
+    vs without) at batch 1 and 8; ms."""
     import io
 
     from PIL import Image
@@ -171,7 +204,7 @@ def request_cost(run_dir: Path, workdir: Path, repeats: int) -> dict[str, Any]:
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(buf, format="PNG")
         blobs.append(buf.getvalue())
-    out = {}
+    out: dict[str, Any] = {}
     preds = {mode: Predictor(pkg, threads=1, max_batch_size=8, open_set=mode) for mode in ("off", "flag")}
 
     def one(p: Any, data: bytes, mode: str) -> float:
@@ -190,21 +223,34 @@ def request_cost(run_dir: Path, workdir: Path, repeats: int) -> dict[str, Any]:
             samples[mode].append(one(preds[mode], blobs[i % len(blobs)], mode))
     for mode in ("off", "flag"):
         out[mode] = percentiles(samples[mode][repeats // 10:])
-    # the open-set work alone, on one request's outputs (what flag adds after the shared steps)
-    p = preds["flag"]
-    logits, features = p.predict_outputs(p.preprocess([p.decode(blobs[0])]))
-    t_extra = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        p.postprocess(logits, 5, features=features)
-        t1 = time.perf_counter()
-        preds["off"].postprocess(logits, 5)
-        t2 = time.perf_counter()
-        t_extra.append(((t1 - t0) - (t2 - t1)) * 1e3)
-    out["postprocess_extra_ms_p50"] = float(np.median(t_extra))
+    out["whole_request_extra_ms_p50"] = out["flag"]["p50"] - out["off"]["p50"]
+    p, q = preds["flag"], preds["off"]
+    for n in (1, 8):
+        batch = p.preprocess([p.decode(blobs[i]) for i in range(n)])
+        logits, features = p.predict_outputs(batch)
+        steps = {"predict": (lambda: p.predict_outputs(batch), lambda: q.predict(batch)),
+                 "post": (lambda: p.postprocess(logits, 5, features=features), lambda: q.postprocess(logits, 5))}
+        diffs: dict[str, list[float]] = {"predict": [], "post": []}
+        for i in range(repeats):
+            for step, (flag_call, off_call) in steps.items():
+                # which runs first alternates: the first of a pair meets colder caches
+                first, second = (flag_call, off_call) if i % 2 == 0 else (off_call, flag_call)
+                t0 = time.perf_counter()
+                first()
+                t1 = time.perf_counter()
+                second()
+                t2 = time.perf_counter()
+                d = (t1 - t0) - (t2 - t1)
+                diffs[step].append((d if i % 2 == 0 else -d) * 1e3)
+        d_predict, d_post = diffs["predict"], diffs["post"]
+        out[f"batch{n}"] = {"predict_outputs_extra_ms_p50": float(np.median(d_predict)),
+                            "postprocess_extra_ms_p50": float(np.median(d_post)),
+                            "extra_ms_p50": float(np.median(d_predict) + np.median(d_post))}
     out["score"] = p.meta.open_set.score
-    out["extra_ms_p50"] = out["flag"]["p50"] - out["off"]["p50"]
+    out["extra_ms_p50"] = out["batch1"]["extra_ms_p50"]
     out["extra_share_of_p50"] = out["extra_ms_p50"] / out["off"]["p50"]
+    out["whole_request_extra_share_of_p50"] = out["whole_request_extra_ms_p50"] / out["off"]["p50"]
+    out["postprocess_extra_ms_p50"] = out["batch1"]["postprocess_extra_ms_p50"]
     out["postprocess_extra_share_of_p50"] = out["postprocess_extra_ms_p50"] / out["off"]["p50"]
     return out
 
@@ -253,11 +299,15 @@ def goals(summary: list[dict[str, Any]], cost: dict[str, Any] | None, head: str,
          "measured": f"{far['f_measure']:.4f} vs {base_f['f_measure']:.4f}", "met": far["f_measure"] > base_f["f_measure"]},
     ]
     if cost:
-        rows.append({"goal": "extra cost per request in process < 2 % of p50",
-                     "measured": f"{cost['extra_ms_p50']:+.4f} ms of {cost['off']['p50']:.3f} ms "
-                                 f"({100 * cost['extra_share_of_p50']:+.2f} %); postprocess alone "
-                                 f"{cost['postprocess_extra_ms_p50']:.4f} ms "
-                                 f"({100 * cost['postprocess_extra_share_of_p50']:.2f} %)",
+        b8 = cost["batch8"]
+        rows.append({"goal": f"extra cost per request in process < 2 % of p50 ({cost['score']})",
+                     "measured": f"{1000 * cost['extra_ms_p50']:+.1f} us of {cost['off']['p50']:.3f} ms "
+                                 f"({100 * cost['extra_share_of_p50']:+.2f} %; predict_outputs "
+                                 f"{1000 * cost['batch1']['predict_outputs_extra_ms_p50']:+.1f} us, postprocess "
+                                 f"{1000 * cost['postprocess_extra_ms_p50']:+.1f} us); whole-request p50s differ by "
+                                 f"{1000 * cost['whole_request_extra_ms_p50']:+.1f} us "
+                                 f"({100 * cost['whole_request_extra_share_of_p50']:+.2f} %); batch of 8: "
+                                 f"{1000 * b8['extra_ms_p50']:+.1f} us per batch",
                      "met": cost["extra_share_of_p50"] < 0.02})
     return rows
 
@@ -274,7 +324,9 @@ def plot(path: Path, summary: list[dict[str, Any]], roc: dict[str, Any], head: s
                ylabel="unknown images rejected (TPR)")
         ax.legend(fontsize=8)
     ax = axes[2]
-    rules = [("mahalanobis", "per_group"), ("mahalanobis", "global"), ("energy", "per_group"), ("energy", "global"),
+    from ltserve.open_set import PREFERENCE
+
+    rules = [(PREFERENCE[0], "per_group"), (PREFERENCE[0], "global"), ("energy", "per_group"), ("energy", "global"),
              ("msp", "oltr_msp_0.1")]
     width = 0.16
     for i, (score, rule) in enumerate(rules):
@@ -327,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--far-images", type=int, default=2000)
     parser.add_argument("--head", default="tau_norm", help="the head the goals table and the figure show")
     parser.add_argument("--cost-repeats", type=int, default=2000)
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="keep the trained runs here and reuse finished ones (default: a temporary folder)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     seeds = args.seeds[:1] if args.smoke else args.seeds
@@ -336,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         runs, per_seed = {}, {}
         for seed in each_run(seeds, "open_set seeds"):
-            runs[seed] = train_seed(seed, args.epochs, work, args.smoke)
+            runs[seed] = train_seed(seed, args.epochs, args.runs or work, args.smoke)
             per_seed[seed] = seed_results(runs[seed], 200 if args.smoke else args.far_images, seed)
         rows = [r for s in per_seed.values() for r in s["rows"]]
         summary = summarise(rows)
@@ -364,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = (f"Classes {per_seed[seeds[0]]['classes']} (train counts {per_seed[seeds[0]]['class_counts']}); held out "
              f"(near unknowns): {per_seed[seeds[0]]['held_out']}; {per_seed[seeds[0]]['n_near']} near and "
              f"{per_seed[seeds[0]]['n_far']} far unknown images per seed. Far rejected by kind (seed {seeds[0]}, "
-             f"tau_norm, mahalanobis): {per_seed[seeds[0]]['far_rejected_by_kind_tau_norm_mahalanobis']}. "
+             f"tau_norm, {score}): {per_seed[seeds[0]]['far_rejected_by_kind_tau_norm']}. "
              f"Wall time {config['wall_s']} s."
              + (f" Stage 1 ran {args.epochs} epochs, not the recipe's (the shared machine's time)." if args.epochs
                 else ""))

@@ -54,6 +54,71 @@ def test_feature_scores_on_known_cases():
         scores("enrgy", logits)
 
 
+def _formula(name: str, logits: np.ndarray, features: np.ndarray, stats) -> np.ndarray:
+    """The scores written out the straightforward way (float64, a loop over classes)."""
+    z = np.asarray(logits, np.float64)
+    if name in LOGIT_SCORES:
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return {"msp": 1.0 - (e / e.sum(axis=1, keepdims=True)).max(axis=1),
+                "energy": -np.log(np.exp(z).sum(axis=1)), "max_logit": -z.max(axis=1)}[name]
+    f = np.asarray(features, np.float64)
+    if name == "mahalanobis_raw":
+        x, means, whiten = f, stats.raw_means, stats.raw_whiten
+    else:
+        u = f - stats.centre
+        x, means, whiten = u / np.linalg.norm(u, axis=1, keepdims=True), stats.means, stats.whiten
+    means, whiten = means.astype(np.float64), whiten.astype(np.float64)
+    if name == "ncm_cosine":
+        unit = means / np.linalg.norm(means, axis=1, keepdims=True)
+        return np.array([1.0 - max(row @ m for m in unit) for row in x])
+    precision = whiten @ whiten.T
+    return np.array([min((row - m) @ precision @ (row - m) for m in means) for row in x])
+
+
+@pytest.mark.parametrize("name", SCORES)
+def test_scores_equal_their_formulas(name):
+    """The serving path's rearranged arithmetic (`Scorer`) against the formulas, at batch 1 and a batch."""
+    from ltserve.open_set import Scorer
+
+    rng = np.random.default_rng(2)
+    y = np.repeat(np.arange(5), [60, 30, 15, 8, 4])  # long-tailed
+    x = rng.gamma(2.0, 1.0, size=(len(y), 16)) + 3.0 * np.eye(5, 16)[y]  # non-negative, like ReLU features
+    stats = fit_feature_stats(x, y, 5)
+    features = (rng.gamma(2.0, 1.5, size=(9, 16))).astype(np.float32)
+    logits = rng.normal(0, 4, size=(9, 5)).astype(np.float32)
+    scorer = Scorer(name, stats)
+    for rows in (slice(0, 1), slice(0, 9)):
+        want = _formula(name, logits[rows], features[rows], stats)
+        got = scorer(logits[rows], features[rows])
+        assert got.dtype == np.float64 and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * max(1.0, float(np.abs(want).max())))
+        assert np.array_equal(got, scores(name, logits[rows], features[rows], stats))
+
+
+def test_feature_stats_from_before_mahalanobis_raw():
+    """Packages exported before mahalanobis_raw hold centre, means and whiten only: they load, score the L2 scores
+    as before and refuse the raw one with a message that says to re-export."""
+    from ltserve.open_set import FeatureStats, Scorer
+
+    rng = np.random.default_rng(4)
+    y = np.repeat(np.arange(3), 20)
+    stats = fit_feature_stats(rng.normal(size=(60, 6)) + np.eye(3, 6)[y] * 4, y, 3)
+    old = FeatureStats(centre=stats.centre, means=stats.means, whiten=stats.whiten)
+    back = FeatureStats.from_text(old.to_text())
+    assert back.raw_means is None and back.scores() == ("ncm_cosine", "mahalanobis")
+    assert stats.scores() == FEATURE_SCORES
+    f = rng.normal(size=(4, 6)).astype(np.float32)
+    logits = np.zeros((4, 3))
+    assert np.array_equal(scores("mahalanobis", logits, f, back), scores("mahalanobis", logits, f, stats))
+    with pytest.raises(ValueError, match="re-export"):
+        Scorer("mahalanobis_raw", back)
+    full = FeatureStats.from_text(stats.to_text())
+    assert np.array_equal(full.raw_whiten, stats.raw_whiten)
+    half = FeatureStats(centre=stats.centre, means=stats.means, whiten=stats.whiten, raw_means=stats.raw_means)
+    with pytest.raises(ValueError, match="inconsistent"):
+        FeatureStats.from_text(half.to_text())
+
+
 def test_separation_metrics():
     known, unknown = np.array([0.0, 0.1, 0.2, 0.3]), np.array([1.0, 2.0])
     assert auroc(known, unknown) == 1.0 and aupr(known, unknown) == 1.0 and fpr_at_tpr(known, unknown) == 0.0
@@ -152,6 +217,43 @@ def test_old_package_without_features_or_thresholds(tmp_path):
     for mode in ("flag", "reject"):
         with pytest.raises(ConfigError, match="open-set thresholds"):
             Predictor(pkg, open_set=mode)
+
+
+def test_package_with_stats_from_before_mahalanobis_raw(tiny_package, tmp_path):
+    """A package exported before mahalanobis_raw (score mahalanobis, no raw statistics in model.onnx) still
+    serves its score, says so in info(), and `ltserve evaluate --open-set` lists the scores it allows."""
+    import shutil
+
+    import onnx
+
+    from ltserve.data import ImageSet
+    from ltserve.evaluate.package import open_set_evaluation
+    from ltserve.export.open_set import embed_stats
+    from ltserve.open_set import STATS_KEY, FeatureStats
+    from ltserve.package import file_entries
+    from ltserve.runtime import Predictor
+
+    pkg = tmp_path / "old"
+    shutil.copytree(tiny_package, pkg)
+    graph = onnx.load(str(pkg / "model.onnx"))
+    stats = FeatureStats.from_text(next(p.value for p in graph.metadata_props if p.key == STATS_KEY))
+    embed_stats(pkg / "model.onnx", FeatureStats(centre=stats.centre, means=stats.means, whiten=stats.whiten))
+    meta = json.loads((pkg / "model.json").read_text())
+    meta["open_set"]["score"] = "mahalanobis"
+    meta["files"] = {k: v.model_dump() for k, v in file_entries(pkg, list(meta["files"])).items()}
+    (pkg / "model.json").write_text(json.dumps(meta))
+    p = Predictor(pkg, threads=1, max_batch_size=4)
+    assert p.open_set_mode == "flag" and p.info()["open_set"]["score"] == "mahalanobis"
+    assert p.feature_stats.raw_means is None
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, (28, 28, 1), dtype=np.uint8) for _ in range(3)]
+    logits, features = p.predict_outputs(p.preprocess(images))
+    score, _ = p.open_set_scores(logits, features)
+    np.testing.assert_allclose(score, _formula("mahalanobis", logits, features, p.feature_stats), rtol=1e-7)
+    unknown = ImageSet(labels=np.zeros(3, np.int64), arrays=np.stack([i[..., 0] for i in images]))
+    report = open_set_evaluation(p, logits, features, np.zeros(3, np.int64), unknown, "noise", progress=False)
+    assert set(report["scores"]) == set(LOGIT_SCORES) | {"ncm_cosine", "mahalanobis"}
+    assert report["score"] == "mahalanobis"
 
 
 def test_export_score_override_and_bad_name(tiny_rebalanced_run, tmp_path):

@@ -34,7 +34,7 @@ from ltserve.errors import DataError, InvalidInput
 from ltserve.evaluate.diagnostics import confusion_entry, confusion_matrix, reliability_curve
 from ltserve.evaluate.tables import heads_table
 from ltserve.metrics import SHOT_GROUPS, classification_report, group_accuracy, per_class_accuracy, softmax
-from ltserve.open_set import FEATURE_SCORES, LOGIT_SCORES, aupr, auroc, fpr_at_tpr, open_set_report, scores
+from ltserve.open_set import LOGIT_SCORES, aupr, auroc, fpr_at_tpr, open_set_report, scores
 from ltserve.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec, decode, transform_image
 from ltserve.progress import progress_bar
 from ltserve.runtime import Predictor
@@ -203,7 +203,7 @@ def open_set_evaluation(predictor: Predictor, known_logits: np.ndarray, known_fe
     u_logits, u_features = predict_imageset(predictor, unknown, batch_size=batch_size, progress=progress,
                                             with_features=True)
     stats = predictor.feature_stats
-    names = [*LOGIT_SCORES, *(FEATURE_SCORES if stats is not None and known_features is not None
+    names = [*LOGIT_SCORES, *(stats.scores() if stats is not None and known_features is not None
                               and u_features is not None else ())]
     every = {}
     for name in names:

@@ -98,7 +98,7 @@ def open_set_info(run: Run, head: CalibratedHead, features_name: str | None, sco
     if features_name is not None:
         xt, yt = cached_features(run, "train", progress=False)
         stats = fit_feature_stats(xt, np.asarray(yt, dtype=np.int64), head.num_classes)
-        available += list(FEATURE_SCORES)
+        available += list(stats.scores())
     val_scores = {name: scores(name, logits, xv, stats) for name in available}
     if score is None:
         score, why = choose_score(available, val_scores, pred, groups)

@@ -269,8 +269,9 @@ class Predictor:
         package has no open-set section or the score needs features and `features` is None."""
         if self._scorer is None or (self._scorer.needs_features and features is None):
             return None
+        logits = np.asarray(logits)
         score = self._scorer(logits, features)
-        return score, score > self._thresholds[np.asarray(logits).argmax(axis=1)]
+        return score, score > self._thresholds[logits.argmax(axis=1)]
 
     def postprocess(self, logits: np.ndarray, top_k: int = 5, answer: type[Prediction] = Prediction,
                     features: np.ndarray | None = None, scored_logits: np.ndarray | None = None,
