@@ -63,8 +63,9 @@ def state(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("prior-state")
 
 
-def start(state: Path, log: Path) -> ServerProcess:
+def start(state: Path, log: Path, method: str = "em") -> ServerProcess:
     env = {"LTSERVE_MODEL": str(DEMO), "LTSERVE_PRIOR_ADAPT": "apply", "LTSERVE_PRIOR_STATE_DIR": str(state),
+           "LTSERVE_PRIOR_METHOD": method,
            "LTSERVE_PRIOR_MIN_SAMPLES": "100", "LTSERVE_PRIOR_PERSIST_S": "0.2", "LTSERVE_THREADS": "1",
            "OMP_NUM_THREADS": "1", "BENTOML_CONFIG_OPTIONS": "services.ltserve.workers=2",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -177,14 +178,16 @@ def test_live_prior_follows_a_skewed_stream_adapts_survives_a_restart_and_resets
 
 
 def test_corrupt_state_is_moved_aside_and_the_server_starts_from_the_target_prior(data, state, tmp_path):
+    """The third start serves with LTSERVE_PRIOR_METHOD=bbse: the committed package records the val confusion
+    matrix that BBSE inverts (an older model.json without it is refused at start: see the test below)."""
     worker1 = state / "worker-1.npz"
     garbage = b"PK\x03\x04 this is not a state file" * 10
     worker1.write_bytes(garbage)
     log = tmp_path / "third.log"
-    srv = start(state, log)
+    srv = start(state, log, method="bbse")
     try:
         for rep in prior(srv):
-            assert not rep["estimated"] and rep["n"] <= 1
+            assert not rep["estimated"] and rep["n"] <= 1 and rep["method"] == "bbse"
         # worker 1 logs it when it starts, which may be after worker 2 answers the first requests
         text = wait_for_log(srv, "live prior state unusable", "moved to worker-1.npz.corrupt-")
         assert "live prior state unusable" in text and "moved to worker-1.npz.corrupt-" in text, text[-3000:]
@@ -197,7 +200,7 @@ def test_corrupt_state_is_moved_aside_and_the_server_starts_from_the_target_prio
         assert sum(a["class_index"] == 1 for a in answers) > 280
         for rep in settled(srv, lambda r: r["n"] >= 300):  # both workers' trousers merged
             est = estimate(rep)
-            assert rep["estimated"] and est[1] > 0.8 and np.isfinite(est).all() and (est > 0).all()
+            assert rep["estimated"] and rep["method"] == "bbse" and est[1] > 0.8 and np.isfinite(est).all() and (est > 0).all()
             assert any(c["predicted"] == 0 for c in rep["classes"])
             shift = np.array([c["shift"] for c in rep["classes"]])
             assert np.abs(shift).max() <= rep["settings"]["max_shift"] + 1e-6 and shift.argmax() == 1
@@ -254,8 +257,15 @@ def test_live_prior_settings_off_and_bbse_on_an_old_package(data, tmp_path):
 
     meta = data["meta"]
     assert live_prior_from_settings(ServiceSettings.from_env(prior_adapt="off"), meta, "1") is None
+    old = meta.model_copy(update={"label_shift": None})  # a model.json from before export recorded label shift
     with pytest.raises(ConfigError, match="LTSERVE_PRIOR_METHOD=bbse needs the val confusion matrix.*=em"):
-        live_prior_from_settings(ServiceSettings.from_env(prior_method="bbse", prior_state_dir=tmp_path), meta, "1")
+        live_prior_from_settings(ServiceSettings.from_env(prior_method="bbse", prior_state_dir=tmp_path), old, "1")
+    bbse = live_prior_from_settings(ServiceSettings.from_env(prior_method="bbse", prior_state_dir=tmp_path / "b"),
+                                    meta, "1")  # the committed package records it
+    try:
+        assert bbse.report()["method"] == "bbse"
+    finally:
+        bbse.close()
     assert default_state_dir(meta).name == f"fashion-lt-{meta.files['model.onnx'].sha256[:12]}"
     prior = live_prior_from_settings(ServiceSettings.from_env(prior_state_dir=tmp_path / "s"), meta, "1")
     try:
