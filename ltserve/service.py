@@ -123,7 +123,7 @@ class Classifier:
             "max_batch_size": self.settings.max_batch_size, "max_latency_ms": self.settings.max_latency_ms,
             "decode_threads": self.engine.decode_threads, "workers": WORKERS, "pid": os.getpid(),
             "prior_adapt": self.settings.prior_adapt,
-            **({"prior_state_dir": str(self.prior.state_dir)} if self.prior else {})}}
+            **(self.prior.model_info() if self.prior else {})}}
         logger.info("serving %s from %s", self.predictor.meta.name, path)
 
     @bentoml.on_deployment

@@ -63,9 +63,10 @@ def state(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("prior-state")
 
 
-def start(state: Path, log: Path, method: str = "em") -> ServerProcess:
+def start(state: Path, log: Path, method: str | None = "em") -> ServerProcess:
+    """A server on the committed package; method None leaves LTSERVE_PRIOR_METHOD unset (the default, auto)."""
     env = {"LTSERVE_MODEL": str(DEMO), "LTSERVE_PRIOR_ADAPT": "apply", "LTSERVE_PRIOR_STATE_DIR": str(state),
-           "LTSERVE_PRIOR_METHOD": method,
+           **({"LTSERVE_PRIOR_METHOD": method} if method is not None else {}),
            "LTSERVE_PRIOR_MIN_SAMPLES": "100", "LTSERVE_PRIOR_PERSIST_S": "0.2", "LTSERVE_THREADS": "1",
            "OMP_NUM_THREADS": "1", "BENTOML_CONFIG_OPTIONS": "services.ltserve.workers=2",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -178,16 +179,21 @@ def test_live_prior_follows_a_skewed_stream_adapts_survives_a_restart_and_resets
 
 
 def test_corrupt_state_is_moved_aside_and_the_server_starts_from_the_target_prior(data, state, tmp_path):
-    """The third start serves with LTSERVE_PRIOR_METHOD=bbse: the committed package records the val confusion
-    matrix that BBSE inverts (an older model.json without it is refused at start: see the test below)."""
+    """The third start leaves LTSERVE_PRIOR_METHOD unset: auto, which picks bbse on the committed package (it records
+    a usable val confusion matrix), and GET /prior and GET /model say so (the first two starts set em explicitly; an
+    older model.json resolves to em and refuses an explicit bbse, and the start-up log line: see the test below)."""
     worker1 = state / "worker-1.npz"
     garbage = b"PK\x03\x04 this is not a state file" * 10
     worker1.write_bytes(garbage)
     log = tmp_path / "third.log"
-    srv = start(state, log, method="bbse")
+    srv = start(state, log, method=None)
     try:
         for rep in prior(srv):
             assert not rep["estimated"] and rep["n"] <= 1 and rep["method"] == "bbse"
+            assert rep["method_setting"] == "auto" and "LTSERVE_PRIOR_METHOD=auto: bbse" in rep["method_reason"]
+        service = httpx.get(srv.url + "/model", timeout=30).json()["service"]
+        assert service["prior_method"] == "bbse" and service["prior_method_setting"] == "auto"
+        assert "condition number" in service["prior_method_reason"]
         # worker 1 logs it when it starts, which may be after worker 2 answers the first requests
         text = wait_for_log(srv, "live prior state unusable", "moved to worker-1.npz.corrupt-")
         assert "live prior state unusable" in text and "moved to worker-1.npz.corrupt-" in text, text[-3000:]
@@ -250,7 +256,9 @@ def test_two_workers_merge_by_time_persist_reset_and_skip_a_bad_file(data, tmp_p
             w.close()
 
 
-def test_live_prior_settings_off_and_bbse_on_an_old_package(data, tmp_path):
+def test_live_prior_settings_off_and_bbse_on_an_old_package(data, tmp_path, caplog):
+    import logging
+
     from ltserve.errors import ConfigError
     from ltserve.serve.live_prior import default_state_dir, live_prior_from_settings
     from ltserve.serve.settings import ServiceSettings
@@ -260,16 +268,27 @@ def test_live_prior_settings_off_and_bbse_on_an_old_package(data, tmp_path):
     old = meta.model_copy(update={"label_shift": None})  # a model.json from before export recorded label shift
     with pytest.raises(ConfigError, match="LTSERVE_PRIOR_METHOD=bbse needs the val confusion matrix.*=em"):
         live_prior_from_settings(ServiceSettings.from_env(prior_method="bbse", prior_state_dir=tmp_path), old, "1")
+    with caplog.at_level(logging.INFO, logger="ltserve.serve.live_prior"):
+        auto_old = live_prior_from_settings(ServiceSettings.from_env(prior_state_dir=tmp_path / "o"), old, "1")
+    assert "live prior (report): estimator em; LTSERVE_PRIOR_METHOD=auto: em, because" in caplog.text
+    try:  # the default, auto, falls back to em there
+        rep = auto_old.report()
+        assert rep["method"] == "em" and rep["method_setting"] == "auto" and "no val confusion" in rep["method_reason"]
+        assert auto_old.model_info()["prior_method"] == "em"
+    finally:
+        auto_old.close()
     bbse = live_prior_from_settings(ServiceSettings.from_env(prior_method="bbse", prior_state_dir=tmp_path / "b"),
                                     meta, "1")  # the committed package records it
     try:
-        assert bbse.report()["method"] == "bbse"
+        assert bbse.report()["method"] == "bbse" and bbse.report()["method_setting"] == "bbse"
     finally:
         bbse.close()
     assert default_state_dir(meta).name == f"fashion-lt-{meta.files['model.onnx'].sha256[:12]}"
     prior = live_prior_from_settings(ServiceSettings.from_env(prior_state_dir=tmp_path / "s"), meta, "1")
     try:
         assert prior.mode == "report" and prior.state_dir == tmp_path / "s"
+        assert ServiceSettings.from_env().prior_method == "auto"  # the default: bbse on the committed package
+        assert prior.model_info()["prior_method"] == "bbse" and prior.report()["method_setting"] == "auto"
         _, adapted = prior.adapt(np.zeros((300, 10), np.float32))
         assert adapted is False  # report never adapts
     finally:

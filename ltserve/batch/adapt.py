@@ -4,7 +4,7 @@ then write every row adapted to it.
 The logits of every predicted file are kept in a memory-mapped file beside the output (N x C float32: a million
 images of 10 classes is 40 MB on disk, not in memory) until the input is done; then the prior is estimated over all
 of them (`ltserve.runtime.prior.estimate_prior`: EM over the posteriors, or BBSE with the package's val confusion
-matrix), the log ratio log(pi_input / pi_src) is added to every row by the service's rule (`prior_shift`: dead band,
+matrix; auto, the default, picks BBSE when the package records a usable matrix), the log ratio log(pi_input / pi_src) is added to every row by the service's rule (`prior_shift`: dead band,
 centred, capped; nothing below the sample floor), and the rows are written in input order.
 With labels in a list file the summary gives the accuracy with and without the adaptation.
 """
@@ -23,8 +23,8 @@ from ltserve.batch.output import Output, prediction_row
 from ltserve.metrics import round_distribution
 from ltserve.package import ModelJson
 from ltserve.runtime import Predictor
-from ltserve.runtime.prior import (DEFAULT_DEAD_BAND, DEFAULT_MAX_SHIFT, DEFAULT_MIN_SAMPLES, PackagePrior,
-                                   estimate_prior, prior_shift, tv_distance)
+from ltserve.runtime.prior import (AUTO, DEFAULT_DEAD_BAND, DEFAULT_MAX_SHIFT, DEFAULT_MIN_SAMPLES, PackagePrior,
+                                   estimate_prior, prior_shift, resolve_method, tv_distance)
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +36,19 @@ class TransductiveAdapter:
         meta: the package's model.json.
         capacity: most rows (the number of input files).
         out: the job's output path (the memory map lives in a temporary folder beside it, removed at the end).
-        method: "em" or "bbse".
+        method: "auto" (bbse when the package records a usable val confusion matrix, else em; resolved here, once:
+            `resolve_method`), "em" or "bbse" (refused here, before any file is predicted, on a package without
+            the matrix).
         min_samples: fewer predicted files leave the rows unadapted (the estimate would be noise).
         max_shift: cap on |log(pi_input / pi_src)| per class, nats.
     """
 
-    def __init__(self, meta: ModelJson, capacity: int, out: Path, method: str = "em",
+    def __init__(self, meta: ModelJson, capacity: int, out: Path, method: str = AUTO,
                  min_samples: int = DEFAULT_MIN_SAMPLES, max_shift: float = DEFAULT_MAX_SHIFT) -> None:
-        self.meta, self.method, self.min_samples, self.max_shift = meta, method, int(min_samples), float(max_shift)
+        self.meta, self.min_samples, self.max_shift = meta, int(min_samples), float(max_shift)
         self.package = PackagePrior.from_meta(meta)
+        self.method_setting = method
+        self.method, self.method_reason = resolve_method(method, self.package, "--adapt-prior")
         self._tmp = tempfile.TemporaryDirectory(prefix=".ltserve-adapt-", dir=Path(out).resolve().parent)
         self._logits = np.lib.format.open_memmap(Path(self._tmp.name) / "logits.npy", mode="w+", dtype=np.float32,
                                                  shape=(max(1, capacity), len(meta.labels)))
@@ -74,7 +78,8 @@ class TransductiveAdapter:
                         for it, p in zip(self.items[s:s + batch_size], preds)]
                 output.rows(rows, unadapted=chunk.argmax(axis=1).tolist())
                 output.flush(0)
-            info = {"method": est.method, "adapted": shift is not None, "n": est.n,
+            info = {"method": est.method, "method_setting": self.method_setting, "method_reason": self.method_reason,
+                    "adapted": shift is not None, "n": est.n,
                     "estimate": dict(zip(labels, round_distribution(est.prior))),
                     "target": dict(zip(labels, round_distribution(self.package.target))),
                     "target_kind": self.package.kind,

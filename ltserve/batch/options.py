@@ -10,7 +10,7 @@ from typing import Any
 from ltserve.errors import ConfigError, unknown_choice
 from ltserve.open_set import check_mode
 from ltserve.preprocess import DEFAULT_MAX_PIXELS
-from ltserve.runtime.prior import METHODS as PRIOR_METHODS
+from ltserve.runtime.prior import METHOD_CHOICES as PRIOR_METHODS
 
 FORMATS = ("jsonl", "csv", "parquet")
 ENGINES = ("local", "ray")
@@ -46,7 +46,7 @@ class PredictOptions:
     ray_num_cpus: int | None = None
     storage_options: dict[str, Any] | None = None  # fsspec options for URLs (`--storage-option`); never logged
     progress: bool = True
-    adapt_prior: str | None = None  # "em" | "bbse": estimate the prior over the whole input and adapt every row
+    adapt_prior: str | None = None  # "auto" | "em" | "bbse": estimate the prior over the whole input, adapt each row
     open_set: str | None = None  # "off" | "flag" | "reject"; None: flag when the package has thresholds, else off
 
 

@@ -1,6 +1,6 @@
 """`ltserve predict MODEL_DIR INPUT... --out preds.jsonl [--out-format jsonl|csv|parquet] [--top-k 5]
 [--batch-size 32] [--workers W] [--root DIR] [--errors PATH] [--resume] [--engine local|ray]
-[--adapt-prior [em|bbse]] [--storage-option KEY=VALUE] [--json [PATH]]`: offline batch prediction (`ltserve.batch`).
+[--adapt-prior [auto|em|bbse]] [--storage-option KEY=VALUE] [--json [PATH]]`: offline batch prediction (`ltserve.batch`).
 Inputs and outputs may be URLs on object storage (`s3://bucket/prefix/`; `ltserve.batch.storage`). Exit 0 when every
 file was predicted, 1 when any failed (listed in the errors file).
 
@@ -21,7 +21,8 @@ from ltserve.batch.storage import is_url, parse_storage_options
 from ltserve.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, add_alias, add_json_option, emit_json
 from ltserve.preprocess import DEFAULT_MAX_PIXELS
 from ltserve.runtime import BACKENDS
-from ltserve.runtime.prior import METHODS as PRIOR_METHODS
+from ltserve.runtime.prior import AUTO as PRIOR_AUTO
+from ltserve.runtime.prior import METHOD_CHOICES as PRIOR_METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,10 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=1, help="ray: Predictor actors (default 1)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="ray: GPUs per Predictor actor (default 0)")
     p.add_argument("--ray-num-cpus", type=int, help="ray: CPUs of the local Ray instance (ignored with RAY_ADDRESS)")
-    p.add_argument("--adapt-prior", nargs="?", const="em", choices=PRIOR_METHODS, metavar="METHOD",
-                   help="estimate the class prior of the whole input from its own predictions (em: EM over the "
-                        "posteriors, the default; bbse: the package's val confusion matrix) and write every row "
-                        "adapted to it (logits + log(pi_input / pi_target), capped); local engine, no --resume")
+    p.add_argument("--adapt-prior", nargs="?", const=PRIOR_AUTO, choices=PRIOR_METHODS, metavar="METHOD",
+                   help="estimate the class prior of the whole input from its own predictions and write every row "
+                        "adapted to it (logits + log(pi_input / pi_target), capped); local engine, no --resume. "
+                        "METHOD: auto (the default: bbse when model.json records a usable val confusion matrix, "
+                        "else em), em (EM over the posteriors) or bbse (the package's val confusion matrix)")
     p.add_argument("--open-set", choices=("off", "flag", "reject"), default=None,
                    help="open-set rejection (the package's score and per-shot-group thresholds): flag fills the "
                         "unknown and ood_score columns; reject also leaves label, class_index, probability and "

@@ -12,7 +12,7 @@ pi_src = pi_target^(1/T), normalised (the target prior itself when it is uniform
 export measured a class-wise bias on val (model.json `label_shift.bias`: a head that over-predicts a class makes EM
 over-estimate its share; `ltserve.heads.calibrate.fit_class_bias`).
 
-Two estimators of pi_live, both from unlabelled outputs:
+Two estimators of pi_live, both from unlabelled outputs, and a rule that picks one:
 
     em     Saerens, Latinne & Decaestecker (2002): alternate "posteriors under the current prior" and "prior = mean
            posterior" until it stops moving; the maximum-likelihood prior of the observed images. Needs calibrated
@@ -21,6 +21,12 @@ Two estimators of pi_live, both from unlabelled outputs:
            val confusion matrix (export records it in model.json `label_shift`), the mix of predicted classes on
            the traffic is mu = M pi_live; solve for pi_live (least squares), clip at 0, renormalise. Needs no
            calibration, but only 20 val images per class on the default recipe, so M itself is noisy.
+    auto   (the default) bbse when the package records a usable val confusion matrix (`bbse_usable`: every class
+           has >= BBSE_MIN_VAL_PER_CLASS val images and M's condition number is <= BBSE_MAX_CONDITION), else em;
+           resolved once per package (`resolve_method`), with the reason. EM is only as good as the head's
+           calibration under the prior it is read against, and a logit-adjusted or re-scaled head (la with tau != 1,
+           lws) may not give it: on the default package (lws+la) EM's estimate was 0.21 TV off on a uniform stream
+           where BBSE's was not (docs/label-shift.md). Older packages have no matrix: em.
 
 Both take per-image weights (a decayed window), add `pseudo_count` images per class spread as the package's
 prior (smoothing: no class is ever estimated at exactly 0, and a few images barely move the estimate), return the
@@ -47,6 +53,16 @@ from ltserve.heads.head import served_prior
 from ltserve.package import LabelShiftInfo, ModelJson
 
 METHODS = ("em", "bbse")
+"""The estimators. A setting may also say AUTO, which `resolve_method` turns into one of them per package."""
+AUTO = "auto"
+METHOD_CHOICES = (AUTO, *METHODS)
+BBSE_MIN_VAL_PER_CLASS = 10
+"""auto: fewest val images of any class for bbse. Each column of M is a class's predicted mix on its own val images;
+with fewer than 10, one image moves an entry by more than 0.1 (the committed package has 20 per class)."""
+BBSE_MAX_CONDITION = 10.0
+"""auto: largest condition number of M for bbse. Inverting M multiplies the noise of the traffic's predicted mix and
+of M itself by up to this factor (the columns of M sum to 1, so its largest singular value is about 1); the committed
+package's M has 2.05, a head that confuses two classes half the time has > 10."""
 DEFAULT_MIN_SAMPLES = 200
 DEFAULT_PSEUDO_COUNT = 1.0
 DEFAULT_MAX_SHIFT = 3.0
@@ -333,7 +349,8 @@ def estimate_prior(logits: np.ndarray, package: PackagePrior, method: str = "em"
     Args:
         logits: (N, C) the package's (unadapted) logits; may be a memory map.
         package: the package's priors (and confusion matrix, for bbse).
-        method: "em" or "bbse" (bbse needs `package.confusion`).
+        method: "em", "bbse" (needs `package.confusion`) or "auto" (`resolve_method`; callers that estimate
+            repeatedly resolve once and pass the result).
         weights: (N,) image weights (decay), or None.
         min_samples: fewer images than this (N, not n_effective) give the target prior, method "target".
         pseudo_count: smoothing, images per class.
@@ -344,8 +361,10 @@ def estimate_prior(logits: np.ndarray, package: PackagePrior, method: str = "em"
     Raises:
         ConfigError: unknown method, or bbse on a package without a confusion matrix.
     """
-    if method not in METHODS:
-        raise ConfigError(unknown_choice("prior method", method, METHODS))
+    if method not in METHOD_CHOICES:
+        raise ConfigError(unknown_choice("prior method", method, METHOD_CHOICES))
+    if method == AUTO:
+        method = resolve_method(method, package)[0]
     if method == "bbse" and package.confusion is None:
         raise ConfigError("prior method bbse needs the val confusion matrix in model.json (label_shift), which this "
                           "package lacks; re-export it with this ltserve, or use method em")
@@ -525,7 +544,8 @@ class EstimatorSettings:
     """How a live estimate is made and used.
 
     Attributes:
-        method: "em" or "bbse".
+        method: "auto" (bbse when the package's val confusion matrix is usable, else em: `resolve_method`), "em"
+            or "bbse".
         window: images kept (the newest); the estimate forgets older ones entirely.
         half_life: images; > 0 weighs an image 0.5 ** (age / half_life) inside the window (0: equal weights).
         min_samples: fewer images in the window give the target prior and no adaptation (the floor).
@@ -535,7 +555,7 @@ class EstimatorSettings:
         every: re-estimate after this many new images (warm-started EM: cheap, but not per request).
     """
 
-    method: str = "em"
+    method: str = AUTO
     window: int = DEFAULT_WINDOW
     half_life: float = 0.0
     min_samples: int = DEFAULT_MIN_SAMPLES
@@ -545,8 +565,8 @@ class EstimatorSettings:
     every: int = DEFAULT_EVERY
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(unknown_choice("prior method", self.method, METHODS))
+        if self.method not in METHOD_CHOICES:
+            raise ConfigError(unknown_choice("prior method", self.method, METHOD_CHOICES))
         for name in ("window", "min_samples", "every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"prior {name} must be >= 1, got {getattr(self, name)}")
@@ -558,7 +578,8 @@ class EstimatorSettings:
 
 
 def check_method(method: str, package: PackagePrior, setting: str = "prior method") -> None:
-    """What an estimation method needs from the package: bbse needs the val confusion matrix.
+    """What an estimation method needs from the package: bbse needs the val confusion matrix (auto needs nothing:
+    it falls back to em).
 
     Args:
         setting: how the caller's user names the choice, for the message (e.g. "LTSERVE_PRIOR_METHOD").
@@ -566,11 +587,55 @@ def check_method(method: str, package: PackagePrior, setting: str = "prior metho
     Raises:
         ConfigError: an unknown method, or bbse on a package without the confusion matrix (with the fix).
     """
-    if method not in METHODS:
-        raise ConfigError(unknown_choice(setting, method, METHODS))
+    if method not in METHOD_CHOICES:
+        raise ConfigError(unknown_choice(setting, method, METHOD_CHOICES))
     if method == "bbse" and package.confusion is None:
         raise ConfigError(f"{setting}=bbse needs the val confusion matrix in model.json (label_shift), which this "
                           f"package lacks: re-export it with this ltserve, or set {setting}=em")
+
+
+def bbse_usable(package: PackagePrior) -> tuple[bool, str]:
+    """Whether the package's val confusion matrix is good enough for auto to pick bbse, and why (one sentence).
+
+    Usable: recorded (model.json `label_shift`), at least BBSE_MIN_VAL_PER_CLASS val images of every class, and
+    M = P(predicted | true) with condition number <= BBSE_MAX_CONDITION (finite: every class is predicted on val).
+    An explicit bbse runs on any recorded matrix; these bounds only decide auto's choice.
+    """
+    if package.confusion is None:
+        return False, "model.json records no val confusion matrix (label_shift; exported before it was recorded)"
+    k = np.asarray(package.confusion, dtype=np.float64)
+    per_class = k.sum(axis=1)
+    fewest = int(per_class.min())
+    if fewest < BBSE_MIN_VAL_PER_CLASS:
+        few = np.flatnonzero(per_class < BBSE_MIN_VAL_PER_CLASS).tolist()
+        return False, (f"the val confusion matrix has {fewest} images of its smallest class (classes {few} have "
+                       f"fewer than the {BBSE_MIN_VAL_PER_CLASS} bbse needs)")
+    cond = float(np.linalg.cond(confusion_given_true(k)))
+    if not math.isfinite(cond) or cond > BBSE_MAX_CONDITION:
+        return False, (f"the val confusion matrix's condition number is {cond:.3g}, above {BBSE_MAX_CONDITION:g} "
+                       "(its inverse would amplify the traffic's sampling noise that much)")
+    return True, (f"model.json records a val confusion matrix of {int(k.sum())} images (at least {fewest} per "
+                  f"class, >= {BBSE_MIN_VAL_PER_CLASS} needed), condition number {cond:.3g} "
+                  f"(<= {BBSE_MAX_CONDITION:g})")
+
+
+def resolve_method(method: str, package: PackagePrior, setting: str = "prior method") -> tuple[str, str]:
+    """The estimator a setting means for this package, and why.
+
+    auto: bbse when `bbse_usable`, else em (a head's calibration is all EM has; BBSE needs only the matrix). em and
+    bbse: themselves, after `check_method` (bbse without a matrix is refused, as before auto existed).
+
+    Returns:
+        (method "em" or "bbse", reason: one sentence for GET /prior, GET /model and the log).
+
+    Raises:
+        ConfigError: as `check_method`.
+    """
+    check_method(method, package, setting)
+    if method != AUTO:
+        return method, f"{setting}={method} (set explicitly)"
+    usable, why = bbse_usable(package)
+    return ("bbse" if usable else "em"), f"{setting}=auto: {'bbse' if usable else 'em'}, because {why}"
 
 
 class LiveEstimator:
@@ -582,16 +647,19 @@ class LiveEstimator:
 
     Args:
         package: the package's priors.
-        settings: window, decay, floor, smoothing, cap, dead band, cadence.
+        settings: method, window, decay, floor, smoothing, cap, dead band, cadence. An auto method is resolved here,
+            once (`method`, `method_reason`).
         others: called at every re-estimate for other windows to merge, as (probabilities (n, C), times (n,))
             pairs (the server's other workers); None: this window alone.
+        setting: how the user names the method setting, for messages and `method_reason`.
     """
 
     def __init__(self, package: PackagePrior, settings: EstimatorSettings | None = None,
-                 others: Callable[[], Sequence[tuple[np.ndarray, np.ndarray]]] | None = None) -> None:
+                 others: Callable[[], Sequence[tuple[np.ndarray, np.ndarray]]] | None = None,
+                 setting: str = "prior method") -> None:
         self.package = package
         self.settings = settings or EstimatorSettings()
-        check_method(self.settings.method, package)
+        self.method, self.method_reason = resolve_method(self.settings.method, package, setting)
         self.window = PriorWindow(package.num_classes, self.settings.window)
         self.estimate = PriorEstimate(package.target.copy(), "target", 0, 0.0)
         self.shift: np.ndarray | None = None
@@ -627,7 +695,7 @@ class LiveEstimator:
             probs = np.zeros((0, self.package.num_classes))
         weights = decay_weights(len(times), s.half_life)
         init = self.estimate.prior if self.estimate.estimated else None
-        self.estimate = estimate_prior(probs, self.package, s.method, weights, min_samples=s.min_samples,
+        self.estimate = estimate_prior(probs, self.package, self.method, weights, min_samples=s.min_samples,
                                        pseudo_count=s.pseudo_count, init=init, confidence=confidence,
                                        probabilities=True)
         self.shift = (prior_shift(self.estimate.prior, self.package.source, s.max_shift, s.dead_band)

@@ -3,9 +3,9 @@
 Predict -> logits -> `LivePrior.adapt` -> answer: every answer's unadapted logits go into this worker's
 `LiveEstimator` window (`ltserve.runtime.prior`), a copy under a lock; with `apply`, each batch is answered with
 the shift the estimate had before it (log(pi_live / pi_src), dead band, cap; nothing below the sample floor), and
-every answer says whether it was adapted. Re-estimating (EM or BBSE over the server-wide window) runs in this
-worker's background thread, woken every `every` images and at most every `REFRESH_MIN_S`, never on the event loop;
-the same thread writes this worker's state and applies resets.
+every answer says whether it was adapted. Re-estimating (EM or BBSE over the server-wide window; auto picks one per
+package at start) runs in this worker's background thread, woken every `every` images and at most every
+`REFRESH_MIN_S`, never on the event loop; the same thread writes this worker's state and applies resets.
 
 Several workers, one estimate (`ltserve.serve.prior_files`): each worker writes its window to its own file, and a
 re-estimate merges its window with the others' files, keeping the newest `window` images by time: the last N images
@@ -69,7 +69,9 @@ class LivePrior:
         self.files = PriorFiles(state_dir, worker, meta.files["model.onnx"].sha256, len(self.labels))
         self.state_dir, self.persist_s = self.files.state_dir, float(persist_s)
         self.package = PackagePrior.from_meta(meta)
-        self.live = LiveEstimator(self.package, settings, others=self.files.others)
+        # an auto method is resolved here, once per worker (the same package gives every worker the same answer)
+        self.live = LiveEstimator(self.package, settings, others=self.files.others, setting="LTSERVE_PRIOR_METHOD")
+        logger.info("live prior (%s): estimator %s; %s", mode, self.live.method, self.live.method_reason)
         self.adapted = 0  # answers adapted by this worker
         self._lock = threading.Lock()
         self._next_reset_check = 0.0
@@ -136,7 +138,8 @@ class LivePrior:
                             "std": None if est.std is None else float(est.std[j]),
                             "shift": None if shift is None else round(float(shift[j]), 6)})
         return {
-            "mode": self.mode, "method": est.method if est.estimated else s.method, "estimated": est.estimated,
+            "mode": self.mode, "method": self.live.method, "method_setting": s.method,
+            "method_reason": self.live.method_reason, "estimated": est.estimated,
             "adapting": self.mode == "apply" and shift is not None, "n": int(est.n),
             "n_effective": round(float(est.n_effective), 2), "target_kind": self.package.kind,
             "distance": {"total_variation": tv_distance(est.prior, self.package.target)},
@@ -148,6 +151,11 @@ class LivePrior:
             **({"reason": est.extra["reason"]} if "reason" in est.extra else {}),
             **({"condition_number": est.extra["condition_number"]} if "condition_number" in est.extra else {}),
         }
+
+    def model_info(self) -> dict[str, Any]:
+        """What GET /model says about the live prior: its state folder and the estimator in use (auto resolved)."""
+        return {"prior_state_dir": str(self.state_dir), "prior_method": self.live.method,
+                "prior_method_setting": self.live.settings.method, "prior_method_reason": self.live.method_reason}
 
     def reset(self) -> dict[str, Any]:
         """Forget every image served so far, in every worker: write reset.json, clear this worker at once."""
@@ -261,6 +269,9 @@ def prior_metrics() -> dict[str, Any]:
 def live_prior_from_settings(settings: Any, meta: ModelJson, worker: str,
                              metrics: dict[str, Any] | None = None) -> LivePrior | None:
     """The service's LivePrior from its `ServiceSettings` (None for LTSERVE_PRIOR_ADAPT=off).
+
+    LTSERVE_PRIOR_METHOD=auto (the default) becomes bbse or em for this package here (`resolve_method`); GET /prior,
+    GET /model (`LivePrior.model_info`) and the start-up log say which and why.
 
     Raises:
         ConfigError: LTSERVE_PRIOR_METHOD=bbse on a package without the val confusion matrix (`check_method`).

@@ -66,7 +66,11 @@ PRIOR_REPORT_SCHEMA: dict[str, Any] = {
     "required": ["mode", "method", "estimated", "adapting", "n", "distance", "classes"],
     "properties": {
         "mode": {"type": "string", "enum": ["report", "apply"]},
-        "method": {"type": "string", "enum": ["em", "bbse"]},
+        "method": {"type": "string", "enum": ["em", "bbse"], "description": "the estimator in use"},
+        "method_setting": {"type": "string", "enum": ["auto", "em", "bbse"],
+                           "description": "LTSERVE_PRIOR_METHOD; auto is resolved to method once, at start"},
+        "method_reason": {"type": "string", "description": "why this estimator (auto: whether model.json records a "
+                                                           "usable val confusion matrix)"},
         "estimated": {"type": "boolean", "description": "false below the sample floor: the estimate is the target"},
         "adapting": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0},
         "distance": {"type": "object", "description": "from the package's target prior (total variation)"},

@@ -104,8 +104,9 @@ class ServiceSettings(BaseSettings):
             thresholds, else off; flag or reject on a package without them stops start-up).
         prior_adapt: live label shift: off; report (estimate the traffic's class prior, GET /prior, gauges); apply
             (also shift every answer's logits to it) (LTSERVE_PRIOR_ADAPT).
-        prior_method: em (EM over the posteriors) or bbse (needs the val confusion matrix in model.json)
-            (LTSERVE_PRIOR_METHOD).
+        prior_method: auto (bbse when model.json records a usable val confusion matrix, else em; resolved once at
+            start, reported by GET /prior and GET /model), em (EM over the posteriors) or bbse (needs the val
+            confusion matrix in model.json) (LTSERVE_PRIOR_METHOD).
         prior_window: images the estimate is computed from, the newest across all workers (LTSERVE_PRIOR_WINDOW).
         prior_half_life: images; > 0 weighs older images of the window down (LTSERVE_PRIOR_HALF_LIFE; 0 = off).
         prior_min_samples: below this many images the estimate is the target prior and nothing is adapted
@@ -151,7 +152,7 @@ class ServiceSettings(BaseSettings):
     metrics_dir: Path | None = None
     open_set: Literal["off", "flag", "reject"] | None = None
     prior_adapt: Literal["off", "report", "apply"] = "report"
-    prior_method: Literal["em", "bbse"] = _ESTIMATOR.method  # type: ignore[assignment]
+    prior_method: Literal["auto", "em", "bbse"] = _ESTIMATOR.method  # type: ignore[assignment]
     # defaults: the estimator's own (ltserve.runtime.prior)
     prior_window: int = Field(_ESTIMATOR.window, ge=1, le=10_000_000)
     prior_half_life: float = Field(_ESTIMATOR.half_life, ge=0)
