@@ -5,9 +5,9 @@ to it buys, for every head of the default model; and what the estimator costs pe
     python -m benchmarks.label_shift --run runs/NAME    # reuse a trained run (every stage-2 head is fitted if missing)
     python -m benchmarks.label_shift --smoke            # the committed package only, 1 seed, short streams: seconds
 
-Models: the committed package `models/fashion-lt` (its la head, through the Predictor: the serving path; its
-model.json predates `label_shift`, so EM trusts its calibration and BBSE is unavailable), and every stage-2 head of a
-run of the default recipe (configs/fashion_lt.yaml as shipped, seed 0), whose logits are the head's own on the cached
+Models: the committed package `models/fashion-lt` (its exported head, through the Predictor: the serving path; its
+model.json records `label_shift`, the val confusion matrix BBSE inverts and the class-wise bias EM's source prior is
+corrected by when export found one), and every stage-2 head of a run of the default recipe (configs/fashion_lt.yaml as shipped, seed 0), whose logits are the head's own on the cached
 test features (what export verifies its package against) and whose `label_shift` is computed as export computes it
 (val confusion matrix, class-wise bias).
 
@@ -24,7 +24,9 @@ shift known before it, the service's apply), adapted transductively (one estimat
 predict --adapt-prior`), and with the true prior (the ceiling: logits + log(pi_true / pi_src)); for the switch, the
 error against the new prior after the switch. Cost: the estimator's CPU time per one-image request (report: observe;
 apply: observe + adapt), amortised over the re-estimates, against the p50 of one request in process on the demo
-model (PNG bytes -> decode -> preprocess -> ONNX Runtime -> postprocess).
+model (PNG bytes -> decode -> preprocess -> ONNX Runtime -> postprocess). The goals, the first table and the plot
+show the committed package with the estimator the default setting (`LTSERVE_PRIOR_METHOD=auto`) resolves to for it
+(`resolve_method`); the other tables show both estimators for every model and which one auto picks.
 """
 
 from __future__ import annotations
@@ -60,6 +62,13 @@ class Model:
     logits: np.ndarray  # (10000, C) float32
     package: Any  # ltserve.runtime.prior.PackagePrior
     source: str  # where the logits come from
+
+    @property
+    def auto(self) -> tuple[str, str]:
+        """(the estimator the default method, auto, picks for this model's package, why)."""
+        from ltserve.runtime.prior import AUTO, resolve_method
+
+        return resolve_method(AUTO, self.package)
 
 
 def scenarios(counts: Sequence[int], labels: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -300,13 +309,15 @@ def cost(predictor: Any, model: Model, images: np.ndarray, requests: int, p50_it
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def goals(rows: list[dict[str, Any]], c: dict[str, Any], demo: str, stream: int, window: int) -> list[dict]:
-    """The issue's goals, on the demo package with EM (every head is in the tables)."""
-    by = {r["scenario"]: r for r in rows if r["model"] == demo and r["method"] == "em"}
+def goals(rows: list[dict[str, Any]], c: dict[str, Any], demo: str, stream: int, window: int,
+          method: str) -> list[dict]:
+    """The issue's goals, on the demo package with `method` (the one auto picks for it; every head and both methods
+    are in the tables)."""
+    by = {r["scenario"]: r for r in rows if r["model"] == demo and r["method"] == method}
     out = []
     at = {s: by[s]["tv"].get(stream if s != "switch" else 2 * stream) for s in SHIFTED if s in by}
     out.append({"goal": f"total-variation error of the estimate after {stream:,} images, each shifted stream "
-                        f"({demo}, em, mean of seeds)",
+                        f"({demo}, {method}, the default auto's choice; mean of seeds)",
                 "target": "<= 0.05", "measured": ", ".join(f"{s} {v:.3f}" for s, v in at.items() if v is not None),
                 "met": all(v is not None and v <= 0.05 for v in at.values())})
     parts, met = [], True
@@ -317,11 +328,12 @@ def goals(rows: list[dict[str, Any]], c: dict[str, Any], demo: str, stream: int,
         parts.append(f"{s}: {r['acc_unadapted']:.1f} -> {r['acc_online']:.1f} % (ceiling {r['acc_ceiling']:.1f}; "
                      f"{100 * share:.0f} % of the gap)")
         met = met and gap > 0 and share >= 0.5
-    out.append({"goal": f"accuracy adapted (online, apply) vs unadapted, train-prior and reversed streams ({demo})",
+    out.append({"goal": f"accuracy adapted (online, apply) vs unadapted, train-prior and reversed streams ({demo}, "
+                        f"{method})",
                 "target": ">= half of the gap to the true-prior ceiling", "measured": "; ".join(parts), "met": met})
     u = by["uniform"]
     d = u["acc_online"] - u["acc_unadapted"]
-    out.append({"goal": f"accuracy on the uniform stream with apply on ({demo})", "target": ">= -0.3 pt",
+    out.append({"goal": f"accuracy on the uniform stream with apply on ({demo}, {method})", "target": ">= -0.3 pt",
                 "measured": f"{u['acc_unadapted']:.2f} -> {u['acc_online']:.2f} % ({d:+.2f} pt)", "met": d >= -0.3})
     out.append({"goal": "extra CPU per one-image request with report / apply, vs the p50 of one request in process "
                         "on the demo model",
@@ -336,7 +348,7 @@ def goals(rows: list[dict[str, Any]], c: dict[str, Any], demo: str, stream: int,
         at_window = traj.get(window)
         follow = next((n for n in sorted(traj) if all(traj[m] <= pure + 0.01 for m in traj if m >= n)), None)
         rebound = sw["switch"]["rebound"]
-        out.append({"goal": f"switch halfway (training prior -> reversed), window {window:,} ({demo})",
+        out.append({"goal": f"switch halfway (training prior -> reversed), window {window:,} ({demo}, {method})",
                     "target": "follows within the window, no oscillation",
                     "measured": (f"within 0.01 of a pure reversed stream's error ({pure:.3f}) from {follow} images "
                                  f"after the switch (TV {at_window:.3f} at {window}); largest rebound "
@@ -345,56 +357,58 @@ def goals(rows: list[dict[str, Any]], c: dict[str, Any], demo: str, stream: int,
     return out
 
 
-def tables(rows: list[dict[str, Any]], demo: str, stream: int) -> str:
-    """The Markdown body: TV against images (demo), every head after the stream, accuracies."""
+def tables(rows: list[dict[str, Any]], demo: str, stream: int, auto: dict[str, str]) -> str:
+    """The Markdown body: TV against images (demo, the method auto picks), every head after the stream, accuracies
+    (`auto`: model name -> the method the default picks for it, marked in the tables)."""
     scen = list(dict.fromkeys(r["scenario"] for r in rows))
-    demo_rows = [r for r in rows if r["model"] == demo and r["method"] == "em"]
+    demo_rows = [r for r in rows if r["model"] == demo and r["method"] == auto[demo]]
     steps = [n for n in CHECKPOINTS if n < stream] + [stream]
     t1 = markdown_table([{"stream": r["scenario"], **{f"{n:,}": r["tv"].get(n) for n in steps}} for r in demo_rows],
                         ["stream", *[f"{n:,}" for n in steps]], floatfmt="{:.3f}")
     t2_rows = []
     for (model, method) in dict.fromkeys((r["model"], r["method"]) for r in rows):
         sub = {r["scenario"]: r for r in rows if (r["model"], r["method"]) == (model, method)}
-        t2_rows.append({"model": model, "method": method, **{
+        t2_rows.append({"model": model, "method": method, "auto": "yes" if auto.get(model) == method else "", **{
             s: sub[s]["tv"].get(stream if s != "switch" else 2 * stream) for s in scen if s in sub}})
-    t2 = markdown_table(t2_rows, ["model", "method", *scen], floatfmt="{:.3f}")
+    t2 = markdown_table(t2_rows, ["model", "method", "auto", *scen], floatfmt="{:.3f}")
     t3_rows = []
     for (model, method) in dict.fromkeys((r["model"], r["method"]) for r in rows):
         sub = {r["scenario"]: r for r in rows if (r["model"], r["method"]) == (model, method)}
-        t3_rows.append({"model": model, "method": method, **{
+        t3_rows.append({"model": model, "method": method, "auto": "yes" if auto.get(model) == method else "", **{
             s: (f"{sub[s]['acc_unadapted']:.1f} / {sub[s]['acc_online']:.1f} / {sub[s]['acc_transductive']:.1f} / "
                 f"{sub[s]['acc_ceiling']:.1f}") for s in scen if s in sub}})
-    t3 = markdown_table(t3_rows, ["model", "method", *scen])
+    t3 = markdown_table(t3_rows, ["model", "method", "auto", *scen])
     return "\n\n".join([
-        f"## Total-variation error of the estimate against images seen ({demo}, em, mean of seeds)", t1,
+        f"## Total-variation error of the estimate against images seen ({demo}, {auto[demo]}, mean of seeds)", t1,
         f"## Every head: total-variation error after {stream:,} images (switch: after {2 * stream:,}, against the "
-        "second prior)", t2,
+        "second prior; auto: the method the default LTSERVE_PRIOR_METHOD=auto picks for the model)", t2,
         "## Accuracy (%): unadapted / adapted online (apply) / adapted transductively (batch) / true prior (ceiling)",
         t3])
 
 
-def plot(rows: list[dict[str, Any]], demo: str, stream: int):
+def plot(rows: list[dict[str, Any]], demo: str, stream: int, auto: dict[str, str]):
     def draw_(path: Path) -> None:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
         ax = axes[0]
         for r in rows:
-            if r["model"] == demo and r["method"] == "em" and r["scenario"] != "switch":
+            if r["model"] == demo and r["method"] == auto[demo] and r["scenario"] != "switch":
                 xs = sorted(r["tv"])
                 ax.plot(xs, [r["tv"][n] for n in xs], marker=".", label=r["scenario"])
         ax.axhline(0.05, color="grey", linestyle="--", linewidth=0.8, label="goal 0.05")
         ax.set_xlabel("images seen")
         ax.set_ylabel("total-variation error")
-        ax.set_title(f"{demo}: EM estimate")
+        ax.set_title(f"{demo}: {auto[demo]} estimate (auto's choice)")
         ax.set_ylim(0, None)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         ax = axes[1]
         for r in rows:
-            if r["scenario"] == "switch" and r["method"] == "em" and (r["model"] == demo or r["model"] == "run la"):
+            if (r["scenario"] == "switch" and r["model"] in (demo, "run la")
+                    and r["method"] == auto.get(r["model"])):
                 xs = sorted(r["tv"])
-                ax.plot(xs, [r["tv"][n] for n in xs], marker=".", label=f"{r['model']}")
+                ax.plot(xs, [r["tv"][n] for n in xs], marker=".", label=f"{r['model']} ({r['method']})")
         ax.axvline(stream, color="grey", linewidth=0.8)
         ax.set_xlabel("images seen (switch at the grey line)")
         ax.set_ylabel("TV error against the current prior")
@@ -402,7 +416,7 @@ def plot(rows: list[dict[str, Any]], demo: str, stream: int):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         ax = axes[2]
-        sub = [r for r in rows if r["model"] == demo and r["method"] == "em"]
+        sub = [r for r in rows if r["model"] == demo and r["method"] == auto[demo]]
         x = np.arange(len(sub))
         for i, (k, label) in enumerate((("acc_unadapted", "unadapted"), ("acc_online", "adapted online"),
                                         ("acc_ceiling", "true prior"))):
@@ -411,7 +425,7 @@ def plot(rows: list[dict[str, Any]], demo: str, stream: int):
         lo = min(r["acc_unadapted"] for r in sub)
         ax.set_ylim(max(0, lo - 8), 100)
         ax.set_ylabel("top-1 (%)")
-        ax.set_title(f"{demo}: accuracy")
+        ax.set_title(f"{demo}: accuracy ({auto[demo]})")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()
@@ -459,14 +473,15 @@ def main(argv: list[str] | None = None) -> int:
     sim_s = time.perf_counter() - t0
     rows = aggregate(streams, stream)
     c = cost(predictor, demo, images, 2000 if args.smoke else 20000, 200 if args.smoke else 3000)
-    goal_rows = goals(rows, c, demo.name, stream, window)
+    auto = {m.name: m.auto[0] for m in models}
+    goal_rows = goals(rows, c, demo.name, stream, window, auto[demo.name])
     cost_table = markdown_table([c], ["p50_ms", "p99_ms", "postprocess_us", "report_us", "apply_us",
                                       "report_pct_of_p50", "apply_pct_of_p50", "refresh_ms", "get_prior_ms"],
                                 floatfmt="{:.3f}")
     body = "\n\n".join([
         "## Goals", markdown_table([{**g, "met": "yes" if g["met"] else "NO"} for g in goal_rows],
                                    ["goal", "target", "measured", "met"]),
-        tables(rows, demo.name, stream),
+        tables(rows, demo.name, stream, auto),
         "## Cost per request (demo model, in process): p50 of one request; what the service's live prior adds to "
         "one (CPU, re-estimates amortised) over the plain postprocess; one re-estimate; one GET /prior",
         cost_table])
@@ -477,16 +492,18 @@ def main(argv: list[str] | None = None) -> int:
              "the shift known before each image. Models: " + ", ".join(f"{m.name} ({m.source})" for m in models)
              + (f"; run {run_info.get('run')} ({run_info.get('epochs')} epochs of configs/fashion_lt.yaml)"
                 if run_info else "")
-             + ". The committed package's model.json predates label_shift, so EM trusts its calibration and "
-             f"bbse does not apply to it. Cost: p50 over {3000 if not args.smoke else 200} one-image requests "
+             + f". Goals, first table and plot: {demo.name} with {auto[demo.name]}, what the default "
+             f"LTSERVE_PRIOR_METHOD=auto resolves to ({demo.auto[1].split(': ', 1)[-1]}). Cost (the default estimator, "
+             f"{auto[demo.name]}): p50 over {3000 if not args.smoke else 200} one-image requests "
              f"(ONNX Runtime, {c['threads']} threads); the live prior's CPU over {c['requests']:,} one-image "
              "requests through the service's live-prior step, less the plain postprocess. "
              f"Simulation {sim_s:.0f} s, total {time.perf_counter() - started:.0f} s.")
     config = {"stream": stream, "seeds": seeds, "checkpoints": list(CHECKPOINTS), "window": window,
               "models": [{"name": m.name, "source": m.source} for m in models], "run": run_info,
-              "smoke": args.smoke, "wall_seconds": time.perf_counter() - started}
+              "smoke": args.smoke, "wall_seconds": time.perf_counter() - started,
+              "auto": {"demo": auto[demo.name], "reason": demo.auto[1], "models": auto}}
     write_results(out, NAME, config, {"goals": goal_rows, "rows": rows, "cost": c, "streams": streams}, body,
-                  plot(rows, demo.name, stream), notes)
+                  plot(rows, demo.name, stream, auto), notes)
     print(f"{NAME}: results in {out}")
     print(body)
     return 0
