@@ -11,7 +11,7 @@ Pillow) and centre-cropped on the device with `ltserve.preprocess.resize_geometr
 WebP, BMP, GIF, TIFF, PNM, progressive or CMYK JPEGs, EXIF-rotated photos, nearest/lanczos specs, and any JPEG the
 device decoder rejects) goes through the CPU decoder, `ltserve.preprocess.decode`, unchanged.
 
-How close the two paths are is measured, not assumed: on CPU here with `device="cpu"` (tests/test_device_decode.py),
+How close the two paths are is measured, not assumed: on CPU here with `device="cpu"` (tests/runtime/test_device_decode.py),
 on a GPU by `benchmarks/gpu_preprocess_check.py` (top-1 agreement and many/medium/few accuracy against the CPU path).
 
 torch and torchvision are imported when a decoder is made, never at import time.

@@ -29,7 +29,7 @@ from ltserve.runtime import Predictor
 from ltserve.serve.process import ServerProcess, free_port
 from package_helpers import build_lsq_package, read_fashion
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BENTOML = str(Path(sys.executable).parent / "bentoml")
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -416,7 +416,7 @@ class _RecordingHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802
         self.hits.append(self.path)
-        body = (Path(__file__).parent / "conftest.py").read_bytes()
+        body = (Path(__file__).parents[1] / "conftest.py").read_bytes()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -785,7 +785,7 @@ def test_schemathesis_finds_no_failure_in_the_openapi_contract(server, tmp_path)
                           "-H", f"Authorization: Bearer {API_KEY}", "--checks", "all", "--max-examples", "100",
                           "--seed", "0", "--generation-database", "none", "--workers", "1",
                           # the v2 infer route: its schema cannot tie a tensor's shape to its data, so schema-valid
-                          # cases are rightly refused 400; tests/test_v2.py fuzzes its body for 4xx-never-5xx instead
+                          # cases are rightly refused 400; tests/serve/test_v2.py fuzzes its body for 4xx-never-5xx instead
                           "--exclude-path", "/v2/models/{model}/infer",
                           "--no-color"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(tmp_path)})

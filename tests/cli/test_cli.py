@@ -22,7 +22,7 @@ from ltserve.serve.process import free_port
 from ltserve.serve.settings import ServiceSettings
 from package_helpers import build_random_rgb_package
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 # A torch-less install (`pip install ".[cpu]"`), made in this interpreter: a finder that refuses the training extra's

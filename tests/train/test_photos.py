@@ -19,7 +19,7 @@ from PIL import Image
 from ltserve.config import load_config
 from ltserve.rundir import read_run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "photos.yaml"
 COUNTS = {"astronaut": 40, "coffee": 20, "cat": 10, "rocket": 6}
 """Images per class in the folder, head to tail. After the stratified test (20 %) and val (25 %) splits, train keeps

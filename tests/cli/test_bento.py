@@ -24,7 +24,7 @@ from ltserve.errors import PackageError
 from ltserve.serve.process import ServerProcess
 from package_helpers import build_random_rgb_package, read_fashion
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _ltserve(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:

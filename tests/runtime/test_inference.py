@@ -23,7 +23,7 @@ from ltserve.runtime.buckets import batch_buckets
 from ltserve.serve.batcher import AsyncPredictor
 from package_helpers import build_lsq_package, build_random_rgb_package, read_fashion
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from ltserve.runtime import Predictor
 from ltserve.serve.process import ServerProcess
 from package_helpers import read_fashion
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MIN_AGREEMENT = 0.95
 """int8 vs fp32 top-1 agreement on the test PNGs that the tests require (0.99 measured on the tiny run)."""
 N_PNGS = 200

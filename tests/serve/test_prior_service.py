@@ -25,7 +25,7 @@ from ltserve.runtime.prior import tv_distance
 from ltserve.serve.process import ServerProcess
 from package_helpers import read_fashion
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "models" / "fashion-lt"
 PREDICTION_FIELDS = {"label", "class_index", "probability", "shot_group", "top_k", "unknown", "ood_score"}
 

@@ -36,7 +36,7 @@ from ltserve.package import load_package
 from ltserve.preprocess import PreprocessSpec, to_model_input
 from ltserve.rundir import BackboneInfo, RunInfo, RunPaths, read_run, write_run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 COUNTS = [200, 119, 71, 42, 25, 15, 8, 5, 3, 2]  # floor(200 * 100^(-i/9)): configs/tiny.yaml's long tail

@@ -29,7 +29,7 @@ from package_helpers import build_lsq_package, read_fashion
 
 from benchmarks.loadgen import blank_png, png
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MAX_REQUEST_PIXELS = 20_000_000
 RECEIVE_TIMEOUT_S = 3.0
 TIMEOUT_S = 2.0

@@ -15,7 +15,7 @@ import pytest
 
 from package_helpers import build_lsq_package
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 COUNT_SCRIPT = """
 import io, json, os, sys, tempfile

@@ -18,7 +18,7 @@ from ltserve.heads import HEADS, CalibratedHead, HeadMethod, raw_bias
 from ltserve.heads.common import HeadFitter, MethodSettings
 from ltserve.package import load_package
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class PowerNormSettings(MethodSettings):

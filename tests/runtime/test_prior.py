@@ -27,7 +27,7 @@ from ltserve.runtime.prior import (BBSE_MIN_VAL_PER_CLASS, EstimatorSettings, Li
                                    merge_samples, prior_shift, resolve_method, softmax64, tv_distance)
 from package_helpers import read_fashion
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "models" / "fashion-lt"
 C = 4
 MEANS = np.array([[0.0, 0.0], [2.2, 0.0], [0.0, 2.2], [2.2, 2.2]])

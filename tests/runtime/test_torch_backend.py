@@ -19,7 +19,7 @@ import pytest
 
 from ltserve.errors import ConfigError, PackageError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from ltserve.heads import load_head
 from ltserve.fileio import sha256_file
 from ltserve.rundir import RunPaths, read_run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 # A 3-epoch recipe small enough to train three times in a test: ~250 images, batch 32.

@@ -28,7 +28,7 @@ from ltserve.batch.sinks import CsvSink, JsonlSink, _truncate_torn_tail
 from ltserve.errors import ConfigError, DataError, LtserveError, PackageError
 from package_helpers import build_lsq_package, read_fashion
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 N_GOOD = 300
 MAX_PIXELS = 100_000  # so that a 400x400 PNG is "over the pixel limit" without writing a huge file
 

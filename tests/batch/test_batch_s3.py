@@ -26,7 +26,7 @@ from package_helpers import build_lsq_package, read_fashion
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SECRET = "ltserve-test-secret-9f3c"  # any value works with moto; the test checks it is never printed
 BUCKET = "ltserve-batch"
 
