@@ -125,6 +125,7 @@ def setup_worker(settings: ServiceSettings) -> None:
     Args:
         settings: the service settings (receive_timeout_s, max_connections, metrics_dir).
     """
+    show_start_lines()
     install_protocol(ConnectionLimits(receive_timeout_s=settings.receive_timeout_s,
                                       max_connections=settings.max_connections))
     fit_open_files(settings.max_connections + FILES_BESIDES_CONNECTIONS)
@@ -135,6 +136,16 @@ def setup_worker(settings: ServiceSettings) -> None:
         if (settings.metrics_dir / OWNED_MARK).is_file():
             temporary = settings.metrics_dir
     watch_parent(on_orphan=(lambda: shutil.rmtree(temporary, ignore_errors=True)) if temporary else None)
+
+
+def show_start_lines() -> None:
+    """Let ltserve's INFO lines through in a worker: BentoML's server logging passes only WARNING and above from
+    loggers other than its own (the root logger at WARNING), which hides what a worker says once at start (the
+    package it serves, the live prior's estimator and why). Left alone when `bentoml serve --quiet` raised the root
+    level, or when ltserve's level is set already. ltserve logs nothing at INFO per request."""
+    package_logger = logging.getLogger("ltserve")
+    if package_logger.level == logging.NOTSET and logging.getLogger().level <= logging.WARNING:
+        package_logger.setLevel(logging.INFO)
 
 
 def fit_open_files(needed: int) -> int:

@@ -195,8 +195,11 @@ def test_corrupt_state_is_moved_aside_and_the_server_starts_from_the_target_prio
         assert service["prior_method"] == "bbse" and service["prior_method_setting"] == "auto"
         assert "condition number" in service["prior_method_reason"]
         # worker 1 logs it when it starts, which may be after worker 2 answers the first requests
-        text = wait_for_log(srv, "live prior state unusable", "moved to worker-1.npz.corrupt-")
+        text = wait_for_log(srv, "live prior state unusable", "moved to worker-1.npz.corrupt-",
+                            "live prior (apply): estimator bbse", "serving fashion-lt from")
         assert "live prior state unusable" in text and "moved to worker-1.npz.corrupt-" in text, text[-3000:]
+        # what a worker says once at start (INFO) reaches the server's log, past BentoML's WARNING root level
+        assert "live prior (apply): estimator bbse" in text and "serving fashion-lt from" in text, text[-3000:]
         aside = list(state.glob("worker-1.npz.corrupt-*"))
         assert len(aside) == 1 and aside[0].read_bytes() == garbage  # nothing lost
         # one class only (Trouser), every other class never predicted: a finite estimate, a capped shift
