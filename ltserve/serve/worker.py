@@ -60,9 +60,9 @@ def worker_count(settings: ServiceSettings, cores: int | None = None) -> int:
     machine has one core, else 2.
 
     Why 2 on CPU: one worker's crash (or `kill -9`) then leaves the other answering while BentoML restarts it,
-    where one worker left the service silent for 4-12 s. Measured on 2 cores (benchmarks/results/*/abuse/): two
-    workers with one inference thread each serve about as fast as one with two (the cores are the limit either way)
-    at the cost of a second copy of the model in memory.
+    where one worker left the service silent for 4-12 s. Measured on 2 cores (benchmarks/results/*/abuse/, the tiny
+    default package, 2026-12-07): two workers with one inference thread each served 1.4-1.7x the requests of one
+    with two at concurrency 16 and 1.3-1.5x at 1, at the cost of a second copy of the model (+95 MB of the tree).
     """
     if settings.workers is not None:
         return settings.workers
