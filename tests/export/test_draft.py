@@ -9,7 +9,6 @@ and refuses the export in on; the Fashion-MNIST package (28 x 28 in-memory image
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path

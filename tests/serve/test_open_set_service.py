@@ -34,13 +34,10 @@ def images() -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def server(tiny_package, tmp_path_factory):
-    srv = ServerProcess({"LTSERVE_MODEL": str(tiny_package), "LTSERVE_OPEN_SET": "reject", "LTSERVE_TOP_K": "3",
-                         "BENTOML_DO_NOT_TRACK": "True"}, tmp_path_factory.mktemp("openset") / "server.log")
-    try:
+    with ServerProcess({"LTSERVE_MODEL": str(tiny_package), "LTSERVE_OPEN_SET": "reject", "LTSERVE_TOP_K": "3",
+                        "BENTOML_DO_NOT_TRACK": "True"}, tmp_path_factory.mktemp("openset") / "server.log") as srv:
         srv.wait_ready()
         yield srv
-    finally:
-        srv.stop()
 
 
 def top_class(answer: dict) -> int:

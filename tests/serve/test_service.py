@@ -55,12 +55,9 @@ def server(package, tmp_path_factory):
     env = {"LTSERVE_MODEL": str(package), "LTSERVE_CONFIG": str(config), "LTSERVE_API_KEY": API_KEY,
            "LTSERVE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "LTSERVE_MAX_PIXELS": str(MAX_PIXELS),
            "LTSERVE_CORS_ORIGINS": ORIGIN, "LTSERVE_THREADS": "2", "OMP_NUM_THREADS": "2"}
-    srv = ServerProcess(env, tmp / "serve.log", target=None, cwd=REPO)  # plain `bentoml serve` (bentofile.yaml)
-    try:
+    with ServerProcess(env, tmp / "serve.log", target=None, cwd=REPO) as srv:  # plain `bentoml serve` (bentofile.yaml)
         srv.wait_ready()
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,10 @@ def package(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(package, tmp_path_factory):
-    srv = ServerProcess({"LTSERVE_MODEL": str(package), "LTSERVE_MAX_BATCH_IMAGES": "8", "LTSERVE_TOP_K": "10",
-                         "BENTOML_DO_NOT_TRACK": "True"}, tmp_path_factory.mktemp("v2log") / "server.log")
-    try:
+    with ServerProcess({"LTSERVE_MODEL": str(package), "LTSERVE_MAX_BATCH_IMAGES": "8", "LTSERVE_TOP_K": "10",
+                        "BENTOML_DO_NOT_TRACK": "True"}, tmp_path_factory.mktemp("v2log") / "server.log") as srv:
         srv.wait_ready()
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
