@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 MAX_FILE_BYTES = 256 * 1024 * 1024
 """Files larger than this are reported as too large without being read (no image a model needs is this big)."""
 STOP_GRACE_S = 5.0
-"""When a job stops early, how long a decode worker may take to finish its chunk and leave before it is terminated."""
+"""When a job stops early, how long a decode worker may take to finish its chunk and leave before it is killed."""
 _CHUNKS_IN_FLIGHT_PER_WORKER = 4  # enough to keep every worker busy while the main process runs a batch
 
 
@@ -189,7 +189,7 @@ class DecodePool:
             pool.shutdown(wait=True, cancel_futures=True)
             return
         # stopping (Ctrl-C, SIGTERM, an error): nothing more is needed from the workers, and the caller still has
-        # rows to write, so a worker that does not leave promptly is terminated instead of waited for
+        # rows to write, so a worker that does not leave promptly is killed instead of waited for
         workers = list((getattr(pool, "_processes", None) or {}).values())  # private, but the only handle on them
         pool.shutdown(wait=False, cancel_futures=True)
         stop_processes(workers, STOP_GRACE_S)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ltserve.batch.decode import DecodePool, decode_files
+from ltserve.batch.decode import DecodePool, decode_files, stop_processes
 from ltserve.batch.inputs import expand_inputs, read_list_file
 from ltserve.batch.job import run_predict
 from ltserve.batch.options import PredictOptions, resolve_format
@@ -511,3 +512,17 @@ def test_benchmark_smoke(tmp_path):
     assert results["config"]["seed"] == 0 and "onnxruntime" in results["environment"]["versions"]
     assert "ltserve predict" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").stat().st_size > 1000
+
+
+def test_stop_processes_waits_for_a_worker_that_leaves_and_kills_one_that_does_not():
+    """What a stopped job does with its decode workers: one that exits within the grace period exits by itself
+    (status 0), one that would not (a worker stuck in a read) is killed once the grace period is over."""
+    ctx = multiprocessing.get_context("spawn")
+    leaving, stuck = ctx.Process(target=time.sleep, args=(0,)), ctx.Process(target=time.sleep, args=(600,))
+    leaving.start()
+    stuck.start()
+    t0 = time.monotonic()
+    stop_processes([leaving, stuck], grace_s=5.0)
+    assert time.monotonic() - t0 < 30
+    assert not leaving.is_alive() and leaving.exitcode == 0
+    assert not stuck.is_alive() and stuck.exitcode == -signal.SIGKILL
